@@ -1,0 +1,63 @@
+"""Inference checkpoints: consolidated safetensors weights, tokenizer and resolved config.
+
+A training checkpoint directory holds DeepSpeed's shards under ``deepspeed/`` (for
+resuming) and, under ``model/``, what inference needs. Weights are only ever read
+from safetensors, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from llm_ray.config import Config, model_spec
+from llm_ray.model import GPT
+
+MODEL_DIR = "model"
+WEIGHTS = "model.safetensors"
+TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
+
+
+def save_inference(directory: Path, state_dict: dict[str, torch.Tensor], cfg: Config, tokenizer_json: str,
+                   train_state: dict) -> Path:
+    out = Path(directory) / MODEL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in TIED}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    (out / "train_state.json").write_text(json.dumps(train_state, indent=2), encoding="utf-8")
+    return out
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """The folder with the inference files, given it or the checkpoint folder above it."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / MODEL_DIR):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    raise FileNotFoundError(f"no {WEIGHTS} in {path} or {path / MODEL_DIR}: not an llm-ray checkpoint")
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, "object", Config]:
+    """(model in eval mode, tokenizer, config) from a checkpoint folder."""
+    from tokenizers import Tokenizer
+
+    model_dir = find_model_dir(path)
+    cfg = Config.model_validate(yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")))
+    model = GPT(model_spec(cfg))
+    state = load_file(str(model_dir / WEIGHTS), device=device)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if set(missing) - set(TIED) or unexpected:
+        raise ValueError(f"{model_dir / WEIGHTS} does not fit the model in its config.yaml: "
+                         f"missing {sorted(set(missing) - set(TIED))}, unexpected {sorted(unexpected)}")
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def read_train_state(path: str | Path) -> dict:
+    return json.loads((find_model_dir(path) / "train_state.json").read_text(encoding="utf-8"))

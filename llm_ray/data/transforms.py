@@ -1,0 +1,89 @@
+"""Plain functions on documents and token arrays; Ray Data calls them batch by batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterable
+
+import numpy as np
+
+
+def decode_documents(batch: dict[str, np.ndarray], text_field: str) -> dict[str, np.ndarray]:
+    """Raw files (columns 'bytes', 'path') -> documents ('text', 'doc_id').
+
+    A .txt file is one document; every line of a .jsonl file is one, its text in text_field.
+    Invalid UTF-8 is replaced, never fatal; blank documents are dropped.
+    """
+    texts, ids = [], []
+    for raw, path in zip(batch["bytes"], batch["path"]):
+        path = str(path)
+        content = bytes(raw).decode("utf-8", errors="replace")
+        if path.endswith(".jsonl"):
+            for line_no, line in enumerate(content.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{path}:{line_no}: no string field {text_field!r} (data.text_field)")
+                texts.append(record[text_field])
+                ids.append(f"{path}:{line_no}")
+        else:
+            texts.append(content)
+            ids.append(path)
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    return {"text": np.array([texts[i] for i in keep], dtype=object), "doc_id": np.array([ids[i] for i in keep], dtype=object)}
+
+
+def split_key(text: str, seed: int) -> float:
+    """A stable number in [0, 1) from a document's content: the same on every machine and rerun."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def add_split_key(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    batch["split_key"] = np.array([split_key(t, seed) for t in batch["text"]], dtype=np.float64)
+    return batch
+
+
+def pack_blocks(token_docs: Iterable[np.ndarray], eot_id: int, block_size: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents, each followed by end-of-text, and cut (n, block_size + 1) blocks.
+
+    Consecutive blocks overlap by one token, so every token is a prediction target once:
+    block i is stream[i*block_size : (i+1)*block_size + 1]. Returns the blocks and the
+    number of tail tokens that did not fill a block.
+    """
+    parts = []
+    for ids in token_docs:
+        parts.append(np.asarray(ids, dtype=np.int64))
+        parts.append(np.array([eot_id], dtype=np.int64))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n_blocks = max(0, (len(stream) - 1) // block_size)
+    if n_blocks == 0:
+        return np.zeros((0, block_size + 1), dtype=np.int64), len(stream)
+    starts = np.arange(n_blocks) * block_size
+    blocks = stream[starts[:, None] + np.arange(block_size + 1)[None, :]]
+    return blocks, len(stream) - (n_blocks * block_size + 1)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def unigram_cross_entropy(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
+    """Cross-entropy (nats/token) of eval tokens under the train unigram distribution.
+
+    Add-one smoothing keeps unseen tokens finite. This is the loss of a model that ignores
+    context entirely: a trained language model must beat it clearly.
+    """
+    n = max(len(train_counts), len(eval_counts))
+    train = np.zeros(n) + 1.0
+    train[: len(train_counts)] += train_counts
+    probs = train / train.sum()
+    ev = np.zeros(n)
+    ev[: len(eval_counts)] = eval_counts
+    return float(-(ev * np.log(probs)).sum() / ev.sum())

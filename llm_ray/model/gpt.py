@@ -1,0 +1,252 @@
+"""A decoder-only Transformer in plain PyTorch.
+
+Parameter names follow GPT-2 (``transformer.wte``, ``h.0.attn.c_attn``, ``ln_f`` ...),
+so GPT-2 weights map onto this model without renaming. The module imports only torch:
+Ray, DeepSpeed and W&B wrap it from the outside.
+
+Shape legend in comments: B batch, T time (tokens), C channels (n_embd),
+nh heads, hs head size (C // nh), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTSpec:
+    """The architecture of a model: everything needed to rebuild it, nothing about training."""
+
+    vocab_size: int
+    context_length: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    dropout: float = 0.0
+    bias: bool = True
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError("rotary position encoding needs an even head size (n_embd // n_head)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(spec: GPTSpec) -> nn.Module:
+    if spec.norm == "rmsnorm":
+        return RMSNorm(spec.n_embd)
+    return nn.LayerNorm(spec.n_embd, bias=spec.bias)
+
+
+def sinusoidal_table(context_length: int, dim: int) -> torch.Tensor:
+    """The fixed encoding of "Attention Is All You Need": (T, C)."""
+    position = torch.arange(context_length, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(context_length, dim)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
+    return table
+
+
+def rope_tables(context_length: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotary embeddings, each (T, hs // 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x (B, nh, T, hs) by the angles for its positions."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of past positions for every layer, preallocated to the model's context."""
+
+    def __init__(self, spec: GPTSpec, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, spec.n_head, spec.context_length, spec.n_embd // spec.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layer)]
+        self.length = 0  # positions already cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, nh, T, hs) at the current length; return all cached keys and values."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, spec: GPTSpec):
+        super().__init__()
+        self.n_head = spec.n_head
+        self.dropout = spec.dropout
+        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=spec.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias)
+        self.resid_dropout = nn.Dropout(spec.dropout)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # Query i sits at absolute position past + i and sees keys 0 .. past + i.
+            keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: GPTSpec):
+        super().__init__()
+        self.swiglu = spec.mlp == "swiglu"
+        if self.swiglu:
+            # 2/3 of 4C keeps the parameter count of the GELU MLP (LLaMA's choice), rounded to 8.
+            hidden = 8 * ((int(8 * spec.n_embd / 3) + 7) // 8)
+            self.c_fc = nn.Linear(spec.n_embd, 2 * hidden, bias=spec.bias)  # gate and value together
+        else:
+            hidden = 4 * spec.n_embd
+            self.c_fc = nn.Linear(spec.n_embd, hidden, bias=spec.bias)
+        self.c_proj = nn.Linear(hidden, spec.n_embd, bias=spec.bias)
+        self.dropout = nn.Dropout(spec.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: GPTSpec):
+        super().__init__()
+        self.ln_1 = make_norm(spec)
+        self.attn = CausalSelfAttention(spec)
+        self.ln_2 = make_norm(spec)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)  # pre-norm residual
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, spec: GPTSpec):
+        super().__init__()
+        self.spec = spec
+        parts = dict(
+            wte=nn.Embedding(spec.vocab_size, spec.n_embd),
+            drop=nn.Dropout(spec.dropout),
+            h=nn.ModuleList(Block(spec) for _ in range(spec.n_layer)),
+            ln_f=make_norm(spec),
+        )
+        if spec.pos_encoding == "learned":
+            parts["wpe"] = nn.Embedding(spec.context_length, spec.n_embd)
+        self.transformer = nn.ModuleDict(parts)
+        self.lm_head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+
+        # Fixed tables are buffers, not parameters, and are not saved (they are derived).
+        if spec.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(spec.context_length, spec.n_embd), persistent=False)
+        if spec.pos_encoding == "rope":
+            cos, sin = rope_tables(spec.context_length, spec.n_embd // spec.n_head, spec.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer), so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * spec.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; with non_embedding, position embeddings are left out.
+
+        Token embeddings stay in: they are tied to the output layer, whose matmul costs FLOPs.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T (forward and backward)."""
+        s = self.spec
+        T = seq_len or s.context_length
+        return 6 * self.num_params() + 12 * s.n_layer * s.n_head * (s.n_embd // s.n_head) * T
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), also the mean cross-entropy."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.spec.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.spec.context_length}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.spec.pos_encoding == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        elif self.spec.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[start : start + T].to(x.dtype)
+        rope = None
+        if self.spec.pos_encoding == "rope":
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss

@@ -1,0 +1,190 @@
+"""The training loop: an explicit step function and a plain `for`, with periodic side effects.
+
+``train_loop_per_worker`` is the Ray Train boundary: it validates the config, builds the
+DeepSpeed engine, picks up a checkpoint, wires Ray Data shards in, and calls
+``run_training``, which knows nothing about Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from llm_ray.checkpoint import save_inference
+from llm_ray.config import Config, model_spec
+from llm_ray.model import GPT
+
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides model and optimizer (DeepSpeed saves those)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    tokens: int = 0  # training tokens consumed, all workers
+    history: list[dict] = field(default_factory=list)  # evaluation metrics, one dict per evaluation
+
+
+def mean_over_workers(value: torch.Tensor) -> float:
+    """The mean of a scalar over all workers (gloo has no AVG, so SUM / world)."""
+    value = value.detach().float().reshape(1).clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return float(value.item())
+
+
+def split_block(block: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T + 1) packed tokens -> inputs (B, T) and next-token targets (B, T)."""
+    block = block.to(device, dtype=torch.long, non_blocking=True)
+    return block[:, :-1], block[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(engine, val_batches: list[torch.Tensor], device) -> float:
+    engine.eval()
+    losses = [engine(*split_block(b, device))[1] for b in val_batches]
+    engine.train()
+    local = torch.stack(losses).mean() if losses else torch.zeros(())
+    return mean_over_workers(local)
+
+
+def run_training(
+    cfg: Config,
+    engine,
+    train_batches: Iterator[tuple[int, torch.Tensor]],
+    val_batches: list[torch.Tensor],
+    state: TrainState,
+    save: Callable[[TrainState, dict], None],
+    report: Callable[[dict], None],
+    rank: int,
+    device,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
+
+    train_batches yields (epoch, block) with blocks (micro_batch, block_size + 1).
+    save(state, metrics) writes a checkpoint and reports it; report(metrics) only reports.
+    """
+    t = cfg.train
+    accum = cfg.grad_accum_steps
+    tokens_per_step = t.total_batch_tokens
+    loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging (a sync point)
+    steps_since_log, window_start = 0, time.time()
+    run_start, start_step = time.time(), state.step
+
+    while state.step < t.max_steps:
+        for _ in range(accum):
+            state.epoch, block = next(train_batches)
+            _, loss = engine(*split_block(block, device))
+            engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            engine.step()  # optimizer and LR schedule step only on the accumulation boundary
+            loss_sum += loss.detach() / accum
+        state.step += 1
+        state.tokens += tokens_per_step
+        steps_since_log += 1
+        last = state.step == t.max_steps
+
+        if state.step % t.log_every == 0 or last:
+            train_loss = mean_over_workers(loss_sum / steps_since_log)
+            elapsed = time.time() - window_start
+            tokens_per_sec = steps_since_log * tokens_per_step / elapsed
+            eta = (time.time() - run_start) / (state.step - start_step) * (t.max_steps - state.step)
+            if rank == 0:
+                log(f"step {state.step:>6}/{t.max_steps} | loss {train_loss:.4f} | "
+                    f"lr {engine.get_lr()[0]:.2e} | {tokens_per_sec:,.0f} tok/s | eta {eta:,.0f}s")
+            loss_sum.zero_()
+            steps_since_log, window_start = 0, time.time()
+
+        is_eval = state.step % t.eval_every == 0 or last
+        is_ckpt = state.step % t.checkpoint_every == 0 or last
+        if is_eval or is_ckpt:
+            metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens}
+            if is_eval:
+                metrics["val_loss"] = evaluate(engine, val_batches, device)
+                metrics["val_perplexity"] = float(torch.tensor(metrics["val_loss"]).exp())
+                state.history.append(metrics)
+                if rank == 0:
+                    log(f"step {state.step:>6} | val loss {metrics['val_loss']:.4f} | "
+                        f"val ppl {metrics['val_perplexity']:.1f}")
+            if is_ckpt:
+                save(state, metrics)
+            else:
+                report(metrics)
+    return state
+
+
+def epochs(shard, batch_size: int, shuffle_buffer: int, seed: int, start_epoch: int = 0):
+    """Endless (epoch, block) pairs from a Ray Data shard, reshuffled every epoch."""
+    epoch = start_epoch
+    while True:
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,  # every worker sees the same number of batches (equal split)
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=seed + epoch if shuffle_buffer else None,
+        ):
+            yield epoch, batch["data"]
+        epoch += 1
+
+
+def consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full model weights on rank 0 (None elsewhere). Under ZeRO-3 every rank must call this."""
+    module = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(payload["config"])
+    tokenizer_json: str = payload["tokenizer_json"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    from llm_ray.train.engine import build_engine
+
+    engine = build_engine(GPT(model_spec(cfg)), cfg)
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _, client_state = engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
+        state = TrainState(**client_state["train_state"])
+        if rank == 0:
+            print(f"resumed from step {state.step} ({checkpoint.path})")
+
+    val_batches = [b["data"] for b in ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=cfg.train.micro_batch_size, drop_last=False)][: cfg.train.eval_batches]
+    train_batches = epochs(ray.train.get_dataset_shard("train"), cfg.train.micro_batch_size,
+                           cfg.train.shuffle_buffer_blocks, cfg.seed, state.epoch)
+
+    def save(state: TrainState, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG,
+                                   client_state={"train_state": asdict(state)})
+            weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
+            if rank == 0:
+                save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device)

@@ -1,0 +1,69 @@
+"""`llm-ray train`: launch Ray Train workers running DeepSpeed over the prepared shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_ray.checkpoint import read_train_state
+from llm_ray.config import Config
+from llm_ray.data.prepare import PrepareError, data_dir, load_manifest
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # the latest checkpoint folder
+    step: int
+    val_loss: float | None
+    history: list[dict]
+
+
+def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
+    import ray.data
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llm_ray.train.loop import train_loop_per_worker
+
+    path = Path(data_path) if data_path else data_dir(cfg)
+    manifest = load_manifest(path)
+    if manifest["block_size"] != cfg.data.block_size:
+        raise PrepareError(f"data at {path} was packed with block_size {manifest['block_size']}, "
+                           f"but data.block_size is {cfg.data.block_size}: run `llm-ray prepare` again")
+    if manifest["vocab_size"] > cfg.vocab_size:
+        raise PrepareError(f"the tokenizer at {path} has {manifest['vocab_size']} tokens, more than the "
+                           f"model's vocabulary ({cfg.vocab_size})")
+    datasets = {
+        split: ray.data.read_numpy([str(path / s["file"]) for s in manifest["splits"][split]["shards"]])
+        for split in ("train", "val")
+    }
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "tokenizer_json": (path / manifest["tokenizer"]).read_text(encoding="utf-8"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(cfg.run_dir / "checkpoints"),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
+        ),
+        datasets=datasets,
+    )
+    log(f"train: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, "
+        f"{cfg.grad_accum_steps} accumulation step(s), {t.max_steps} steps")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {cfg.run_dir / 'checkpoints'})")
+    state = read_train_state(result.checkpoint.path)
+    evals = [h for h in state["history"] if "val_loss" in h]
+    return TrainResult(
+        checkpoint=result.checkpoint.path,
+        step=state["step"],
+        val_loss=evals[-1]["val_loss"] if evals else None,
+        history=state["history"],
+    )
