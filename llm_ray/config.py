@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PRESETS = ("debug", "demo", "gpt2-124m")
 
@@ -60,7 +69,6 @@ class ModelConfig(Section):
     )
     context_length: int = Field(256, ge=8, description="Longest sequence the model attends over.")
     n_layer: int = Field(4, ge=1, description="Number of Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide n_embd.")
     n_embd: int = Field(256, ge=8, description="Width of the residual stream (embedding size).")
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = Field(
         "learned", description="Positional encoding: learned absolute (GPT-2), sinusoidal, or rotary (RoPE)."
@@ -69,17 +77,20 @@ class ModelConfig(Section):
     mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward type: GELU (GPT-2) or SwiGLU.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residual paths.")
     bias: StrictBool = Field(True, description="Biases in linear layers and LayerNorm (GPT-2 has them).")
+    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide n_embd.")
 
-    @model_validator(mode="after")
-    def _heads_divide_width(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"divisors of {self.n_embd} up to 64: {[d for d in range(1, 65) if self.n_embd % d == 0]}"
-            )
-        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("pos_encoding 'rope' needs an even head size n_embd / n_head")
-        return self
+    @field_validator("n_head")
+    @classmethod
+    def _heads_divide_width(cls, n_head: int, info: ValidationInfo) -> int:
+        n_embd = info.data.get("n_embd")  # absent when n_embd itself was invalid
+        if n_embd is None:
+            return n_head
+        if n_embd % n_head:
+            divisors = [d for d in range(1, min(n_embd, 64) + 1) if n_embd % d == 0]
+            raise ValueError(f"must divide n_embd ({n_embd}); choose one of {divisors}")
+        if info.data.get("pos_encoding") == "rope" and (n_embd // n_head) % 2:
+            raise ValueError(f"pos_encoding 'rope' needs an even head size, n_embd / n_head = {n_embd // n_head}")
+        return n_head
 
 
 class TrainConfig(Section):
@@ -165,7 +176,7 @@ class Config(Section):
         if self.train.min_lr > self.train.lr:
             problems.append(f"train.min_lr ({self.train.min_lr}) exceeds train.lr ({self.train.lr})")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n  ".join(problems))
         return self
 
     @property
@@ -252,7 +263,7 @@ def _field_names(loc: tuple) -> list[str]:
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "config"
+        path = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             allowed = _field_names(e["loc"])
             lines.append(f"{path}: unknown field; allowed here: {', '.join(allowed)}")
@@ -262,7 +273,7 @@ def format_validation_error(err: ValidationError) -> str:
             msg = msg.replace("Input should be", "allowed:")
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{path}: {msg}{shown}")
+        lines.append(f"{path}: {msg}{shown}" if path else msg)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -89,6 +89,7 @@ def _write_split(ds, out: Path, tokenizer_json: str, cfg: Config, dtype: np.dtyp
 def prepare(cfg: Config, log=print) -> dict:
     """Run the data stage for cfg; returns the manifest (also written to data_dir/manifest.json)."""
     import ray
+    from ray.data.expressions import col
 
     started = time.time()
     files = resolve_sources(cfg.data.sources)
@@ -109,8 +110,8 @@ def prepare(cfg: Config, log=print) -> dict:
     )
     keys = np.array([row["split_key"] for row in docs.select_columns(["split_key"]).iter_rows()])
     threshold = _val_threshold(keys, cfg.data.val_fraction)
-    val_docs = docs.filter(expr=f"split_key < {threshold!r}")
-    train_docs = docs.filter(expr=f"split_key >= {threshold!r}")
+    val_docs = docs.filter(expr=col("split_key") < threshold)
+    train_docs = docs.filter(expr=col("split_key") >= threshold)
     n_val = int((keys < threshold).sum())
     log(f"prepare: {len(keys)} documents, {len(keys) - n_val} train / {n_val} validation")
 

@@ -7,6 +7,7 @@ DeepSpeed engine, picks up a checkpoint, wires Ray Data shards in, and calls
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -82,6 +83,13 @@ def run_training(
     steps_since_log, window_start = 0, time.time()
     run_start, start_step = time.time(), state.step
 
+    if state.step == 0:  # the untrained model's loss: the reference every later evaluation improves on
+        val_loss = evaluate(engine, val_batches, device)
+        state.history.append({"step": 0, "epoch": 0, "tokens": 0, "val_loss": val_loss,
+                              "val_perplexity": math.exp(val_loss)})
+        if rank == 0:
+            log(f"step {0:>6} | val loss {val_loss:.4f} (untrained)")
+
     while state.step < t.max_steps:
         for _ in range(accum):
             state.epoch, block = next(train_batches)
@@ -111,7 +119,7 @@ def run_training(
             metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens}
             if is_eval:
                 metrics["val_loss"] = evaluate(engine, val_batches, device)
-                metrics["val_perplexity"] = float(torch.tensor(metrics["val_loss"]).exp())
+                metrics["val_perplexity"] = math.exp(metrics["val_loss"])
                 state.history.append(metrics)
                 if rank == 0:
                     log(f"step {state.step:>6} | val loss {metrics['val_loss']:.4f} | "

@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch installs from local wheels in seconds; GPU clusters bring their own CUDA torch.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test test-fast install clean
+
+$(BIN)/llm-ray: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(BIN)/llm-ray
+
+install: $(BIN)/llm-ray
+
+demo: install
+	$(BIN)/llm-ray pipeline --config demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+clean:
+	rm -rf runs .pytest_cache

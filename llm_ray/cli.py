@@ -1,0 +1,119 @@
+"""The `llm-ray` command: prepare, train, generate, pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llm_ray.config import PRESETS, ConfigError, dump_config, load_config
+
+EXIT_USAGE = 2  # bad config or arguments
+EXIT_FAILURE = 1  # the run itself failed
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--config", default=default, metavar="NAME|FILE",
+                   help=f"preset ({', '.join(PRESETS)}) or a YAML file (default: {default})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override one field by dotted path, e.g. --set model.n_layer=6 (repeatable; "
+                        "values are parsed as YAML: 6, 0.1, true, [a, b])")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-ray",
+        description="Build a GPT-style language model on Ray: prepare data, train with DeepSpeed, sample.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="read a corpus, train a BPE tokenizer, write packed token shards",
+                       description="Read the corpus with Ray Data, hold out validation documents, train a "
+                                   "byte-level BPE tokenizer and write packed blocks to <output_dir>/<name>/data.")
+    _add_config_args(p, "demo")
+
+    p = sub.add_parser("train", help="train on prepared data with Ray Train and DeepSpeed",
+                       description="Train the model with Ray Train workers running DeepSpeed ZeRO; checkpoints "
+                                   "go to <output_dir>/<name>/checkpoints. Rerunning the same name resumes.")
+    _add_config_args(p, "demo")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="prepared data folder (default: <output_dir>/<name>/data)")
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint",
+                       description="Load a checkpoint's safetensors weights and print a continuation.")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="checkpoint folder (or its model/ subfolder)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 disables (default: 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 disables (default: 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+
+    p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
+                       description="Run prepare -> train -> samples and print where everything went.")
+    _add_config_args(p, "demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"llm-ray: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("llm-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from llm_ray.data.corpus import CorpusError
+    from llm_ray.data.prepare import PrepareError
+
+    if args.command == "generate":
+        return _generate(args)
+    cfg = load_config(args.config, args.overrides)
+    from llm_ray.ray_utils import init_ray
+
+    try:
+        if args.command == "prepare":
+            dump_config(cfg, cfg.run_dir / "config.yaml")
+            init_ray()
+            from llm_ray.data.prepare import prepare
+
+            prepare(cfg)
+        elif args.command == "train":
+            dump_config(cfg, cfg.run_dir / "config.yaml")
+            init_ray()
+            from llm_ray.train.trainer import train
+
+            r = train(cfg, args.data)
+            print(f"checkpoint: {r.checkpoint}\nvalidation loss: {r.val_loss}")
+        elif args.command == "pipeline":
+            init_ray()
+            from llm_ray.pipeline import run_pipeline, summary
+
+            print(summary(cfg, run_pipeline(cfg)))
+    except (CorpusError, PrepareError) as e:
+        print(f"llm-ray {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _generate(args) -> int:
+    from llm_ray.sample import sample_checkpoint
+
+    try:
+        [text] = sample_checkpoint(str(args.checkpoint), [args.prompt], args.max_new_tokens, args.temperature,
+                                   args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"llm-ray generate: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(args.prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
