@@ -9,7 +9,6 @@ TORCH  ?= torch==2.13.0
 
 $(BIN)/llm-ray: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(BIN)/llm-ray

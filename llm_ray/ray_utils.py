@@ -9,8 +9,8 @@ import os
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in $RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
-    A local Ray binds to 127.0.0.1 and starts no dashboard: its Jobs API runs code for
-    whoever reaches it.
+    A local Ray's dashboard (and with it the Jobs API, which runs code for whoever reaches
+    it) binds to 127.0.0.1 only. Ray Train's monitoring needs the dashboard's state API.
     """
     import ray
     import ray.data
@@ -23,4 +23,4 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")

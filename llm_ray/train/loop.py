@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
@@ -156,11 +158,22 @@ def consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, tor
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
 
 
+def worker_log(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray forwards to the driver.
+
+    Not print(): Ray Train redirects print to its logger, which shows each line twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(payload: dict) -> None:
     """Entry point of each Ray Train worker."""
     import ray.train
     import ray.train.torch
 
+    # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecated, at every step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     cfg = Config.model_validate(payload["config"])
     tokenizer_json: str = payload["tokenizer_json"]
     ctx = ray.train.get_context()
@@ -179,7 +192,7 @@ def train_loop_per_worker(payload: dict) -> None:
             _, client_state = engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
         state = TrainState(**client_state["train_state"])
         if rank == 0:
-            print(f"resumed from step {state.step} ({checkpoint.path})")
+            worker_log(f"resumed from step {state.step} ({checkpoint.path})")
 
     val_batches = [b["data"] for b in ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=cfg.train.micro_batch_size, drop_last=False)][: cfg.train.eval_batches]
@@ -195,4 +208,4 @@ def train_loop_per_worker(payload: dict) -> None:
                 save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device)
+    run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device, worker_log)
