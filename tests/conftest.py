@@ -1,13 +1,49 @@
+import os
 from pathlib import Path
 
 import pytest
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 
+# Fake credentials for the local S3 server: sentinels that tests check never leak into outputs.
+SECRET_ACCESS_KEY = "SENTINEL-secret-key-do-not-log-9f3b"
+ACCESS_KEY_ID = "SENTINELKEYID0000000"
+
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for every integration test in the session."""
+def aws_env():
+    """Credentials for the moto server through the standard AWS environment variables."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_EC2_METADATA_DISABLED", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET_ACCESS_KEY,
+                      AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_env):
+    """A real S3 endpoint on 127.0.0.1 (moto), with a boto3 client for filling buckets."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    yield endpoint, client
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(aws_env):
+    """One local Ray for every integration test in the session (started after the AWS env is set,
+    so its workers inherit the credentials as they would on a node)."""
     import ray
 
     from llm_ray.ray_utils import init_ray

@@ -1,7 +1,6 @@
 import hashlib
 import http.server
 import io
-import json
 import tarfile
 import threading
 
@@ -76,35 +75,7 @@ def test_token_dtype():
     assert transforms.token_dtype(100_000) == np.uint32
 
 
-def test_decode_documents_txt_and_jsonl():
-    batch = {
-        "bytes": np.array([b"plain text \xff doc", b'{"text": "one"}\n\n{"text": "two", "x": 1}\n'], dtype=object),
-        "path": np.array(["/c/a.txt", "/c/b.jsonl"], dtype=object),
-    }
-    out = transforms.decode_documents(batch, "text")
-    assert list(out["text"]) == ["plain text \ufffd doc", "one", "two"]
-    assert list(out["doc_id"]) == ["/c/a.txt", "/c/b.jsonl:1", "/c/b.jsonl:3"]
-
-
-@pytest.mark.parametrize("line, message", [("{not json", "b.jsonl:1: not valid JSON"),
-                                           ('{"body": "x"}', "no string field 'text'")])
-def test_decode_documents_names_bad_jsonl_lines(line, message):
-    batch = {"bytes": np.array([line.encode()], dtype=object), "path": np.array(["/c/b.jsonl"], dtype=object)}
-    with pytest.raises(ValueError, match=message):
-        transforms.decode_documents(batch, "text")
-
-
 # ------------------------------------------------------------- corpus sources
-
-
-def test_resolve_sources(tmp_path, corpus_dir):
-    files = corpus.resolve_sources([str(corpus_dir)])
-    assert len(files) == 15 and files == sorted(files)
-    assert corpus.resolve_sources([str(corpus_dir / "play_0*.txt")]) == files[1:11]
-    for bad, message in [(str(tmp_path / "nope.txt"), "does not exist"), ("s3://bucket/x", "only local"),
-                         ("builtin:nope", "unknown built-in"), (str(tmp_path), "holds no")]:
-        with pytest.raises(corpus.CorpusError, match=message):
-            corpus.resolve_sources([bad])
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_prepare_writes_shards_manifest_and_tokenizer(prepared):
     cfg, manifest = prepared
     out = data_dir(cfg)
     assert load_manifest(out) == manifest
-    assert manifest["files"] == 15 and manifest["documents"]["train"] + manifest["documents"]["val"] == 17
+    assert manifest["files"] == 15 and manifest["documents"]["train"] + manifest["documents"]["val"] == 16
     assert manifest["documents"]["val"] >= 1 and manifest["dtype"] == "uint16"
     for split in ("train", "val"):
         total = 0
@@ -45,7 +45,7 @@ def test_prepare_writes_shards_manifest_and_tokenizer(prepared):
             assert arr.dtype == np.uint16 and arr.shape[1] == cfg.data.block_size + 1
             total += len(arr)
         assert total == manifest["splits"][split]["blocks"] > 0
-    assert (out / "tokenizer.json").is_file()
+    assert (out / manifest["tokenizer"]).is_file()
     assert 3 < manifest["unigram_val_loss"] < math.log(cfg.tokenizer.vocab_size)
     # The validation split is held out by document: rerunning holds out the same documents.
     assert prepare(cfg, log=lambda *_: None)["documents"] == manifest["documents"]

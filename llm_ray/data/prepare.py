@@ -1,30 +1,37 @@
-"""`llm-ray prepare`: corpus files -> split documents -> BPE tokenizer -> packed token shards.
+"""`llm-ray prepare`: corpus -> clean documents -> deduplicated clusters -> tokenizer -> packed shards.
 
-Ray Data does the reading, tokenizing and packing; the transforms themselves are the
-plain functions in ``transforms``. Output, under ``<run_dir>/data``:
+Four resumable stages under ``<run_dir>/data`` (see ``stages``), each run on Ray Data
+with the plain functions of ``sources``, ``clean``, ``dedup`` and ``transforms``:
 
-    tokenizer.json          the trained byte-level BPE
-    train/*.npy, val/*.npy  packed blocks, (n, block_size + 1) each, uint16 where the vocab fits
-    manifest.json           shards, block and token counts, dtype, the unigram baseline
+    documents/   read every file, clean, filter; one parquet shard per group of files
+    dedup/       exact + MinHash-LSH near duplicates clustered over the whole corpus;
+                 one kept representative per cluster, with its cluster key
+    tokenizer/   byte-level BPE trained on the training split; fertility statistics
+    pack/        train/val/test blocks (n, block_size + 1), uint16 where the vocab fits
+
+Splits are assigned by a stable hash of each document's duplicate-cluster key, so
+near-copies never straddle two splits. ``manifest.json`` (what training reads) and
+``prepare_report.{json,md,png}`` sit at the top.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from llm_ray.config import Config
-from llm_ray.data import transforms
-from llm_ray.data.corpus import resolve_sources
+from llm_ray.config import CleaningConfig, Config, DataConfig
+from llm_ray.data import dedup, stages, transforms
+from llm_ray.data.clean import clean_document, words
+from llm_ray.data.sources import FileRef, list_sources, read_file
 from llm_ray.data.tokenizer import eot_id, train_bpe
 
 MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
 
 
 class PrepareError(Exception):
@@ -35,123 +42,364 @@ def data_dir(cfg: Config) -> Path:
     return cfg.run_dir / "data"
 
 
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(tokenizer_json: str):
+# ------------------------------------------------------------------ stage 1: documents
+
+
+def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, out_path: str) -> dict:
+    """Read and clean a group of files into one parquet shard; return the group's statistics."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stats = {"files": len(uris), "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
+             "drops": Counter(), "notes": Counter(), "doc_chars": []}
+    keys, texts = [], []
+    for uri in uris:
+        result = read_file(uri, data)
+        stats["bytes_in"] += result.bytes_read
+        stats["notes"].update(result.counts)
+        if result.error:
+            stats["failed"].append([uri, result.error])
+            continue
+        for key, text in result.docs:
+            stats["docs_in"] += 1
+            cleaned, reason = clean_document(text, cleaning)
+            if cleaned is None:
+                stats["drops"][reason] += 1
+                continue
+            keys.append(key)
+            texts.append(cleaned)
+            stats["bytes_out"] += len(cleaned.encode("utf-8"))
+            stats["doc_chars"].append(len(cleaned))
+    stats["docs_out"] = len(keys)
+    out = Path(out_path)
+    tmp = out.with_suffix(".tmp")
+    pq.write_table(pa.table({"doc_key": keys, "text": texts}), tmp)
+    tmp.replace(out)  # the shard appears whole or not at all
+    stages.write_json_atomic(out.with_suffix(".json"), stats)  # the shard's completion marker
+    return stats
+
+
+def _read_clean_batch(batch: dict, data: dict, cleaning: dict) -> dict:
+    data_cfg, clean_cfg = DataConfig.model_validate(data), CleaningConfig.model_validate(cleaning)
+    for uris, out in zip(batch["uris"], batch["out"]):
+        read_and_clean(list(uris), data_cfg, clean_cfg, str(out))
+    return {"out": batch["out"]}
+
+
+def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
+    import ray.data
+
+    key = stages.stage_key("documents", [f.fingerprint for f in files], cfg.data.text_field, cfg.data.txt_mode,
+                           cfg.data.invalid_utf8, cfg.cleaning.model_dump())
+    if (record := stages.completed(out, key)) is not None:
+        log("documents: up to date, skipped")
+        return record
+    stages.begin(out, key)
+    groups = [files[i : i + cfg.data.files_per_task] for i in range(0, len(files), cfg.data.files_per_task)]
+    todo, shard_paths = [], []
+    for group in groups:
+        gid = stages.stage_key("group", key, [f.fingerprint for f in group])
+        path = out / f"part-{gid}.parquet"
+        shard_paths.append(path)
+        if not path.with_suffix(".json").is_file():  # finished shards of an interrupted run are kept
+            todo.append({"uris": [f.uri for f in group], "out": str(path)})
+    log(f"documents: reading and cleaning {len(files)} files in {len(groups)} shards "
+        f"({len(groups) - len(todo)} already done)")
+    if todo:
+        ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            _read_clean_batch, batch_size=1, fn_kwargs={"data": cfg.data.model_dump(),
+                                                        "cleaning": cfg.cleaning.model_dump()},
+        ).materialize()
+    totals = {"files": 0, "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
+              "drops": Counter(), "notes": Counter(), "doc_chars": []}
+    for path in shard_paths:
+        stats = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        for k in ("files", "bytes_in", "docs_in", "docs_out", "bytes_out"):
+            totals[k] += stats[k]
+        totals["failed"] += stats["failed"]
+        totals["drops"].update(stats["drops"])
+        totals["notes"].update(stats["notes"])
+        totals["doc_chars"] += stats["doc_chars"]
+    if len(totals["failed"]) > cfg.data.max_failed_files:
+        listing = "\n  ".join(f"{uri}: {why}" for uri, why in totals["failed"][:50])
+        raise PrepareError(f"{len(totals['failed'])} files could not be read, more than data.max_failed_files "
+                           f"({cfg.data.max_failed_files}):\n  {listing}")
+    for uri, why in totals["failed"]:
+        log(f"documents: skipped {uri}: {why}")
+    return stages.finish(out, key, {"shards": [p.name for p in shard_paths], **totals})
+
+
+# ------------------------------------------------------------------ stage 2: dedup
+
+
+def _signature_batch(batch: dict, shingle: str, ngram: int, num_perm: int, seed: int) -> dict:
+    a, b = dedup.permutations(num_perm, seed)
+    sigs = [dedup.minhash(dedup.shingle_hashes(t, shingle, ngram), a, b) for t in batch["text"]]
+    return {
+        "doc_key": batch["doc_key"],
+        "exact": np.array([dedup.exact_hash(t) for t in batch["text"]], dtype=object),
+        "signature": np.stack(sigs) if sigs else np.zeros((0, num_perm), dtype=np.uint32),
+    }
+
+
+def _keep_batch(batch: dict, cluster_of) -> dict:
+    import ray
+
+    mapping = ray.get(cluster_of) if isinstance(cluster_of, ray.ObjectRef) else cluster_of
+    keep = [i for i, k in enumerate(batch["doc_key"]) if k in mapping]
+    return {
+        "doc_key": batch["doc_key"][keep],
+        "cluster_key": np.array([mapping[batch["doc_key"][i]] for i in keep], dtype=object),
+        "text": batch["text"][keep],
+    }
+
+
+def find_clusters(doc_keys: np.ndarray, exact: np.ndarray, signatures: np.ndarray, cfg) -> dict:
+    """Cluster label per document (index of its representative), given sorted doc keys."""
+    n = len(doc_keys)
+    pairs: list[tuple[int, int]] = []
+    exact_pairs = 0
+    if cfg.exact:
+        first: dict[str, int] = {}
+        for i, h in enumerate(exact):
+            if h in first:
+                pairs.append((first[h], i))
+                exact_pairs += 1
+            else:
+                first[h] = i
+    near = []
+    bands, rows = dedup.lsh_params(cfg.threshold, cfg.num_perm)
+    if cfg.near and n > 1:
+        near = dedup.near_duplicate_pairs(signatures, cfg.threshold, bands, rows)
+        pairs += near
+    labels = dedup.clusters(n, pairs)
+    return {"labels": labels, "near_pairs": near, "exact_pairs": exact_pairs, "bands": bands, "rows": rows}
+
+
+def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) -> dict:
+    import ray
+    import ray.data
+
+    key = stages.stage_key("dedup", docs_record["key"], cfg.dedup.model_dump())
+    if (record := stages.completed(out, key)) is not None:
+        log("dedup: up to date, skipped")
+        return record
+    stages.begin(out, key)
+    shards = [str(docs_dir / s) for s in docs_record["shards"]]
+    docs = ray.data.read_parquet(shards)
+    d = cfg.dedup
+    keys, exact, sigs = [], [], []
+    for batch in docs.map_batches(_signature_batch, fn_kwargs=dict(shingle=d.shingle, ngram=d.ngram,
+                                                                   num_perm=d.num_perm, seed=d.seed),
+                                  batch_format="numpy").iter_batches(batch_format="numpy", batch_size=None):
+        keys.append(batch["doc_key"])
+        exact.append(batch["exact"])
+        sigs.append(batch["signature"])
+    if not keys or sum(len(k) for k in keys) == 0:
+        raise PrepareError("no documents survived cleaning: check data.sources and the cleaning.* thresholds "
+                           f"(drops: {dict(docs_record['drops'])})")
+    keys_arr = np.concatenate(keys).astype(str)
+    order = np.argsort(keys_arr, kind="stable")  # sorted keys: the representative is the smallest key
+    keys_arr, exact_arr = keys_arr[order], np.concatenate(exact)[order]
+    sig_arr = np.concatenate(sigs)[order]
+    found = find_clusters(keys_arr, exact_arr, sig_arr, d)
+    labels = found["labels"]
+    keep = labels == np.arange(len(labels))
+    cluster_of = {str(keys_arr[i]): str(keys_arr[labels[i]]) for i in np.flatnonzero(keep)}
+    sizes = Counter(labels.tolist())
+    examples = [{"documents": [str(keys_arr[i]), str(keys_arr[j])],
+                 "estimated_jaccard": round(float(np.mean(sig_arr[i] == sig_arr[j])), 3)}
+                for i, j in found["near_pairs"][:5]]
+    docs.map_batches(_keep_batch, fn_kwargs={"cluster_of": ray.put(cluster_of)}, batch_format="numpy") \
+        .write_parquet(str(out))
+    log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
+        f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
+        f"with copies (LSH {found['bands']} bands x {found['rows']} rows)")
+    return stages.finish(out, key, {
+        "docs_in": int(len(keys_arr)), "docs_out": int(keep.sum()),
+        "exact_duplicates": int(found["exact_pairs"]), "near_duplicate_pairs": len(found["near_pairs"]),
+        "clusters_with_copies": sum(1 for s in sizes.values() if s > 1),
+        "largest_cluster": max(sizes.values()), "lsh_bands": found["bands"], "lsh_rows": found["rows"],
+        "example_pairs": examples, "cluster_keys": sorted(cluster_of.values()),
+    })
+
+
+# ------------------------------------------------------------------ splits
+
+
+def split_thresholds(cluster_keys: list[str], data: DataConfig, seed: int) -> tuple[float, float]:
+    """(val, val + test) bounds on split keys, nudged so that every requested split is non-empty."""
+    u = np.sort([transforms.split_key(k, seed) for k in cluster_keys])
+    wanted = 2 + (data.test_fraction > 0)
+    if len(u) < wanted:
+        raise PrepareError(f"{len(u)} distinct document(s) after dedup; at least {wanted} are needed for "
+                           "train and held-out splits")
+    val_t = max(data.val_fraction, float(np.nextafter(u[0], 1)))
+    test_t = val_t + data.test_fraction
+    if data.test_fraction > 0 and not np.any((u >= val_t) & (u < test_t)):
+        test_t = float(np.nextafter(u[np.searchsorted(u, val_t)], 1))
+    if not np.any(u >= test_t):
+        raise PrepareError("every document fell into a held-out split: lower data.val_fraction/test_fraction")
+    return val_t, test_t
+
+
+def _split_batch(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
+    u = np.array([transforms.split_key(k, seed) for k in batch["cluster_key"]])
+    batch["split"] = np.where(u < val_t, "val", np.where(u < test_t, "test", "train")).astype(object)
+    return batch
+
+
+# ------------------------------------------------------------------ stage 3: tokenizer
+
+
+def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out: Path, log) -> dict:
+    key = stages.stage_key("tokenizer", upstream_key, thresholds, cfg.seed, cfg.tokenizer.model_dump())
+    if (record := stages.completed(out, key)) is not None:
+        log("tokenizer: up to date, skipped")
+        return record
+    stages.begin(out, key)
+    from ray.data.expressions import col
+
+    t = cfg.tokenizer
+    train_texts = (row["text"] for row in split_docs.filter(expr=col("split") == "train").iter_rows())
+    tokenizer = train_bpe(train_texts, t.vocab_size, t.min_frequency, t.train_sample_bytes)
+    tokenizer.save(str(out / "tokenizer.json"))
+    # Statistics on held-out text: fertility (tokens per word) and bytes per token.
+    n_words = n_tokens = n_bytes = 0
+    tokens_per_doc = []
+    for row in split_docs.filter(expr=col("split") == "val").limit(2000).iter_rows():
+        ids = tokenizer.encode(row["text"], add_special_tokens=False).ids
+        n_words += len(words(row["text"]))
+        n_bytes += len(row["text"].encode("utf-8"))
+        n_tokens += len(ids)
+        tokens_per_doc.append(len(ids))
+    stats = {"vocab_size": tokenizer.get_vocab_size(), "fertility": n_tokens / max(1, n_words),
+             "bytes_per_token": n_bytes / max(1, n_tokens), "val_tokens_per_doc": tokens_per_doc}
+    log(f"tokenizer: {stats['vocab_size']} tokens; {stats['fertility']:.2f} tokens/word, "
+        f"{stats['bytes_per_token']:.2f} bytes/token on validation text")
+    return stages.finish(out, key, stats)
+
+
+# ------------------------------------------------------------------ stage 4: pack
+
+
+def _tokenizer_from(tokenizer_json: str):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(tokenizer_json)
 
 
 def tokenize_and_pack(batch: dict, tokenizer_json: str, block_size: int, dtype: str) -> dict:
-    tokenizer = _load_tokenizer(tokenizer_json)
+    tokenizer = _tokenizer_from(tokenizer_json)
     encodings = tokenizer.encode_batch([str(t) for t in batch["text"]], add_special_tokens=False)
     blocks, _ = transforms.pack_blocks((e.ids for e in encodings), eot_id(tokenizer), block_size)
     return {"tokens": blocks.astype(dtype)}
 
 
-def _val_threshold(split_keys: np.ndarray, val_fraction: float) -> float:
-    """The split_key below which a document is held out, so that both splits are non-empty."""
-    if len(split_keys) < 2:
-        raise PrepareError(f"the corpus has {len(split_keys)} non-empty document(s); at least 2 are needed "
-                           "to hold one out for validation")
-    keys = np.sort(split_keys)
-    threshold = val_fraction
-    if keys[0] >= threshold:  # tiny corpus: hold out the single lowest-keyed document
-        threshold = float(np.nextafter(keys[0], 1.0))
-    if keys[-1] < threshold:
-        threshold = float(keys[-1])
-    return threshold
+def pack_stage(cfg: Config, split_docs, tok_record: dict, tokenizer_path: Path, out: Path, log) -> dict:
+    from ray.data.expressions import col
+
+    key = stages.stage_key("pack", tok_record["key"], cfg.data.block_size)
+    if (record := stages.completed(out, key)) is not None:
+        log("pack: up to date, skipped")
+        return record
+    stages.begin(out, key)
+    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+    dtype = transforms.token_dtype(tok_record["vocab_size"])
+    wanted = ["train", "val"] + (["test"] if cfg.data.test_fraction > 0 else [])
+    splits, counts = {}, {}
+    for name in wanted:
+        target = out / name
+        split_docs.filter(expr=col("split") == name).map_batches(
+            tokenize_and_pack,
+            fn_kwargs=dict(tokenizer_json=tokenizer_json, block_size=cfg.data.block_size, dtype=dtype.name),
+            batch_size=cfg.data.docs_per_pack_batch, batch_format="numpy",
+        ).write_numpy(str(target), column="tokens")
+        shards, c = [], np.zeros(0, dtype=np.int64)
+        for path in sorted(target.glob("*.npy")):
+            arr = np.load(path, mmap_mode="r")
+            if len(arr) == 0:
+                path.unlink()
+                continue
+            shards.append({"file": f"pack/{name}/{path.name}", "blocks": int(arr.shape[0])})
+            bc = np.bincount(np.asarray(arr[:, 1:]).ravel())  # targets: every token but each block's first
+            c = np.pad(c, (0, max(0, len(bc) - len(c))))
+            c[: len(bc)] += bc
+        n_blocks = sum(s["blocks"] for s in shards)
+        if n_blocks == 0:
+            raise PrepareError(f"the {name} split holds no full block of {cfg.data.block_size} tokens; lower "
+                               "data.block_size or add text")
+        splits[name] = {"shards": shards, "blocks": n_blocks, "tokens": n_blocks * cfg.data.block_size}
+        counts[name] = c
+    baseline = transforms.unigram_cross_entropy(counts["train"], counts["val"])
+    log(f"pack: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} validation tokens; "
+        f"unigram baseline {baseline:.3f} nats/token")
+    return stages.finish(out, key, {"splits": splits, "dtype": dtype.name, "unigram_val_loss": baseline})
 
 
-def _write_split(ds, out: Path, tokenizer_json: str, cfg: Config, dtype: np.dtype) -> dict:
-    blocks = ds.map_batches(
-        tokenize_and_pack,
-        fn_kwargs=dict(tokenizer_json=tokenizer_json, block_size=cfg.data.block_size, dtype=dtype.name),
-        batch_size=cfg.data.docs_per_pack_batch,
-        batch_format="numpy",
-    )
-    blocks.write_numpy(str(out), column="tokens")
-    shards = []
-    counts = np.zeros(0, dtype=np.int64)
-    for path in sorted(out.glob("*.npy")):
-        arr = np.load(path, mmap_mode="r")
-        if len(arr) == 0:
-            path.unlink()
-            continue
-        shards.append({"file": f"{out.name}/{path.name}", "blocks": int(arr.shape[0])})
-        c = np.bincount(np.asarray(arr[:, 1:]).ravel())  # targets: every token but each block's first
-        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
-        counts[: len(c)] += c
-    n_blocks = sum(s["blocks"] for s in shards)
-    return {"shards": shards, "blocks": n_blocks, "tokens": n_blocks * cfg.data.block_size, "counts": counts}
+# ------------------------------------------------------------------ the whole stage
 
 
 def prepare(cfg: Config, log=print) -> dict:
-    """Run the data stage for cfg; returns the manifest (also written to data_dir/manifest.json)."""
-    import ray
-    from ray.data.expressions import col
+    """Run (or resume) the data stage for cfg; returns the manifest that training reads."""
+    import ray.data
+
+    from llm_ray.data.report import build_report, write_report
 
     started = time.time()
-    files = resolve_sources(cfg.data.sources)
+    out = data_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list_sources(cfg.data.sources, cfg.data)
     if cfg.data.max_files:
         files = files[: cfg.data.max_files]
-    total_bytes = sum(Path(f).stat().st_size for f in files)
-    log(f"prepare: {len(files)} files, {total_bytes / 1e6:.1f} MB")
+    log(f"prepare: {len(files)} files, {sum(f.size for f in files) / 1e6:.1f} MB -> {out}")
+    timings = {}
 
-    out = data_dir(cfg)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    t0 = time.time()
+    docs_record = documents_stage(cfg, files, out / "documents", log)
+    timings["documents"] = time.time() - t0
 
-    docs = (
-        ray.data.read_binary_files(files, include_paths=True)
-        .map_batches(transforms.decode_documents, fn_kwargs={"text_field": cfg.data.text_field}, batch_format="numpy")
-        .map_batches(transforms.add_split_key, fn_kwargs={"seed": cfg.seed}, batch_format="numpy")
-        .materialize()  # read once; the tokenizer and both splits reuse it
-    )
-    keys = np.array([row["split_key"] for row in docs.select_columns(["split_key"]).iter_rows()])
-    threshold = _val_threshold(keys, cfg.data.val_fraction)
-    val_docs = docs.filter(expr=col("split_key") < threshold)
-    train_docs = docs.filter(expr=col("split_key") >= threshold)
-    n_val = int((keys < threshold).sum())
-    log(f"prepare: {len(keys)} documents, {len(keys) - n_val} train / {n_val} validation")
+    t0 = time.time()
+    dedup_record = dedup_stage(cfg, out / "documents", docs_record, out / "dedup", log)
+    timings["dedup"] = time.time() - t0
 
-    t = cfg.tokenizer
-    tokenizer = train_bpe((row["text"] for row in train_docs.iter_rows()), t.vocab_size, t.min_frequency,
-                          t.train_sample_bytes)
-    tokenizer.save(str(out / "tokenizer.json"))
-    vocab_size = tokenizer.get_vocab_size()
-    if vocab_size > cfg.vocab_size:
-        raise PrepareError(f"tokenizer has {vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
-    dtype = transforms.token_dtype(vocab_size)
-    tokenizer_json = tokenizer.to_str()
-    log(f"prepare: trained BPE tokenizer, {vocab_size} tokens")
+    thresholds = split_thresholds(dedup_record["cluster_keys"], cfg.data, cfg.seed)
+    split_docs = ray.data.read_parquet(str(out / "dedup")).map_batches(
+        _split_batch, fn_kwargs=dict(seed=cfg.seed, val_t=thresholds[0], test_t=thresholds[1]),
+        batch_format="numpy").materialize()
+    split_counts = Counter(r["split"] for r in split_docs.select_columns(["split"]).iter_rows())
 
-    splits = {}
-    for name, ds in (("train", train_docs), ("val", val_docs)):
-        splits[name] = _write_split(ds, out / name, tokenizer_json, cfg, dtype)
-        if splits[name]["blocks"] == 0:
-            raise PrepareError(
-                f"the {name} split holds no full block of {cfg.data.block_size} tokens; "
-                "lower data.block_size or add text (or raise data.val_fraction)"
-            )
-    baseline = transforms.unigram_cross_entropy(splits["train"].pop("counts"), splits["val"].pop("counts"))
+    t0 = time.time()
+    tok_record = tokenizer_stage(cfg, split_docs, dedup_record["key"], thresholds, out / "tokenizer", log)
+    timings["tokenizer"] = time.time() - t0
+    if tok_record["vocab_size"] > cfg.vocab_size:
+        raise PrepareError(f"tokenizer has {tok_record['vocab_size']} tokens but the model's vocabulary is "
+                           f"{cfg.vocab_size}")
+
+    t0 = time.time()
+    pack_record = pack_stage(cfg, split_docs, tok_record, out / "tokenizer" / "tokenizer.json", out / "pack", log)
+    timings["pack"] = time.time() - t0
+
+    tokenizer = _tokenizer_from((out / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))
     manifest = {
         "block_size": cfg.data.block_size,
-        "vocab_size": vocab_size,
+        "vocab_size": tok_record["vocab_size"],
         "eot_id": eot_id(tokenizer),
-        "dtype": dtype.name,
-        "tokenizer": "tokenizer.json",
+        "dtype": pack_record["dtype"],
+        "tokenizer": "tokenizer/tokenizer.json",
         "files": len(files),
-        "bytes": total_bytes,
-        "documents": {"train": len(keys) - n_val, "val": n_val},
-        "splits": splits,
-        "unigram_val_loss": baseline,
-        "unigram_val_perplexity": math.exp(baseline),
-        "seconds": round(time.time() - started, 1),
+        "bytes": sum(f.size for f in files),
+        "documents": {s: split_counts.get(s, 0) for s in SPLITS},
+        "splits": pack_record["splits"],
+        "unigram_val_loss": pack_record["unigram_val_loss"],
+        "unigram_val_perplexity": math.exp(pack_record["unigram_val_loss"]),
+        "stage_keys": {"documents": docs_record["key"], "dedup": dedup_record["key"],
+                       "tokenizer": tok_record["key"], "pack": pack_record["key"]},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    log(f"prepare: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} validation tokens "
-        f"in {manifest['seconds']} s; unigram baseline {baseline:.3f} nats/token -> {out}")
+    stages.write_json_atomic(out / MANIFEST, manifest)
+    report = build_report(manifest, docs_record, dedup_record, tok_record, timings, time.time() - started)
+    write_report(report, docs_record, tok_record, out)
+    log(report["table"])
     return manifest
 
 

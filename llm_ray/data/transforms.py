@@ -3,50 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Iterable
 
 import numpy as np
-
-
-def decode_documents(batch: dict[str, np.ndarray], text_field: str) -> dict[str, np.ndarray]:
-    """Raw files (columns 'bytes', 'path') -> documents ('text', 'doc_id').
-
-    A .txt file is one document; every line of a .jsonl file is one, its text in text_field.
-    Invalid UTF-8 is replaced, never fatal; blank documents are dropped.
-    """
-    texts, ids = [], []
-    for raw, path in zip(batch["bytes"], batch["path"]):
-        path = str(path)
-        content = bytes(raw).decode("utf-8", errors="replace")
-        if path.endswith(".jsonl"):
-            for line_no, line in enumerate(content.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ValueError(f"{path}:{line_no}: no string field {text_field!r} (data.text_field)")
-                texts.append(record[text_field])
-                ids.append(f"{path}:{line_no}")
-        else:
-            texts.append(content)
-            ids.append(path)
-    keep = [i for i, t in enumerate(texts) if t.strip()]
-    return {"text": np.array([texts[i] for i in keep], dtype=object), "doc_id": np.array([ids[i] for i in keep], dtype=object)}
 
 
 def split_key(text: str, seed: int) -> float:
     """A stable number in [0, 1) from a document's content: the same on every machine and rerun."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "big") / 2**64
-
-
-def add_split_key(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    batch["split_key"] = np.array([split_key(t, seed) for t in batch["text"]], dtype=np.float64)
-    return batch
 
 
 def pack_blocks(token_docs: Iterable[np.ndarray], eot_id: int, block_size: int) -> tuple[np.ndarray, int]:

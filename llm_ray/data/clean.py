@@ -1,0 +1,228 @@
+"""Per-document cleaning and quality filters (Gopher, Rae et al. 2021; C4): plain functions, no Ray, no I/O."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import unicodedata
+
+import numpy as np
+
+from llm_ray.config import CleaningConfig
+
+DROP_REASONS: tuple[str, ...] = (
+    "too_few_words",
+    "too_many_words",
+    "mean_word_length",
+    "symbol_word_ratio",
+    "ellipsis_lines",
+    "duplicate_lines",
+    "top_2gram",
+    "duplicate_5grams",
+    "alpha_words",
+    "empty",
+)
+
+# Scripts written without spaces between words: each character is one word, so a Chinese
+# paragraph is ~100 words rather than one 100-character "word". Han (with 々〆〇 and the
+# compatibility and supplementary-plane ideographs), Hiragana, Katakana, Hangul syllables.
+_CJK = (
+    "\u3005-\u3007\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7a3\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff"
+)
+_CJK_RE = re.compile(f"[{_CJK}]")
+
+
+def _char_classes(*selectors) -> list[str]:
+    """Regex character-class bodies, one per selector(char, category), from one scan of Unicode."""
+    ranges: list[list[list[int]]] = [[] for _ in selectors]
+    # Planes 4-13, 15 and 16 hold no letters, marks or controls (unassigned or private use).
+    for cp in (*range(0x40000), *range(0xE0000, 0xF0000)):
+        char = chr(cp)
+        category = unicodedata.category(char)
+        for selector, found in zip(selectors, ranges):
+            if selector(char, category):
+                if found and found[-1][1] == cp - 1:
+                    found[-1][1] = cp
+                else:
+                    found.append([cp, cp])
+    return [
+        "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in found)
+        for found in ranges
+    ]
+
+
+# Python's \w misses combining marks (Mn/Mc), which would cut Hindi, Bengali or decomposed Latin
+# words apart, so marks join words too. Only the BMP's: a class with characters beyond it is
+# searched range by range, several times slower, and the astral marks are for historic scripts.
+# No underscore: "_italic_" markup is not part of a word. Invisible: control (Cc) and format (Cf)
+# characters only split or glue tokens at random; ZWNJ/ZWJ stay, as they change spelling in
+# Persian and Indic scripts and build emoji sequences. Lone surrogates (Cs) cannot become UTF-8.
+_MARKS, _INVISIBLE = _char_classes(
+    lambda char, cat: cat[0] == "M" and char <= "\uffff",
+    lambda char, cat: cat in ("Cc", "Cf", "Cs") and char not in "\t\n\u200c\u200d",
+)
+# A letter/digit run with marks after its letters; spelled without an alternation per
+# character, which would double the time words() takes. The classes are disjoint: no backtracking.
+_WORD_CORE = f"[^\\W_{_CJK}]+(?:[{_MARKS}]+[^\\W_{_CJK}]*)*"
+_WORD_RE = re.compile(
+    f"[{_CJK}]"  # each ideograph, kana or syllable is a word of its own
+    f"|{_WORD_CORE}(?:['\u2019]{_WORD_CORE})*"  # apostrophes inside a word: don't, l'homme
+)
+_INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]")
+_LINE_BREAK_RE = re.compile("\r\n?|[\x85\u2028\u2029]")  # NEL, LS and PS are line breaks by definition
+_OTHER_SPACE_RE = re.compile(r"[^\S \n\t]")  # NBSP, ideographic space, \v, \f ... (Unicode-aware \s)
+
+
+def normalize(text: str) -> str:
+    """NFC, no control/format characters, plain spaces and newlines, tidy blank lines."""
+    text = _LINE_BREAK_RE.sub("\n", text)
+    text = _OTHER_SPACE_RE.sub(" ", text)
+    text = _INVISIBLE_RE.sub("", text)
+    text = unicodedata.normalize("NFC", text)
+    # A run containing a tab stays one tab (columns of a table survive); spaces become one.
+    text = re.sub(r"[ \t]*\t[ \t]*", "\t", text)
+    text = re.sub(r" {2,}", " ", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{4,}", "\n\n\n", text)  # 3+ blank lines -> 2
+    return text.strip()
+
+
+_GUTENBERG_START_RE = re.compile(
+    # "*** START OF THE/THIS PROJECT GUTENBERG EBOOK/ETEXT <title> ***" (the title may wrap onto a
+    # second line), and the end of the "small print" that closes pre-2000s headers.
+    r"\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)(?:[^*\n]*(?:\n[^*\n]+)?\*{3}|.*)"
+    r"|\*END\*?\s*THE SMALL PRINT!.*",
+    re.IGNORECASE,
+)
+_GUTENBERG_END_RE = re.compile(
+    # "*** END OF THE PROJECT GUTENBERG EBOOK ...", "End of the Project Gutenberg EBook of ...",
+    # "End of Project Gutenberg's ...", "End of this Project Gutenberg Etext ..." at a line start.
+    r"^[ \t*]*END OF (?:THE |THIS )?PROJECT GUTENBERG\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+# World Library / Gutenberg notices between the plays of the old Complete Works etext:
+# "<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS OF WILLIAM SHAKESPEARE IS COPYRIGHT ...>>".
+# Starting with the literal "<<" lets the regex engine skip ahead quickly on long documents.
+_LICENSE_RE = re.compile(
+    r"<<[^<>]{0,3000}?(?:COPYRIGHT|ELECTRONIC VERSION)[^<>]{0,3000}>>[ \t]*\n*", re.IGNORECASE
+)
+
+
+def strip_boilerplate(text: str) -> str:
+    """Remove Project Gutenberg headers, footers and license blocks; other text comes back as is."""
+    # The footer first: 2000s files put the old small print after their END line, and its last
+    # line must not be taken for the end of a header.
+    end = _GUTENBERG_END_RE.search(text)
+    out = text[: end.start()] if end else text
+    start = _GUTENBERG_START_RE.search(out)
+    if start:
+        out = out[start.end() :]
+    out = _LICENSE_RE.sub("", out)
+    return text if out == text else out.strip()
+
+
+def words(text: str) -> list[str]:
+    """Words: letter/digit runs (apostrophes inside allowed); each CJK ideograph, kana or Hangul syllable alone."""
+    return _WORD_RE.findall(text)
+
+
+def _duplicate_line_chars(lines: list[str]) -> int:
+    """Characters in lines that repeat an earlier identical, non-empty line."""
+    seen: set[str] = set()
+    dup = 0
+    for line in lines:
+        if line in seen:
+            dup += len(line)
+        elif line:
+            seen.add(line)
+    return dup
+
+
+def _ngram_chars(ws: list[str], lengths: np.ndarray) -> tuple[int, int]:
+    """Characters in all occurrences of the most frequent 2-gram, and characters of the words covered
+    by a 5-gram that already occurred earlier (overlapping repeats counted once), as in Gopher.
+
+    Vectorized: words become integer ids, and each n-gram an exact integer id (n-grams are
+    built from (n-1)-grams by pairing ids and renumbering them with np.unique).
+    """
+    n = len(ws)
+    first_seen: dict[str, int] = {}
+    # Each word's id is the index of its first occurrence: setdefault keeps the first one.
+    ids = np.fromiter(map(first_seen.setdefault, ws, itertools.count()), np.int64, n)
+    if n < 2:
+        return 0, 0
+    pairs, pair_ids, counts = np.unique(ids[:-1] * n + ids[1:], return_inverse=True, return_counts=True)
+    top = int(np.argmax(counts))
+    at = int(np.argmax(pair_ids == top))
+    top_chars = int(counts[top] * (lengths[at] + lengths[at + 1]))
+    if n < 5:
+        return top_chars, 0
+    quad_ids = np.unique(pair_ids[:-2] * len(pairs) + pair_ids[2:], return_inverse=True)[1]
+    five_grams = quad_ids[:-1] * n + ids[4:]
+    repeat = np.ones(len(five_grams), dtype=bool)
+    repeat[np.unique(five_grams, return_index=True)[1]] = False
+    covered = np.zeros(n, dtype=bool)
+    for k in range(5):
+        covered[k : k + len(repeat)] |= repeat
+    return top_chars, int(lengths[covered].sum())
+
+
+def quality_reason(text: str, cfg: CleaningConfig) -> str | None:
+    """None if the document passes every Gopher-style rule, else the first failing rule's name."""
+    ws = words(text)
+    n = len(ws)
+    if n < max(cfg.min_words, 1):  # a document needs a word for any ratio below to mean something
+        return "too_few_words"
+    if n > cfg.max_words:
+        return "too_many_words"
+
+    lengths = np.fromiter(map(len, ws), np.int64, n)
+    word_chars = int(lengths.sum())
+    # CJK words are single characters by construction, so their count is a count of characters.
+    n_cjk = len(_CJK_RE.findall(text))
+    if n_cjk * 2 < n:  # word length means nothing for a mostly-CJK document
+        mean = (word_chars - n_cjk) / (n - n_cjk)
+        if not cfg.min_mean_word_length <= mean <= cfg.max_mean_word_length:
+            return "mean_word_length"
+
+    symbols = text.count("#") + text.count("...") + text.count("\u2026")
+    if symbols / n > cfg.max_symbol_word_ratio:
+        return "symbol_word_ratio"
+
+    lines = [line.strip() for line in text.split("\n")]
+    nonblank = [line for line in lines if line]
+    ellipsis = sum(line.endswith(("...", "\u2026")) for line in nonblank)
+    if nonblank and ellipsis / len(nonblank) > cfg.max_ellipsis_line_fraction:
+        return "ellipsis_lines"
+
+    line_chars = sum(map(len, nonblank))
+    if line_chars and _duplicate_line_chars(lines) / line_chars > cfg.max_duplicate_line_fraction:
+        return "duplicate_lines"
+
+    # n-gram shares are of word characters (no spaces), so that CJK text, which has no spaces,
+    # is measured like English.
+    top_2gram_chars, repeated_5gram_chars = _ngram_chars(ws, lengths)
+    if top_2gram_chars / word_chars > cfg.max_top_2gram_fraction:
+        return "top_2gram"
+    if repeated_5gram_chars / word_chars > cfg.max_duplicate_5gram_fraction:
+        return "duplicate_5grams"
+
+    # Words are letter/digit runs, so a word without any letter is a number.
+    if 1 - sum(map(str.isnumeric, ws)) / n < cfg.min_alpha_word_fraction:
+        return "alpha_words"
+    return None
+
+
+def clean_document(text: str, cfg: CleaningConfig) -> tuple[str | None, str | None]:
+    """(cleaned text, None) when kept, (None, reason) when dropped; reason is one of DROP_REASONS."""
+    if not cfg.enabled:
+        return text, None
+    if cfg.normalize_unicode:
+        text = normalize(text)
+    if cfg.strip_boilerplate:
+        text = strip_boilerplate(text)
+    if not text.strip():
+        return None, "empty"
+    reason = quality_reason(text, cfg)
+    return (None, reason) if reason else (text, None)

@@ -1,0 +1,137 @@
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm_ray.config import DataConfig, S3Config
+from llm_ray.data.corpus import CorpusError
+from llm_ray.data.sources import check_uri, is_transient, list_sources, read_file, with_retries
+from tests.conftest import SECRET_ACCESS_KEY
+
+
+@pytest.mark.parametrize("uri", ["http://example.com/a.txt", "file:///etc/passwd", "gs://b/x", "s3://",
+                                 "s3://bucket/../other/x", "s3://bucket/a/./b", "s3://user@bucket/x",
+                                 "s3://bucket/x?versionId=1", "builtin:nope"])
+def test_bad_uris_are_rejected_before_any_io(uri):
+    with pytest.raises(CorpusError, match="data.sources"):
+        check_uri(uri)
+
+
+def test_listing_local_sources(tmp_path, corpus_dir):
+    refs = list_sources([str(corpus_dir)], DataConfig())
+    assert len(refs) == 15 and [r.uri for r in refs] == sorted(r.uri for r in refs)
+    assert len(list_sources([str(corpus_dir / "play_0*.txt")], DataConfig())) == 10
+    (tmp_path / "notes.md").write_text("not a corpus file")
+    for bad, message in [(str(tmp_path / "nope.txt"), "does not exist"), (str(tmp_path), "holds no")]:
+        with pytest.raises(CorpusError, match=message):
+            list_sources([bad], DataConfig())
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_formats(tmp_path):
+    data = DataConfig()
+    assert read_file(write(tmp_path / "a.txt", "one document\nover two lines".encode()), data).docs == [
+        (str(tmp_path / "a.txt"), "one document\nover two lines")]
+    lines = DataConfig(txt_mode="line")
+    assert [t for _, t in read_file(write(tmp_path / "b.txt", b"first\n\nsecond\n"), lines).docs] == ["first", "second"]
+    jsonl = b'{"text": "alpha"}\n{"text": "beta", "id": 2}\n'
+    assert [t for _, t in read_file(write(tmp_path / "c.jsonl", jsonl), data).docs] == ["alpha", "beta"]
+    assert [t for _, t in read_file(write(tmp_path / "d.json.gz", gzip.compress(jsonl)), data).docs] == ["alpha", "beta"]
+    assert [t for _, t in read_file(write(tmp_path / "e.txt.gz", gzip.compress(b"zipped")), data).docs] == ["zipped"]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"body": ["p1", "p2"], "n": [1, 2]}), buf)
+    assert [t for _, t in read_file(write(tmp_path / "f.parquet", buf.getvalue()), DataConfig(text_field="body")).docs] \
+        == ["p1", "p2"]
+    result = read_file(write(tmp_path / "g.parquet", buf.getvalue()), data)
+    assert result.error == "no column 'text' (data.text_field)"
+    keys = [k for k, _ in read_file(str(tmp_path / "c.jsonl"), data).docs]
+    assert keys == [f"{tmp_path / 'c.jsonl'}:1", f"{tmp_path / 'c.jsonl'}:2"]
+
+
+def test_bad_inputs_are_named_not_raised(tmp_path):
+    data = DataConfig()
+    bad_utf8 = write(tmp_path / "latin1.txt", "café crème".encode("latin-1"))
+    replaced = read_file(bad_utf8, data)
+    assert replaced.docs[0][1] == "caf\ufffd cr\ufffdme" and replaced.counts["invalid_utf8_replaced"] == 1
+    dropped = read_file(bad_utf8, DataConfig(invalid_utf8="drop"))
+    assert dropped.docs == [] and dropped.counts["invalid_utf8_dropped"] == 1 and dropped.error is None
+
+    assert read_file(write(tmp_path / "empty.txt", b"  \n"), data).counts["empty_file"] == 1
+    whole = gzip.compress(b"x" * 100000)
+    assert "gzip" in read_file(write(tmp_path / "cut.txt.gz", whole[: len(whole) // 2]), data).error
+    assert read_file(write(tmp_path / "blob.txt", b"\x7fELF\x00\x00\x01binary"), data).error.startswith("binary")
+    assert read_file(str(tmp_path / "vanished.txt"), data).error.startswith("vanished")
+    long_line = read_file(write(tmp_path / "long.txt", b"word " * 2_000_000), data)  # a 10 MB single line
+    assert len(long_line.docs) == 1 and len(long_line.docs[0][1]) == 10_000_000
+    messy = b'{"text": "ok"}\nnot json\n{"other": 1}\n[1, 2]\n'
+    result = read_file(write(tmp_path / "messy.jsonl", messy), data)
+    assert [t for _, t in result.docs] == ["ok"]
+    assert result.counts == {"invalid_json_line": 1, "missing_text_field": 2}
+
+
+def test_retries_back_off_on_throttling_only():
+    calls, sleeps = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation: SlowDown (503)")
+        return "body"
+
+    assert with_retries(flaky, attempts=5, sleep=sleeps.append) == "body"
+    assert len(calls) == 3 and len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.9
+    assert is_transient(OSError("503 Service Unavailable")) and not is_transient(OSError("NoSuchKey"))
+
+    def missing():
+        raise OSError("NoSuchKey")
+
+    with pytest.raises(OSError):
+        with_retries(missing, attempts=5, sleep=sleeps.append)
+    assert len(sleeps) == 2  # no retry for a permanent error
+
+
+# ------------------------------------------------------------- S3 (moto server on 127.0.0.1)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    endpoint, client = s3_server
+    client.create_bucket(Bucket="corpus")
+    client.put_object(Bucket="corpus", Key="raw/a.txt", Body=b"a plain text document")
+    client.put_object(Bucket="corpus", Key="raw/sub/b.jsonl.gz",
+                      Body=gzip.compress(json.dumps({"text": "from gzip jsonl"}).encode() + b"\n"))
+    client.put_object(Bucket="corpus", Key="raw/skip.bin", Body=b"\x00\x01")
+    return endpoint
+
+
+def s3_data(endpoint: str) -> DataConfig:
+    return DataConfig(s3=S3Config(endpoint_url=endpoint, max_attempts=2, connect_timeout_s=1, request_timeout_s=5))
+
+
+def test_s3_listing_and_reading(bucket):
+    data = s3_data(bucket)
+    refs = list_sources(["s3://corpus/raw/"], data)
+    assert [r.uri for r in refs] == ["s3://corpus/raw/a.txt", "s3://corpus/raw/sub/b.jsonl.gz"]
+    assert read_file(refs[0], data).docs == [("s3://corpus/raw/a.txt", "a plain text document")]
+    assert read_file(refs[1], data).docs[0][1] == "from gzip jsonl"
+    assert list_sources(["s3://corpus/raw/a.txt"], data)[0].size == len("a plain text document")
+    assert read_file("s3://corpus/raw/gone.txt", data).error.startswith("vanished")
+
+
+def test_s3_errors_name_the_uri_and_no_secret(bucket):
+    with pytest.raises(CorpusError) as err:
+        list_sources(["s3://no-such-bucket/x/"], s3_data(bucket))
+    assert "s3://no-such-bucket/x/" in str(err.value) and SECRET_ACCESS_KEY not in str(err.value)
+    with pytest.raises(CorpusError) as err:
+        list_sources(["s3://corpus/raw/"], s3_data("http://127.0.0.1:9"))  # nothing listens there
+    assert "s3://corpus/raw/" in str(err.value) and "endpoint" in str(err.value)
+    assert SECRET_ACCESS_KEY not in str(err.value)
+    with pytest.raises(CorpusError, match="holds no"):
+        list_sources(["s3://corpus/empty-prefix/"], s3_data(bucket))
