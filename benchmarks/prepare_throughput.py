@@ -108,7 +108,8 @@ def near_dedup_quality(cfg, planted: list[tuple[str, str]]) -> tuple[float, floa
 
     kept = {Path(r["doc_key"]).name: Path(r["cluster_key"]).name
             for r in pq.read_table(data_dir(cfg) / "dedup", columns=["doc_key", "cluster_key"]).to_pylist()}
-    docs = [Path(r["doc_key"]).name for r in pq.read_table(data_dir(cfg) / "documents", columns=["doc_key"]).to_pylist()]
+    shards = sorted(str(p) for p in (data_dir(cfg) / "documents").glob("part-*.parquet"))
+    docs = [Path(r["doc_key"]).name for r in pq.ParquetDataset(shards).read(columns=["doc_key"]).to_pylist()]
     dropped = [d for d in docs if d not in kept]
     planted_copies = {c for _, c in planted}
     original_of = {c: o for o, c in planted}

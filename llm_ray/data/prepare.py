@@ -16,6 +16,7 @@ near-copies never straddle two splits. ``manifest.json`` (what training reads) a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -132,6 +133,25 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
 # ------------------------------------------------------------------ stage 2: dedup
 
 
+def _load_shards(batch: dict, columns: list[str] | None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(str(p), columns=columns) for p in batch["path"]])
+
+
+def read_shards(paths: list[str], columns: list[str] | None = None):
+    """A dataset over parquet shards with one task per shard.
+
+    ray.data.read_parquet would first list files in one task and may pack many small shards
+    into a single read task, leaving cores idle; the shard list is known here.
+    """
+    import ray.data
+
+    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths))).map_batches(
+        _load_shards, batch_size=1, batch_format="numpy", fn_kwargs={"columns": columns})
+
+
 def _signature_batch(batch: dict, shingle: str, ngram: int, num_perm: int, seed: int) -> dict:
     a, b = dedup.permutations(num_perm, seed)
     sigs = [dedup.minhash(dedup.shingle_hashes(t, shingle, ngram), a, b) for t in batch["text"]]
@@ -142,16 +162,23 @@ def _signature_batch(batch: dict, shingle: str, ngram: int, num_perm: int, seed:
     }
 
 
-def _keep_batch(batch: dict, cluster_of) -> dict:
+def _keep_shard(batch: dict, cluster_of, out_dir: str) -> dict:
+    """Write the kept documents of each input shard, with their cluster key, to out_dir."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
 
     mapping = ray.get(cluster_of) if isinstance(cluster_of, ray.ObjectRef) else cluster_of
-    keep = [i for i, k in enumerate(batch["doc_key"]) if k in mapping]
-    return {
-        "doc_key": batch["doc_key"][keep],
-        "cluster_key": np.array([mapping[batch["doc_key"][i]] for i in keep], dtype=object),
-        "text": batch["text"][keep],
-    }
+    for path in batch["path"]:
+        table = pq.read_table(str(path))
+        keys = table.column("doc_key").to_pylist()
+        keep = [i for i, k in enumerate(keys) if k in mapping]
+        kept = table.take(pa.array(keep, type=pa.int64())).append_column(
+            "cluster_key", pa.array([mapping[keys[i]] for i in keep], type=pa.string()))
+        target = Path(out_dir) / Path(str(path)).name
+        pq.write_table(kept, target.with_suffix(".tmp"))
+        target.with_suffix(".tmp").replace(target)
+    return {"path": batch["path"]}
 
 
 def find_clusters(doc_keys: np.ndarray, exact: np.ndarray, signatures: np.ndarray, cfg) -> dict:
@@ -186,7 +213,7 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
         return record
     stages.begin(out, key)
     shards = [str(docs_dir / s) for s in docs_record["shards"]]
-    docs = ray.data.read_parquet(shards)
+    docs = read_shards(shards)
     d = cfg.dedup
     keys, exact, sigs = [], [], []
     for batch in docs.map_batches(_signature_batch, fn_kwargs=dict(shingle=d.shingle, ngram=d.ngram,
@@ -210,8 +237,9 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     examples = [{"documents": [str(keys_arr[i]), str(keys_arr[j])],
                  "estimated_jaccard": round(float(np.mean(sig_arr[i] == sig_arr[j])), 3)}
                 for i, j in found["near_pairs"][:5]]
-    docs.map_batches(_keep_batch, fn_kwargs={"cluster_of": ray.put(cluster_of)}, batch_format="numpy") \
-        .write_parquet(str(out))
+    ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards)).map_batches(
+        _keep_shard, batch_size=1, fn_kwargs={"cluster_of": ray.put(cluster_of), "out_dir": str(out)}
+    ).materialize()
     log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
         f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
         f"with copies (LSH {found['bands']} bands x {found['rows']} rows)")
@@ -268,7 +296,7 @@ def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out:
     n_words = n_tokens = n_bytes = 0
     tokens_per_doc = []
     for row in split_docs.filter(expr=col("split") == "val").limit(2000).iter_rows():
-        ids = tokenizer.encode(row["text"], add_special_tokens=False).ids
+        ids = tokenizer.encode_batch_fast([row["text"]], add_special_tokens=False)[0].ids
         n_words += len(words(row["text"]))
         n_bytes += len(row["text"].encode("utf-8"))
         n_tokens += len(ids)
@@ -283,54 +311,97 @@ def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out:
 # ------------------------------------------------------------------ stage 4: pack
 
 
+@functools.lru_cache(maxsize=2)  # one parse per worker process, not one per batch
 def _tokenizer_from(tokenizer_json: str):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(tokenizer_json)
 
 
-def tokenize_and_pack(batch: dict, tokenizer_json: str, block_size: int, dtype: str) -> dict:
+def pack_shard(path: str, tokenizer_json: str, seed: int, thresholds: tuple[float, float], block_size: int,
+               dtype: str, out_dir: str) -> dict:
+    """Tokenize one shard of kept documents once and write packed blocks per split.
+
+    Writes <out_dir>/<split>/<shard>.npy for every split present, plus <shard>.json as the
+    completion marker holding block counts and target-token counts (for the unigram baseline).
+    """
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["cluster_key", "text"])
+    splits = _split_batch({"cluster_key": np.array(table.column("cluster_key").to_pylist(), dtype=object)},
+                          seed, *thresholds)["split"]
+    texts = table.column("text").to_pylist()
     tokenizer = _tokenizer_from(tokenizer_json)
-    encodings = tokenizer.encode_batch([str(t) for t in batch["text"]], add_special_tokens=False)
-    blocks, _ = transforms.pack_blocks((e.ids for e in encodings), eot_id(tokenizer), block_size)
-    return {"tokens": blocks.astype(dtype)}
+    eot = eot_id(tokenizer)
+    name = Path(path).stem
+    result = {}
+    for split in SPLITS:
+        docs = [t for t, s in zip(texts, splits) if s == split]
+        if not docs:
+            continue
+        ids = [e.ids for e in tokenizer.encode_batch_fast(docs, add_special_tokens=False)]
+        blocks, leftover = transforms.pack_blocks(ids, eot, block_size)
+        target = Path(out_dir) / split / f"{name}.npy"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".tmp"), "wb") as f:
+            np.save(f, blocks.astype(dtype))
+        target.with_suffix(".tmp").replace(target)
+        counts = np.bincount(blocks[:, 1:].ravel()) if len(blocks) else np.zeros(0, dtype=np.int64)
+        result[split] = {"blocks": int(len(blocks)), "leftover_tokens": int(leftover),
+                         "document_tokens": sum(map(len, ids)) + len(ids),  # end-of-text included
+                         "target_counts": counts.tolist()}
+    stages.write_json_atomic(Path(out_dir) / f"{name}.json", result)
+    return result
 
 
-def pack_stage(cfg: Config, split_docs, tok_record: dict, tokenizer_path: Path, out: Path, log) -> dict:
-    from ray.data.expressions import col
+def _pack_batch(batch: dict, **kwargs) -> dict:
+    for path in batch["path"]:
+        pack_shard(str(path), **kwargs)
+    return {"path": batch["path"]}
+
+
+def pack_stage(cfg: Config, kept_shards: list[str], thresholds, tok_record: dict, tokenizer_path: Path, out: Path,
+               log) -> dict:
+    import ray.data
 
     key = stages.stage_key("pack", tok_record["key"], cfg.data.block_size)
     if (record := stages.completed(out, key)) is not None:
         log("pack: up to date, skipped")
         return record
     stages.begin(out, key)
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
     dtype = transforms.token_dtype(tok_record["vocab_size"])
+    todo = [p for p in kept_shards if not (out / f"{Path(p).stem}.json").is_file()]
+    log(f"pack: tokenizing {len(kept_shards)} shards ({len(kept_shards) - len(todo)} already done)")
+    if todo:
+        ray.data.from_items([{"path": p} for p in todo], override_num_blocks=len(todo)).map_batches(
+            _pack_batch, batch_size=1,
+            fn_kwargs=dict(tokenizer_json=tokenizer_path.read_text(encoding="utf-8"), seed=cfg.seed,
+                           thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
+                           out_dir=str(out)),
+        ).materialize()
     wanted = ["train", "val"] + (["test"] if cfg.data.test_fraction > 0 else [])
-    splits, counts = {}, {}
-    for name in wanted:
-        target = out / name
-        split_docs.filter(expr=col("split") == name).map_batches(
-            tokenize_and_pack,
-            fn_kwargs=dict(tokenizer_json=tokenizer_json, block_size=cfg.data.block_size, dtype=dtype.name),
-            batch_size=cfg.data.docs_per_pack_batch, batch_format="numpy",
-        ).write_numpy(str(target), column="tokens")
-        shards, c = [], np.zeros(0, dtype=np.int64)
-        for path in sorted(target.glob("*.npy")):
-            arr = np.load(path, mmap_mode="r")
-            if len(arr) == 0:
-                path.unlink()
+    splits = {name: {"shards": [], "blocks": 0, "tokens": 0, "document_tokens": 0, "leftover_tokens": 0}
+              for name in wanted}
+    counts = {name: np.zeros(0, dtype=np.int64) for name in wanted}
+    for shard in kept_shards:
+        stem = Path(shard).stem
+        for name, info in json.loads((out / f"{stem}.json").read_text(encoding="utf-8")).items():
+            if name not in splits:
                 continue
-            shards.append({"file": f"pack/{name}/{path.name}", "blocks": int(arr.shape[0])})
-            bc = np.bincount(np.asarray(arr[:, 1:]).ravel())  # targets: every token but each block's first
-            c = np.pad(c, (0, max(0, len(bc) - len(c))))
-            c[: len(bc)] += bc
-        n_blocks = sum(s["blocks"] for s in shards)
-        if n_blocks == 0:
+            s = splits[name]
+            if info["blocks"]:
+                s["shards"].append({"file": f"pack/{name}/{stem}.npy", "blocks": info["blocks"]})
+            s["blocks"] += info["blocks"]
+            s["tokens"] += info["blocks"] * cfg.data.block_size
+            s["leftover_tokens"] += info["leftover_tokens"]
+            s["document_tokens"] += info["document_tokens"]
+            c = np.asarray(info["target_counts"], dtype=np.int64)
+            counts[name] = np.pad(counts[name], (0, max(0, len(c) - len(counts[name]))))
+            counts[name][: len(c)] += c
+    for name, s in splits.items():
+        if s["blocks"] == 0:
             raise PrepareError(f"the {name} split holds no full block of {cfg.data.block_size} tokens; lower "
                                "data.block_size or add text")
-        splits[name] = {"shards": shards, "blocks": n_blocks, "tokens": n_blocks * cfg.data.block_size}
-        counts[name] = c
     baseline = transforms.unigram_cross_entropy(counts["train"], counts["val"])
     log(f"pack: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} validation tokens; "
         f"unigram baseline {baseline:.3f} nats/token")
@@ -342,7 +413,6 @@ def pack_stage(cfg: Config, split_docs, tok_record: dict, tokenizer_path: Path, 
 
 def prepare(cfg: Config, log=print) -> dict:
     """Run (or resume) the data stage for cfg; returns the manifest that training reads."""
-    import ray.data
 
     from llm_ray.data.report import build_report, write_report
 
@@ -364,10 +434,14 @@ def prepare(cfg: Config, log=print) -> dict:
     timings["dedup"] = time.time() - t0
 
     thresholds = split_thresholds(dedup_record["cluster_keys"], cfg.data, cfg.seed)
-    split_docs = ray.data.read_parquet(str(out / "dedup")).map_batches(
+    # Not materialized: each later pass streams the kept documents from disk, so memory stays
+    # flat as the corpus grows.
+    kept_shards = sorted(str(p) for p in (out / "dedup").glob("*.parquet"))
+    split_docs = read_shards(kept_shards).map_batches(
         _split_batch, fn_kwargs=dict(seed=cfg.seed, val_t=thresholds[0], test_t=thresholds[1]),
-        batch_format="numpy").materialize()
-    split_counts = Counter(r["split"] for r in split_docs.select_columns(["split"]).iter_rows())
+        batch_format="numpy")
+    split_counts = Counter(_split_batch({"cluster_key": np.array(dedup_record["cluster_keys"])}, cfg.seed,
+                                        *thresholds)["split"].tolist())
 
     t0 = time.time()
     tok_record = tokenizer_stage(cfg, split_docs, dedup_record["key"], thresholds, out / "tokenizer", log)
@@ -377,7 +451,8 @@ def prepare(cfg: Config, log=print) -> dict:
                            f"{cfg.vocab_size}")
 
     t0 = time.time()
-    pack_record = pack_stage(cfg, split_docs, tok_record, out / "tokenizer" / "tokenizer.json", out / "pack", log)
+    pack_record = pack_stage(cfg, kept_shards, thresholds, tok_record, out / "tokenizer" / "tokenizer.json",
+                             out / "pack", log)
     timings["pack"] = time.time() - t0
 
     tokenizer = _tokenizer_from((out / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))
