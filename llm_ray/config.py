@@ -147,7 +147,7 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(4096, ge=260, le=262144, description="Target BPE vocabulary size, specials included.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
     train_sample_bytes: int = Field(
-        50_000_000, ge=1000, description="Bytes of training text, at most, used to learn the BPE merges."
+        20_000_000, ge=1000, description="Bytes of training text, at most, used to learn the BPE merges."
     )
 
 

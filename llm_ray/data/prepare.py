@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -416,6 +417,10 @@ def prepare(cfg: Config, log=print) -> dict:
 
     from llm_ray.data.report import build_report, write_report
 
+    import ray.data
+
+    # Ray Data's progress bars on long stages, when someone is watching a terminal.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     started = time.time()
     out = data_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
