@@ -191,35 +191,73 @@ class TrainConfig(Section):
         "blocks: on a machine with as many cores as workers, use a fraction such as 0.5.",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0 (plain DDP) to 3 (shard all).")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32, or bf16 (DeepSpeed bf16 weights with fp32 master copies)."
+    offload_optimizer: StrictBool = Field(
+        False, description="ZeRO-Offload: keep optimizer state in CPU memory and step there (ZeRO stage 1-3)."
+    )
+    offload_params: StrictBool = Field(False, description="Keep parameters in CPU memory too (ZeRO stage 3 only).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Weights and gradients: fp32; bf16 (DeepSpeed bf16, fp32 master copies); or fp16 "
+        "with dynamic loss scaling (GPU only)."
+    )
+    autocast_bf16: StrictBool = Field(
+        False, description="Run matmuls in bf16 under torch.autocast while weights stay fp32 (precision fp32); "
+        "a large speed-up on CPUs with AMX or AVX512-BF16, and on GPUs."
     )
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward/backward pass.")
     total_batch_tokens: int = Field(
         4096, ge=1, description="Tokens per optimizer step over all workers; gradient accumulation is derived."
     )
     max_steps: int = Field(200, ge=1, description="Optimizer steps to run.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the cosine decay.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        "adamw", description="adamw (decoupled weight decay), adam (L2 penalty in the gradient), or sgd."
+    )
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
+    schedule: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = Field(
+        "cosine", description="After warmup: cosine or linear decay to min_lr, constant, inverse square root, or "
+        "warmup-stable-decay (constant, then linear decay over the last decay_fraction of steps)."
+    )
     warmup_steps: int = Field(20, ge=0, description="Steps of linear warmup from 0 to lr.")
-    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on matrices (not biases/norms/embeddings).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of steps spent decaying in the wsd schedule.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay on matrices (not biases/norms/embeddings).")
+    l1: float = Field(0.0, ge=0, description="L1 penalty coefficient on the decayed matrices, added to the loss.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: StrictBool = Field(False, description="Nesterov momentum for SGD.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     eval_every: int = Field(50, ge=1, description="Validate every N steps (and at the end).")
     eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker at each evaluation.")
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    peak_tflops_per_worker: float | None = Field(
+        None, gt=0, description="Peak matmul TFLOP/s of one worker's device, for MFU; null leaves MFU out "
+        "(benchmarks/train_throughput.py measures it)."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts Ray Train attempts after a failure, resuming from the "
+        "latest checkpoint; -1 retries forever."
+    )
+    collective_timeout_s: float = Field(
+        1800, gt=0, description="Seconds a collective may wait before failing: a hung worker ends in a restart."
+    )
     shuffle_buffer_blocks: int = Field(
         256, ge=0, description="Blocks in each worker's local shuffle buffer; 0 disables shuffling."
     )
 
 
 class TrackingConfig(Section):
-    backend: Literal["console"] = Field(
-        "console", description="Where metrics go: 'console' prints rank 0's progress lines."
+    """Metrics tracking. Progress lines always go to the console; W&B is optional."""
+
+    backend: Literal["none", "wandb"] = Field("none", description="Tracker on rank 0: none, or Weights & Biases.")
+    wandb_mode: Literal["auto", "offline", "online"] = Field(
+        "auto", description="W&B mode; auto is online when WANDB_API_KEY is set, offline otherwise."
     )
+    project: str = Field("llm-ray", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); null uses the default.")
+    group: str | None = Field(None, description="W&B group, e.g. a sweep name.")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
 
 
 class SampleConfig(Section):
@@ -266,6 +304,20 @@ class Config(Section):
         if self.data.val_fraction + self.data.test_fraction >= 0.9:
             problems.append(f"data.val_fraction + data.test_fraction ({self.data.val_fraction} + "
                             f"{self.data.test_fraction}) leaves too little for training")
+        t = self.train
+        if t.precision == "fp16" and not t.use_gpu:
+            problems.append("train.precision fp16 needs train.use_gpu=true (loss scaling is a GPU feature); "
+                            "use fp32 with train.autocast_bf16 on CPU")
+        if t.autocast_bf16 and t.precision != "fp32":
+            problems.append(f"train.autocast_bf16 works with train.precision fp32 (got {t.precision})")
+        if t.offload_optimizer and t.zero_stage == 0:
+            problems.append("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+        if t.l1 > 0 and t.zero_stage == 3:
+            problems.append("train.l1 needs the full weights on every worker: use train.zero_stage 0, 1 or 2")
+        if t.offload_optimizer and t.optimizer == "sgd":
+            problems.append("train.offload_optimizer supports train.optimizer adam and adamw, not sgd")
+        if t.offload_params and t.zero_stage != 3:
+            problems.append(f"train.offload_params needs train.zero_stage 3 (got {t.zero_stage})")
         if self.train.min_lr > self.train.lr:
             problems.append(f"train.min_lr ({self.train.min_lr}) exceeds train.lr ({self.train.lr})")
         if problems:

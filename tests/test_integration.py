@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,10 @@ def test_train_two_workers_loss_falls_and_checkpoint_reloads(prepared, stage):
     result = train(cfg, data, log=lambda *_: None)
 
     assert result.step == cfg.train.max_steps
-    evals = [h["val_loss"] for h in result.history]
-    assert [h["step"] for h in result.history] == [0, 20, 40, 60]
+    evals = [h["val_loss"] for h in result.history if "val_loss" in h]
+    assert [h["step"] for h in result.history if "val_loss" in h] == [0, 20, 40, 60]
+    assert [h["step"] for h in result.history if "train_loss" in h] == [10, 20, 30, 40, 50, 60]
+    assert (cfg.run_dir / "loss_curve.png").is_file()
     assert evals[0] == pytest.approx(math.log(cfg.tokenizer.vocab_size), abs=0.3)  # untrained: near uniform
     assert evals[1] > evals[2] > evals[3]
     assert evals[-1] < evals[0] - 1.0  # learning, not noise
@@ -103,3 +106,88 @@ def test_pipeline_runs_end_to_end(ray_session, tmp_path, corpus_dir, capsys):
     assert "checkpoint:" in out and "unigram baseline" in out and "ROMEO:" in out
     resolved = json.loads(json.dumps(load_config(str(tmp_path / "debug" / "config.yaml")).model_dump()))
     assert resolved["train"]["max_steps"] == 10
+
+
+def tiny_dataset(prepared, target: Path, blocks_per_split: int) -> Path:
+    """A data folder holding exactly blocks_per_split blocks per split, cut from the prepared data."""
+    cfg, manifest = prepared
+    source = data_dir(cfg)
+    target.mkdir(parents=True)
+    shutil.copytree(source / "tokenizer", target / "tokenizer")
+    tiny = dict(manifest)
+    tiny["splits"] = {}
+    for split in ("train", "val"):
+        arr = np.concatenate([np.load(source / s["file"]) for s in manifest["splits"][split]["shards"]])
+        np.save(target / f"{split}.npy", arr[:blocks_per_split])
+        tiny["splits"][split] = {"shards": [{"file": f"{split}.npy", "blocks": blocks_per_split}],
+                                 "blocks": blocks_per_split, "tokens": blocks_per_split * cfg.data.block_size}
+    (target / "manifest.json").write_text(json.dumps(tiny))
+    return target
+
+
+def test_zero_stages_agree_on_the_first_step(prepared, tmp_path):
+    """One global batch holding the whole (tiny) training set: every stage sees the same data and
+    starts from the same weights, so the first step's loss and the weights after it must agree."""
+    cfg, _ = prepared
+    data = tiny_dataset(prepared, tmp_path / "data", blocks_per_split=2 * cfg.train.micro_batch_size)
+    results = {}
+    for stage in (0, 1, 2, 3):
+        run = cfg.model_copy(update={"name": f"first-step-{stage}", "output_dir": str(tmp_path)}, deep=True)
+        run.train.zero_stage = stage
+        run.train.max_steps, run.train.log_every, run.train.eval_every = 1, 1, 1
+        run.train.shuffle_buffer_blocks = 0
+        history = train(run, data, log=lambda *_: None).history
+        results[stage] = ([h["train_loss"] for h in history if "train_loss" in h][0],
+                          [h["val_loss"] for h in history if "val_loss" in h])
+    for stage in (1, 2, 3):
+        assert results[stage][0] == pytest.approx(results[0][0], abs=1e-5), results
+        assert results[stage][1] == pytest.approx(results[0][1], abs=1e-4), results
+
+
+def test_wandb_offline_run_holds_metrics_and_no_secret(prepared, tmp_path, monkeypatch):
+    from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+
+    cfg, _ = prepared
+    data = data_dir(cfg)
+    run = cfg.model_copy(update={"name": "wandb", "output_dir": str(tmp_path)}, deep=True)
+    run.tracking.backend = "wandb"
+    run.train.max_steps, run.train.log_every, run.train.eval_every, run.train.checkpoint_every = 6, 2, 3, 6
+    result = train(run, data, log=lambda *_: None)
+    run_id = read_train_state(result.checkpoint)["tracker_run_id"]
+    [run_dir] = list((tmp_path / "wandb" / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
+    [log_file] = list(run_dir.glob("*.wandb"))
+    keys = {key for record in wandb_history(log_file) for key in record}
+    assert {"train_loss", "lr", "tokens_per_sec", "grad_norm", "val_loss", "val_perplexity"} <= keys
+    for path in (tmp_path / "wandb").rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            assert SECRET_ACCESS_KEY.encode() not in blob and ACCESS_KEY_ID.encode() not in blob, path
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """History rows of an offline W&B run file: a LevelDB-style log of protobuf records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, i = path.read_bytes(), 32768, 7  # 7 bytes of file header (":W&B" and version)
+    chunks, pending = [], b""
+    while i + 7 <= len(data):
+        if block - i % block < 7:  # a block's tail too short for a header is padding
+            i += block - i % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[i : i + 7])
+        chunk, i = data[i + 7 : i + 7 + length], i + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # full record, or the last piece of one
+            chunks.append(pending)
+    rows = []
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows

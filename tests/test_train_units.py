@@ -7,13 +7,32 @@ from llm_ray.train.engine import deepspeed_config, param_groups
 from llm_ray.train.schedule import lr_at
 
 
-def test_lr_schedule_warms_up_then_decays_to_min():
-    lrs = [lr_at(s, 1.0, 0.1, 10, 110) for s in range(120)]
+def schedule(name, **kw):
+    from llm_ray.config import TrainConfig
+
+    return TrainConfig(schedule=name, lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, **kw)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min():
+    t = schedule("cosine")
+    lrs = [lr_at(s, t) for s in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rising
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:110]))  # falling
     assert lrs[60] == pytest.approx(0.55)  # half-way through the cosine
     assert lrs[110:] == [pytest.approx(0.1)] * 10
+
+
+def test_other_schedules():
+    linear = [lr_at(s, schedule("linear")) for s in range(111)]
+    assert linear[60] == pytest.approx(0.55) and linear[110] == pytest.approx(0.1)
+    assert all(lr_at(s, schedule("constant")) == 1.0 for s in range(10, 200))
+    inv = [lr_at(s, schedule("inverse_sqrt")) for s in (9, 39, 159)]
+    assert inv == [pytest.approx(1.0), pytest.approx(0.5), pytest.approx(0.25)]
+    wsd = [lr_at(s, schedule("wsd", decay_fraction=0.2)) for s in range(111)]
+    assert wsd[10:88] == [1.0] * 78  # stable until the last 20% (22 steps)
+    assert wsd[88] == pytest.approx(1.0) and wsd[99] == pytest.approx(0.55) and wsd[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(wsd[88:], wsd[89:]))
 
 
 def test_no_decay_groups():
@@ -32,15 +51,49 @@ def test_no_decay_groups():
 def test_deepspeed_config_is_derived(stage):
     cfg = load_config("demo", [f"train.zero_stage={stage}", "train.total_batch_tokens=16384"])
     ds = deepspeed_config(cfg)
-    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["zero_optimization"] == {"stage": stage}
     # 16384 tokens / (16 sequences x 128 tokens x 2 workers) = 4 accumulation steps
     assert ds["gradient_accumulation_steps"] == 4 == cfg.grad_accum_steps
     assert ds["train_batch_size"] == 16 * 4 * 2
-    assert ds["bf16"]["enabled"] is False
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
 
 
-def test_bf16_precision_enables_deepspeed_bf16():
+def test_offload_and_precision_in_the_deepspeed_config():
+    ds = deepspeed_config(load_config("demo", ["train.zero_stage=3", "train.offload_optimizer=true",
+                                                "train.offload_params=true"]))
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert deepspeed_config(load_config("gpt2-124m"))["bf16"]["enabled"] is True
+    fp16 = deepspeed_config(load_config("gpt2-124m", ["train.precision=fp16"]))["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.precision=fp16"], "needs train.use_gpu"),
+    (["train.offload_params=true"], "needs train.zero_stage 3"),
+    (["train.zero_stage=0", "train.offload_optimizer=true"], "needs train.zero_stage 1, 2 or 3"),
+    (["train.autocast_bf16=true", "train.precision=bf16"], "autocast_bf16 works with train.precision fp32"),
+    (["train.total_batch_tokens=5000"], "must be a multiple of"),
+])
+def test_training_config_errors_name_the_fields(override, message):
+    from llm_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", override)
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam),
+                                       ("sgd", torch.optim.SGD)])
+def test_optimizers(name, cls):
+    from llm_ray.train.engine import build_optimizer
+
+    cfg = load_config("debug", [f"train.optimizer={name}", "train.nesterov=true"])
+    model = GPT(model_spec(cfg))
+    opt = build_optimizer(param_groups(model, cfg.train.weight_decay), cfg.train)
+    assert isinstance(opt, cls)
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.train.weight_decay, 0.0]
+    if name == "sgd":
+        assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
 
 
 def test_split_block_shifts_targets():

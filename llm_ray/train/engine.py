@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_ray.config import Config
+from llm_ray.config import Config, TrainConfig
 from llm_ray.train.schedule import lr_at
 
 
@@ -27,43 +27,51 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed JSON for cfg: generated, never written by hand."""
     t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * cfg.grad_accum_steps * t.num_workers,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # SGD is a plain torch optimizer; ZeRO shards it fine
         "bf16": {"enabled": t.precision == "bf16"},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": t.lr,
-                "betas": [t.beta1, t.beta2],
-                "eps": 1e-8,
-                "weight_decay": t.weight_decay,
-                "torch_adam": True,
-            },
-        },
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # we print our own progress
         "wall_clock_breakdown": False,
     }
 
 
+def build_optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over param groups; DeepSpeed's CPU Adam when its state is offloaded to the CPU."""
+    if t.optimizer == "sgd":
+        if t.offload_optimizer:
+            raise ValueError("train.offload_optimizer supports adam and adamw, not sgd")
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+    if t.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), adamw_mode=t.optimizer == "adamw")
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+
+
 def build_engine(model: torch.nn.Module, cfg: Config):
-    """DeepSpeed engine around model, with AdamW and the warmup-cosine schedule stepping per optimizer step."""
+    """DeepSpeed engine around model, with the configured optimizer and LR schedule (stepped per optimizer step)."""
     import deepspeed
 
     t = cfg.train
-
-    def schedule(optimizer):
-        factor = lambda step: lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr  # noqa: E731
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
+    optimizer = build_optimizer(param_groups(model, t.weight_decay), t)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, t.weight_decay),
-        config=deepspeed_config(cfg),
+        optimizer=optimizer,
         lr_scheduler=schedule,
+        config=deepspeed_config(cfg),
         dist_init_required=False,  # Ray Train already set up the process group
     )
     return engine

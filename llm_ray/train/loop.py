@@ -14,6 +14,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -34,7 +35,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     tokens: int = 0  # training tokens consumed, all workers
-    history: list[dict] = field(default_factory=list)  # evaluation metrics, one dict per evaluation
+    history: list[dict] = field(default_factory=list)  # logged and evaluation metrics, one dict per event
+    tracker_run_id: str | None = None  # the W&B run a resumed run continues
 
 
 def mean_over_workers(value: torch.Tensor) -> float:
@@ -54,11 +56,31 @@ def split_block(block: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def evaluate(engine, val_batches: list[torch.Tensor], device) -> float:
+    """Mean loss per token over every worker's validation batches (exact, whatever the batching)."""
     engine.eval()
-    losses = [engine(*split_block(b, device))[1] for b in val_batches]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens)
+    for block in val_batches:
+        x, y = split_block(block, device)
+        total[0] += engine(x, y)[1].double() * y.numel()
+        total[1] += y.numel()
     engine.train()
-    local = torch.stack(losses).mean() if losses else torch.zeros(())
-    return mean_over_workers(local)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total[0] / total[1])
+
+
+def l1_penalty(engine) -> torch.Tensor:
+    """Sum of |w| over the decayed matrices (the first param group)."""
+    return sum(p.abs().sum() for p in engine.optimizer.param_groups[0]["params"])
+
+
+def memory_bytes(device) -> int:
+    """Peak memory of this worker: allocated device memory on GPU, resident set size on CPU."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def run_training(
@@ -72,21 +94,26 @@ def run_training(
     rank: int,
     device,
     log: Callable[[str], None] = print,
+    tracker=None,
+    flops_per_token: int = 0,
 ) -> TrainState:
     """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
 
     train_batches yields (epoch, block) with blocks (micro_batch, block_size + 1).
     save(state, metrics) writes a checkpoint and reports it; report(metrics) only reports.
+    tracker (rank 0) receives loss, LR, gradient norm, throughput, MFU and memory.
     """
     t = cfg.train
     accum = cfg.grad_accum_steps
     tokens_per_step = t.total_batch_tokens
+    device_type = getattr(device, "type", str(device))
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging (a sync point)
     steps_since_log, window_start = 0, time.time()
     run_start, start_step = time.time(), state.step
 
     if state.step == 0:  # the untrained model's loss: the reference every later evaluation improves on
-        val_loss = evaluate(engine, val_batches, device)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+            val_loss = evaluate(engine, val_batches, device)
         state.history.append({"step": 0, "epoch": 0, "tokens": 0, "val_loss": val_loss,
                               "val_perplexity": math.exp(val_loss)})
         if rank == 0:
@@ -95,8 +122,11 @@ def run_training(
     while state.step < t.max_steps:
         for _ in range(accum):
             state.epoch, block = next(train_batches)
-            _, loss = engine(*split_block(block, device))
-            engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+                _, loss = engine(*split_block(block, device))
+            objective = loss + t.l1 * l1_penalty(engine) if t.l1 else loss
+            engine.backward(objective)  # DeepSpeed divides by the accumulation steps
             engine.step()  # optimizer and LR schedule step only on the accumulation boundary
             loss_sum += loss.detach() / accum
         state.step += 1
@@ -109,9 +139,21 @@ def run_training(
             elapsed = time.time() - window_start
             tokens_per_sec = steps_since_log * tokens_per_step / elapsed
             eta = (time.time() - run_start) / (state.step - start_step) * (t.max_steps - state.step)
+            grad_norm = engine.get_global_grad_norm()
+            row = {"step": state.step, "train_loss": train_loss, "lr": engine.get_lr()[0],
+                   "tokens_per_sec": tokens_per_sec, "memory_gb": memory_bytes(device) / 1e9}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            mfu = ""
+            if t.peak_tflops_per_worker and flops_per_token:
+                row["mfu"] = flops_per_token * tokens_per_sec / (t.peak_tflops_per_worker * 1e12 * t.num_workers)
+                mfu = f" | mfu {row['mfu']:.1%}"
+            state.history.append(row)
             if rank == 0:
-                log(f"step {state.step:>6}/{t.max_steps} | loss {train_loss:.4f} | "
-                    f"lr {engine.get_lr()[0]:.2e} | {tokens_per_sec:,.0f} tok/s | eta {eta:,.0f}s")
+                log(f"step {state.step:>6}/{t.max_steps} | loss {train_loss:.4f} | lr {row['lr']:.2e} | "
+                    f"{tokens_per_sec:,.0f} tok/s{mfu} | eta {eta:,.0f}s")
+                if tracker is not None:
+                    tracker.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
             loss_sum.zero_()
             steps_since_log, window_start = 0, time.time()
 
@@ -120,12 +162,16 @@ def run_training(
         if is_eval or is_ckpt:
             metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens}
             if is_eval:
-                metrics["val_loss"] = evaluate(engine, val_batches, device)
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+                    metrics["val_loss"] = evaluate(engine, val_batches, device)
                 metrics["val_perplexity"] = math.exp(metrics["val_loss"])
                 state.history.append(metrics)
                 if rank == 0:
                     log(f"step {state.step:>6} | val loss {metrics['val_loss']:.4f} | "
                         f"val ppl {metrics['val_perplexity']:.1f}")
+                    if tracker is not None:
+                        tracker.log({"val_loss": metrics["val_loss"], "val_perplexity": metrics["val_perplexity"]},
+                                    step=state.step)
             if is_ckpt:
                 save(state, metrics)
             else:
@@ -185,6 +231,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
     engine = build_engine(GPT(model_spec(cfg)), cfg)
 
+    model_flops = GPT(model_spec(cfg)).flops_per_token(cfg.data.block_size) if cfg.train.peak_tflops_per_worker else 0
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -208,4 +255,12 @@ def train_loop_per_worker(payload: dict) -> None:
                 save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device, worker_log)
+    from llm_ray.tracking import make_tracker
+
+    tracker = make_tracker(cfg, rank, Path(payload["run_dir"]) / "wandb", state.tracker_run_id)
+    state.tracker_run_id = tracker.run_id
+    try:
+        run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
+                     worker_log, tracker, model_flops)
+    finally:
+        tracker.finish()

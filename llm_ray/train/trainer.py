@@ -20,8 +20,8 @@ class TrainResult:
 
 def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
     import ray.data
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from llm_ray.train.loop import train_loop_per_worker
 
@@ -43,7 +43,9 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "tokenizer_json": (path / manifest["tokenizer"]).read_text(encoding="utf-8"),
+            "run_dir": str(cfg.run_dir),  # absolute: workers run in their own folders
         },
+        torch_config=TorchConfig(timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
@@ -51,6 +53,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
             name=cfg.name,
             storage_path=str(cfg.run_dir / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
         ),
         datasets=datasets,
     )
@@ -60,6 +63,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (see {cfg.run_dir / 'checkpoints'})")
     state = read_train_state(result.checkpoint.path)
+    plot_losses(state["history"], cfg.run_dir / "loss_curve.png")
     evals = [h for h in state["history"] if "val_loss" in h]
     return TrainResult(
         checkpoint=result.checkpoint.path,
@@ -67,3 +71,25 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
         val_loss=evals[-1]["val_loss"] if evals else None,
         history=state["history"],
     )
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Training and validation loss against step, as a PNG next to the run's outputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="." if key == "val_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,77 @@
+"""Metrics trackers behind one small interface: no-op, in-memory (tests) and Weights & Biases.
+
+Only rank 0 tracks. W&B runs offline unless WANDB_API_KEY is set (or the config asks);
+its run id travels in the checkpoint so that a resumed run continues the same W&B run.
+Nothing but the metrics and the resolved config (which holds no credentials) is sent.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Protocol
+
+from llm_ray.config import Config
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log(self, metrics: dict, step: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NoOpTracker:
+    run_id = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class MemoryTracker:
+    """Keeps every logged row; for tests."""
+
+    def __init__(self):
+        self.run_id = "memory"
+        self.rows: list[tuple[int, dict]] = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker:
+    def __init__(self, cfg: Config, directory: Path, run_id: str | None):
+        import wandb
+
+        t = cfg.tracking
+        mode = t.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id or secrets.token_hex(4)
+        self._run = wandb.init(
+            project=t.project, entity=t.entity, group=t.group, tags=t.tags, name=cfg.name, id=self.run_id,
+            resume="allow", mode=mode, dir=str(directory), config=cfg.model_dump(mode="json"),
+            settings=wandb.Settings(save_code=False, disable_git=True, x_disable_stats=True,
+                                    x_disable_meta=True, console="off"),
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self._run.finish()
+
+
+def make_tracker(cfg: Config, rank: int, directory: Path, run_id: str | None = None) -> Tracker:
+    if rank != 0 or cfg.tracking.backend == "none":
+        return NoOpTracker()
+    return WandbTracker(cfg, directory, run_id)
