@@ -191,3 +191,60 @@ def wandb_history(path: Path) -> list[dict]:
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(prepared, tmp_path):
+    """SIGKILL one training worker mid-run: Ray restarts the group, which resumes from the latest
+    checkpoint and finishes; at most one checkpoint interval of steps is redone."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    cfg, _ = prepared
+    run = cfg.model_copy(update={"name": "killed", "output_dir": str(tmp_path)}, deep=True)
+    run.train.max_steps, run.train.checkpoint_every, run.train.max_failures = 60, 10, 1
+    killed = {}
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            # Ray Train registers a checkpoint in this snapshot once every worker has reported it.
+            if list((tmp_path / "killed" / "checkpoints").glob("*/checkpoint_manager_snapshot.json")):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed["pid"] = proc.pid
+                        return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    result = train(run, data_dir(cfg), log=lambda *_: None)
+    watcher.join()
+    assert killed, "no worker was killed"
+    state = read_train_state(result.checkpoint)
+    assert state["step"] == 60
+    assert len(state["resumed_from"]) == 1 and state["resumed_from"][0] % 10 == 0 and state["resumed_from"][0] >= 10
+    # Every step was logged once: the restarted group redid only the steps after the checkpoint.
+    steps = [h["step"] for h in state["history"] if "train_loss" in h]
+    assert steps == list(range(10, 61, 10))
+
+
+def test_rerunning_a_run_name_resumes_its_latest_checkpoint(prepared, tmp_path):
+    from llm_ray.train.schedule import lr_at
+
+    cfg, _ = prepared
+    run = cfg.model_copy(update={"name": "resumed", "output_dir": str(tmp_path)}, deep=True)
+    run.train.max_steps, run.train.checkpoint_every, run.train.log_every = 20, 10, 10
+    first = train(run, data_dir(cfg), log=lambda *_: None)
+    run.train.max_steps = 40
+    second = train(run, data_dir(cfg), log=lambda *_: None)
+    state = read_train_state(second.checkpoint)
+    assert first.step == 20 and state["step"] == 40 and state["resumed_from"] == [20]
+    rows = {h["step"]: h for h in state["history"] if "train_loss" in h}
+    assert sorted(rows) == [10, 20, 30, 40]  # the first run's history carried over, nothing redone
+    # The LR schedule continued from step 20 (DeepSpeed restored the scheduler with the optimizer).
+    assert rows[30]["lr"] == pytest.approx(lr_at(30, run.train))

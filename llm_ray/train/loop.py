@@ -37,6 +37,7 @@ class TrainState:
     tokens: int = 0  # training tokens consumed, all workers
     history: list[dict] = field(default_factory=list)  # logged and evaluation metrics, one dict per event
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
+    resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
 
 
 def mean_over_workers(value: torch.Tensor) -> float:
@@ -238,6 +239,7 @@ def train_loop_per_worker(payload: dict) -> None:
         with checkpoint.as_directory() as d:
             _, client_state = engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
         state = TrainState(**client_state["train_state"])
+        state.resumed_from.append(state.step)
         if rank == 0:
             worker_log(f"resumed from step {state.step} ({checkpoint.path})")
 
