@@ -190,6 +190,9 @@ class TrainConfig(Section):
         description="CPU cores Ray reserves for each training worker. Ray Data needs a free share to stream "
         "blocks: on a machine with as many cores as workers, use a fraction such as 0.5.",
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per worker; null keeps Ray's setting (its CPU reservation)."
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0 (plain DDP) to 3 (shard all).")
     offload_optimizer: StrictBool = Field(
         False, description="ZeRO-Offload: keep optimizer state in CPU memory and step there (ZeRO stage 1-3)."

@@ -227,6 +227,8 @@ def train_loop_per_worker(payload: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     from llm_ray.train.engine import build_engine
 
