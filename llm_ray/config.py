@@ -234,6 +234,16 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    spike_factor: float = Field(
+        4.0, ge=0, description="Skip a micro-batch whose loss exceeds this multiple of the recent mean (0 "
+        "disables); NaN and inf losses are always skipped."
+    )
+    max_skipped_batches: int = Field(
+        10, ge=0, description="Stop with an error once more micro-batches than this were skipped by the guard."
+    )
+    activation_checkpointing: StrictBool = Field(
+        False, description="Recompute each block's activations in the backward pass: less memory, ~30% more compute."
+    )
     peak_tflops_per_worker: float | None = Field(
         None, gt=0, description="Peak matmul TFLOP/s of one worker's device, for MFU; null leaves MFU out "
         "(benchmarks/train_throughput.py measures it)."

@@ -102,3 +102,30 @@ def test_split_block_shifts_targets():
     x, y = split_block(torch.arange(10, dtype=torch.int16).view(2, 5), "cpu")
     assert x.dtype == torch.long and x.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]]
     assert y.tolist() == [[1, 2, 3, 4], [6, 7, 8, 9]]
+
+
+def test_loss_guard_skips_nan_and_spikes_and_gives_up():
+    from llm_ray.train.loop import LossGuard
+
+    guard = LossGuard(spike_factor=3.0, max_skipped=2, warmup=5)
+    assert all(guard.accept(2.0) for _ in range(5))
+    assert not guard.accept(float("nan")) and not guard.accept(7.0)  # nan; 7 > 3 x 2
+    assert guard.accept(5.0)  # high but under the factor
+    with pytest.raises(RuntimeError, match="train.max_skipped_batches"):
+        guard.accept(float("inf"))
+    early = LossGuard(spike_factor=3.0, max_skipped=2, warmup=5)
+    assert early.accept(9.0) and early.accept(2.0)  # no spike verdict before the warmup
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = load_config("debug")
+    torch.manual_seed(0)
+    plain = GPT(model_spec(cfg))
+    checkpointed = GPT(model_spec(cfg))
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing = True
+    idx = torch.randint(0, cfg.vocab_size, (2, 32))
+    for model in (plain, checkpointed):
+        model(idx, idx.roll(1, dims=1))[1].backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
+        # Set from outside (training): recompute block activations in backward to save memory.
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer), so the residual stream's
         # variance does not grow with depth.
@@ -242,7 +245,10 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache, layer)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, layer, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))

@@ -38,6 +38,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # logged and evaluation metrics, one dict per event
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
+    skipped_batches: int = 0  # micro-batches the loss guard rejected
 
 
 def mean_over_workers(value: torch.Tensor) -> float:
@@ -68,6 +69,37 @@ def evaluate(engine, val_batches: list[torch.Tensor], device) -> float:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return float(total[0] / total[1])
+
+
+class LossGuard:
+    """Rejects non-finite losses and spikes above spike_factor x the running mean of accepted ones."""
+
+    def __init__(self, spike_factor: float, max_skipped: int, warmup: int = 20, decay: float = 0.98):
+        self.spike_factor, self.max_skipped, self.warmup, self.decay = spike_factor, max_skipped, warmup, decay
+        self.mean: float | None = None
+        self.accepted = 0
+        self.skipped = 0
+
+    def accept(self, loss: float) -> bool:
+        spike = (self.spike_factor > 0 and self.mean is not None and self.accepted >= self.warmup
+                 and loss > self.spike_factor * self.mean)
+        if not math.isfinite(loss) or spike:
+            self.skipped += 1
+            if self.skipped > self.max_skipped:
+                raise RuntimeError(
+                    f"{self.skipped} micro-batches skipped for non-finite or spiking loss (last: {loss}), more "
+                    f"than train.max_skipped_batches ({self.max_skipped}); lower train.lr or check the data")
+            return False
+        self.accepted += 1
+        self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
+        return True
+
+
+def max_over_workers(value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1).clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # NaN propagates: any worker's NaN is seen by all
+    return float(value.item())
 
 
 def l1_penalty(engine) -> torch.Tensor:
@@ -111,6 +143,8 @@ def run_training(
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging (a sync point)
     steps_since_log, window_start = 0, time.time()
     run_start, start_step = time.time(), state.step
+    guard = LossGuard(t.spike_factor, t.max_skipped_batches)
+    guard.skipped = state.skipped_batches  # the budget spans restarts
 
     if state.step == 0:  # the untrained model's loss: the reference every later evaluation improves on
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
@@ -121,11 +155,19 @@ def run_training(
             log(f"step {0:>6} | val loss {val_loss:.4f} (untrained)")
 
     while state.step < t.max_steps:
-        for _ in range(accum):
+        done = 0
+        while done < accum:
             state.epoch, block = next(train_batches)
             # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
                 _, loss = engine(*split_block(block, device))
+            # Every worker takes the same decision, from the worst loss of all (one small collective).
+            if not guard.accept(max_over_workers(loss)):
+                state.skipped_batches += 1
+                if rank == 0:
+                    log(f"step {state.step + 1:>6} | skipped a micro-batch: loss {loss.item():.4f}")
+                continue
+            done += 1
             objective = loss + t.l1 * l1_penalty(engine) if t.l1 else loss
             engine.backward(objective)  # DeepSpeed divides by the accumulation steps
             engine.step()  # optimizer and LR schedule step only on the accumulation boundary
@@ -232,7 +274,9 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     from llm_ray.train.engine import build_engine
 
-    engine = build_engine(GPT(model_spec(cfg)), cfg)
+    model = GPT(model_spec(cfg))
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    engine = build_engine(model, cfg)
 
     model_flops = GPT(model_spec(cfg)).flops_per_token(cfg.data.block_size) if cfg.train.peak_tflops_per_worker else 0
     state = TrainState()
