@@ -82,9 +82,6 @@ class DataConfig(Section):
         0.0, ge=0.0, lt=0.5, description="Share of duplicate clusters held out for testing (stable hash)."
     )
     block_size: int = Field(256, ge=8, description="Tokens per packed training block (the sequence length).")
-    docs_per_pack_batch: int = Field(
-        64, ge=1, description="Documents tokenized and packed together in one Ray Data batch."
-    )
     s3: S3Config = Field(default_factory=S3Config, description="Object storage endpoint, region and retries.")
 
 
