@@ -412,10 +412,11 @@ def test_top_2gram():
 
 
 def test_top_2gram_in_chinese():
-    # each character is a word, so "下载" (download) is a 2-gram: 24 of them are 48 of 211 characters
-    spam = "".join(f"下载{c}。" for c in "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥春夏")
+    # Each character is a word, so CJK n-grams are twice as long: the "2-gram" rule looks at 4
+    # characters, about two words. "免费下载" (free download) repeated is spam.
+    spam = "".join(f"免费下载{c}。" for c in "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥春夏")
     assert quality_reason(CLASSICAL_CHINESE + spam, CFG) == "top_2gram"
-    assert quality_reason(CLASSICAL_CHINESE + spam[: 4 * 12], CFG) is None  # 24 of 175
+    assert quality_reason(CLASSICAL_CHINESE + spam[: 6 * 6], CFG) is None  # 6 repeats: a phrase, not spam
 
 
 def test_duplicate_5grams():

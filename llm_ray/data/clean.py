@@ -139,31 +139,37 @@ def _duplicate_line_chars(lines: list[str]) -> int:
     return dup
 
 
-def _ngram_chars(ws: list[str], lengths: np.ndarray) -> tuple[int, int]:
-    """Characters in all occurrences of the most frequent 2-gram, and characters of the words covered
-    by a 5-gram that already occurred earlier (overlapping repeats counted once), as in Gopher.
+def _ngram_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    """An exact integer id for every n-gram of word ids: (n-1)-gram ids paired with the next word,
+    renumbered by np.unique so that ids stay below len(ids)."""
+    grams = ids
+    for k in range(1, n):
+        grams = np.unique(grams[:-1] * len(ids) + ids[k:], return_inverse=True)[1]
+    return grams
 
-    Vectorized: words become integer ids, and each n-gram an exact integer id (n-grams are
-    built from (n-1)-grams by pairing ids and renumbering them with np.unique).
+
+def _ngram_chars(ws: list[str], lengths: np.ndarray, top_n: int = 2, dup_n: int = 5) -> tuple[int, int]:
+    """Characters in all occurrences of the most frequent top_n-gram, and characters of the words
+    covered by a dup_n-gram that already occurred earlier (overlapping repeats counted once), as in Gopher.
     """
     n = len(ws)
     first_seen: dict[str, int] = {}
     # Each word's id is the index of its first occurrence: setdefault keeps the first one.
     ids = np.fromiter(map(first_seen.setdefault, ws, itertools.count()), np.int64, n)
-    if n < 2:
-        return 0, 0
-    pairs, pair_ids, counts = np.unique(ids[:-1] * n + ids[1:], return_inverse=True, return_counts=True)
-    top = int(np.argmax(counts))
-    at = int(np.argmax(pair_ids == top))
-    top_chars = int(counts[top] * (lengths[at] + lengths[at + 1]))
-    if n < 5:
+    top_chars = 0
+    if n >= top_n:
+        grams = _ngram_ids(ids, top_n)
+        counts = np.bincount(grams)
+        top = int(np.argmax(counts))
+        at = int(np.argmax(grams == top))
+        top_chars = int(counts[top] * lengths[at : at + top_n].sum())
+    if n < dup_n:
         return top_chars, 0
-    quad_ids = np.unique(pair_ids[:-2] * len(pairs) + pair_ids[2:], return_inverse=True)[1]
-    five_grams = quad_ids[:-1] * n + ids[4:]
-    repeat = np.ones(len(five_grams), dtype=bool)
-    repeat[np.unique(five_grams, return_index=True)[1]] = False
+    grams = _ngram_ids(ids, dup_n)
+    repeat = np.ones(len(grams), dtype=bool)
+    repeat[np.unique(grams, return_index=True)[1]] = False
     covered = np.zeros(n, dtype=bool)
-    for k in range(5):
+    for k in range(dup_n):
         covered[k : k + len(repeat)] |= repeat
     return top_chars, int(lengths[covered].sum())
 
@@ -202,7 +208,11 @@ def quality_reason(text: str, cfg: CleaningConfig) -> str | None:
 
     # n-gram shares are of word characters (no spaces), so that CJK text, which has no spaces,
     # is measured like English.
-    top_2gram_chars, repeated_5gram_chars = _ngram_chars(ws, lengths)
+    # A CJK "word" is one character, about half a word of meaning: n-grams twice as long keep the
+    # rules as strict as they are for space-separated languages (5 characters of Chinese repeat far
+    # more often than 5 English words, so long books would otherwise fail).
+    scale = 2 if n_cjk * 2 >= n else 1
+    top_2gram_chars, repeated_5gram_chars = _ngram_chars(ws, lengths, 2 * scale, 5 * scale)
     if top_2gram_chars / word_chars > cfg.max_top_2gram_fraction:
         return "top_2gram"
     if repeated_5gram_chars / word_chars > cfg.max_duplicate_5gram_fraction:
