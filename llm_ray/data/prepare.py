@@ -89,7 +89,6 @@ def _read_clean_batch(batch: dict, data: dict, cleaning: dict) -> dict:
 
 
 def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
-    import ray.data
 
     key = stages.stage_key("documents", [f.fingerprint for f in files], cfg.data.text_field, cfg.data.txt_mode,
                            cfg.data.invalid_utf8, cfg.cleaning.model_dump())
@@ -108,10 +107,8 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
     log(f"documents: reading and cleaning {len(files)} files in {len(groups)} shards "
         f"({len(groups) - len(todo)} already done)")
     if todo:
-        ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            _read_clean_batch, batch_size=1, fn_kwargs={"data": cfg.data.model_dump(),
-                                                        "cleaning": cfg.cleaning.model_dump()},
-        ).materialize()
+        task_per_item(todo, _read_clean_batch, data=cfg.data.model_dump(),
+                      cleaning=cfg.cleaning.model_dump()).materialize()
     totals = {"files": 0, "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
               "drops": Counter(), "notes": Counter(), "doc_chars": []}
     for path in shard_paths:
@@ -141,16 +138,21 @@ def _load_shards(batch: dict, columns: list[str] | None):
     return pa.concat_tables([pq.read_table(str(p), columns=columns) for p in batch["path"]])
 
 
-def read_shards(paths: list[str], columns: list[str] | None = None):
-    """A dataset over parquet shards with one task per shard.
+def task_per_item(items: list[dict], fn, **fn_kwargs):
+    """A dataset applying fn to each item in its own Ray task (fn gets a batch of one item).
 
-    ray.data.read_parquet would first list files in one task and may pack many small shards
-    into a single read task, leaving cores idle; the shard list is known here.
+    Used for shards: ray.data.read_parquet would first list files in one task and may pack
+    many small shards into a single task, leaving cores idle; the shard list is known here.
     """
     import ray.data
 
-    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths))).map_batches(
-        _load_shards, batch_size=1, batch_format="numpy", fn_kwargs={"columns": columns})
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        fn, batch_size=1, batch_format="numpy", fn_kwargs=fn_kwargs)
+
+
+def read_shards(paths: list[str], columns: list[str] | None = None):
+    """A dataset over parquet shards, one task per shard."""
+    return task_per_item([{"path": p} for p in paths], _load_shards, columns=columns)
 
 
 def _signature_batch(batch: dict, shingle: str, ngram: int, num_perm: int, seed: int) -> dict:
@@ -238,9 +240,8 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     examples = [{"documents": [str(keys_arr[i]), str(keys_arr[j])],
                  "estimated_jaccard": round(float(np.mean(sig_arr[i] == sig_arr[j])), 3)}
                 for i, j in found["near_pairs"][:5]]
-    ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards)).map_batches(
-        _keep_shard, batch_size=1, fn_kwargs={"cluster_of": ray.put(cluster_of), "out_dir": str(out)}
-    ).materialize()
+    task_per_item([{"path": p} for p in shards], _keep_shard, cluster_of=ray.put(cluster_of),
+                  out_dir=str(out)).materialize()
     log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
         f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
         f"with copies (LSH {found['bands']} bands x {found['rows']} rows)")
@@ -363,7 +364,6 @@ def _pack_batch(batch: dict, **kwargs) -> dict:
 
 def pack_stage(cfg: Config, kept_shards: list[str], thresholds, tok_record: dict, tokenizer_path: Path, out: Path,
                log) -> dict:
-    import ray.data
 
     key = stages.stage_key("pack", tok_record["key"], cfg.data.block_size)
     if (record := stages.completed(out, key)) is not None:
@@ -374,12 +374,10 @@ def pack_stage(cfg: Config, kept_shards: list[str], thresholds, tok_record: dict
     todo = [p for p in kept_shards if not (out / f"{Path(p).stem}.json").is_file()]
     log(f"pack: tokenizing {len(kept_shards)} shards ({len(kept_shards) - len(todo)} already done)")
     if todo:
-        ray.data.from_items([{"path": p} for p in todo], override_num_blocks=len(todo)).map_batches(
-            _pack_batch, batch_size=1,
-            fn_kwargs=dict(tokenizer_json=tokenizer_path.read_text(encoding="utf-8"), seed=cfg.seed,
-                           thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
-                           out_dir=str(out)),
-        ).materialize()
+        task_per_item([{"path": p} for p in todo], _pack_batch,
+                      tokenizer_json=tokenizer_path.read_text(encoding="utf-8"), seed=cfg.seed,
+                      thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
+                      out_dir=str(out)).materialize()
     wanted = ["train", "val"] + (["test"] if cfg.data.test_fraction > 0 else [])
     splits = {name: {"shards": [], "blocks": 0, "tokens": 0, "document_tokens": 0, "leftover_tokens": 0}
               for name in wanted}

@@ -7,6 +7,7 @@ DeepSpeed engine, picks up a checkpoint, wires Ray Data shards in, and calls
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -41,12 +42,14 @@ class TrainState:
     skipped_batches: int = 0  # micro-batches the loss guard rejected
 
 
-def mean_over_workers(value: torch.Tensor) -> float:
-    """The mean of a scalar over all workers (gloo has no AVG, so SUM / world)."""
+def reduce_over_workers(value: torch.Tensor, op: str) -> float:
+    """A scalar reduced over all workers: op 'mean' (gloo has no AVG, so SUM / world) or 'max'
+    (NaN propagates, so any worker's NaN is seen by all)."""
     value = value.detach().float().reshape(1).clone()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            value /= dist.get_world_size()
     return float(value.item())
 
 
@@ -93,13 +96,6 @@ class LossGuard:
         self.accepted += 1
         self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
         return True
-
-
-def max_over_workers(value: torch.Tensor) -> float:
-    value = value.detach().float().reshape(1).clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # NaN propagates: any worker's NaN is seen by all
-    return float(value.item())
 
 
 def l1_penalty(engine) -> torch.Tensor:
@@ -162,7 +158,7 @@ def run_training(
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
                 _, loss = engine(*split_block(block, device))
             # Every worker takes the same decision, from the worst loss of all (one small collective).
-            if not guard.accept(max_over_workers(loss)):
+            if not guard.accept(reduce_over_workers(loss, "max")):
                 state.skipped_batches += 1
                 if rank == 0:
                     log(f"step {state.step + 1:>6} | skipped a micro-batch: loss {loss.item():.4f}")
@@ -178,7 +174,7 @@ def run_training(
         last = state.step == t.max_steps
 
         if state.step % t.log_every == 0 or last:
-            train_loss = mean_over_workers(loss_sum / steps_since_log)
+            train_loss = reduce_over_workers(loss_sum / steps_since_log, "mean")
             elapsed = time.time() - window_start
             tokens_per_sec = steps_since_log * tokens_per_step / elapsed
             eta = (time.time() - run_start) / (state.step - start_step) * (t.max_steps - state.step)
@@ -239,12 +235,13 @@ def epochs(shard, batch_size: int, shuffle_buffer: int, seed: int, start_epoch: 
 def consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
     """Full model weights on rank 0 (None elsewhere). Under ZeRO-3 every rank must call this."""
     module = engine.module
+    gather = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gather:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
 
 
 def worker_log(line: str) -> None:
@@ -276,9 +273,9 @@ def train_loop_per_worker(payload: dict) -> None:
 
     model = GPT(model_spec(cfg))
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    model_flops = model.flops_per_token(cfg.data.block_size)  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, cfg)
 
-    model_flops = GPT(model_spec(cfg)).flops_per_token(cfg.data.block_size) if cfg.train.peak_tflops_per_worker else 0
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
