@@ -50,6 +50,10 @@ class S3Config(Section):
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection.")
     request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for a reply.")
+    anonymous: bool = Field(
+        False, description="Read public buckets without credentials. Otherwise a missing credential "
+        "fails before any request."
+    )
 
 
 class DataConfig(Section):

@@ -9,7 +9,7 @@ import pytest
 from llm_ray.config import DataConfig, S3Config
 from llm_ray.data.corpus import CorpusError
 from llm_ray.data.sources import check_uri, is_transient, list_sources, read_file, with_retries
-from tests.conftest import SECRET_ACCESS_KEY
+from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
 
 @pytest.mark.parametrize("uri", ["http://example.com/a.txt", "file:///etc/passwd", "gs://b/x", "s3://",
@@ -135,3 +135,96 @@ def test_s3_errors_name_the_uri_and_no_secret(bucket):
     assert SECRET_ACCESS_KEY not in str(err.value)
     with pytest.raises(CorpusError, match="holds no"):
         list_sources(["s3://corpus/empty-prefix/"], s3_data(bucket))
+
+
+def test_missing_credentials_fail_fast_naming_the_uri(bucket, monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(CorpusError, match="no AWS credentials") as err:
+        list_sources(["s3://corpus/raw/"], s3_data(bucket))
+    assert "s3://corpus/raw/" in str(err.value)
+    # A public bucket is read anonymously when the config says so.
+    data = DataConfig(s3=S3Config(endpoint_url=bucket, anonymous=True, max_attempts=2))
+    assert len(list_sources(["s3://corpus/raw/"], data)) == 2
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server that answers the first `failures`
+    requests for each object with 503 SlowDown, as S3 does under load."""
+
+    def __init__(self, upstream: str, failures: int):
+        import http.client
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.seen, self.throttled = Counter(), 0
+        proxy, target = self, urlsplit(upstream).netloc
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = self.path.split("?")[0]
+                proxy.seen[key] += 1
+                if proxy.seen[key] <= failures:
+                    proxy.throttled += 1
+                    reply = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                             b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                conn = http.client.HTTPConnection(target, timeout=10)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                # A HEAD reply has no body but announces the object's length.
+                self.send_header("Content-Length", response.getheader("Content-Length") or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_503_replies_are_retried_with_backoff(bucket):
+    proxy = FlakyProxy(bucket, failures=2)
+    try:
+        data = DataConfig(s3=S3Config(endpoint_url=proxy.endpoint, max_attempts=4, request_timeout_s=10))
+        refs = list_sources(["s3://corpus/raw/"], data)
+        results = [read_file(r, data) for r in refs]
+        assert [d for r in results for _, d in r.docs] == ["a plain text document", "from gzip jsonl"]
+        assert all(r.error is None for r in results)
+        assert proxy.throttled >= 4  # every object was throttled twice before it was served
+        # More 503s in a row than data.s3.max_attempts: a named failure, not a crash or a hang.
+        stingy = DataConfig(s3=S3Config(endpoint_url=proxy.endpoint, max_attempts=1))
+        proxy.seen.clear()
+        failed = read_file(refs[0], stingy)
+        assert failed.error is not None and failed.error.startswith("unreadable") and not failed.docs
+        assert SECRET_ACCESS_KEY not in failed.error and ACCESS_KEY_ID not in failed.error
+    finally:
+        proxy.close()

@@ -77,11 +77,25 @@ def s3_filesystem(s3: S3Config):
     from pyarrow import fs
 
     kwargs = dict(region=s3.region, connect_timeout=s3.connect_timeout_s, request_timeout=s3.request_timeout_s,
-                  retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts))
+                  retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
+                  anonymous=s3.anonymous)
     if s3.endpoint_url:
         parts = urlsplit(s3.endpoint_url)
         kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
     return fs.S3FileSystem(**kwargs)
+
+
+def check_credentials(uri: str, s3: S3Config) -> None:
+    """Fail fast, naming the URI, when the AWS chain (environment, shared files, profile, container
+    or instance role) has no credentials; pyarrow would otherwise send unsigned requests."""
+    if s3.anonymous:
+        return
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise CorpusError(f"data.sources: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, a profile, or an instance role; or data.s3.anonymous: true "
+                          "for a public bucket)")
 
 
 def _s3_error(uri: str, err: Exception) -> CorpusError:
@@ -144,6 +158,7 @@ def _list_local(source: str) -> list[FileRef]:
 def _list_s3(uri: str, s3: S3Config) -> list[FileRef]:
     from pyarrow import fs
 
+    check_credentials(uri, s3)
     filesystem = s3_filesystem(s3)
     key = uri[len("s3://"):].rstrip("/")
     try:
