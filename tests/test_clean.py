@@ -166,6 +166,17 @@ def test_normalize_keeps_joiners_that_carry_meaning():
     assert normalize(family) == family and normalize(persian) == persian
 
 
+def test_ascii_fast_paths_equal_the_general_rules():
+    from llm_ray.data.clean import _WORD_RE, _characters, _characters_ascii
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(128)] + ["ab", "don't", "  ", "\r\n", "\t \n", "\n\n\n\n\n"] * 8
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert _characters_ascii(text) == _characters(text), repr(text)
+        assert words(text) == _WORD_RE.findall(text), repr(text)
+
+
 def test_normalize_is_idempotent():
     messy = "\ufeffTitle\r\n\r\n\r\n\r\n\u00a0Body  text\u200b here.  \n"
     assert normalize(normalize(messy)) == normalize(messy)

@@ -39,6 +39,8 @@ def shingle_units(text: str, unit: str) -> list[str]:
     norm = normalized_for_hash(text)
     if unit == "char":
         return list(norm)
+    if norm.isascii():  # no CJK to split into characters
+        return _WORD.findall(norm)
     units = []
     for w in _WORD.findall(norm):
         units.extend(list(w) if _CJK.search(w) else [w])
