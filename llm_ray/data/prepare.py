@@ -1,11 +1,13 @@
 """`llm-ray prepare`: corpus -> clean documents -> deduplicated clusters -> tokenizer -> packed shards.
 
-Four resumable stages under ``<run_dir>/data`` (see ``stages``), each run on Ray Data
-with the plain functions of ``sources``, ``clean``, ``dedup`` and ``transforms``:
+Four resumable stages under ``<run_dir>/data`` (see ``stages``), run on Ray Data with the
+plain functions of ``sources``, ``clean``, ``dedup`` and ``transforms``:
 
-    documents/   read every file, clean, filter; one parquet shard per group of files
-    dedup/       exact + MinHash-LSH near duplicates clustered over the whole corpus;
-                 one kept representative per cluster, with its cluster key
+    documents/   read every file, clean, filter, hash and MinHash; one parquet shard per
+                 group of files (doc_key, text, exact hash, signature)
+    dedup/       exact + MinHash-LSH near duplicates clustered over the whole corpus from
+                 the hashes and signatures alone; per documents shard, the rows kept (one
+                 representative per cluster) with their cluster key
     tokenizer/   byte-level BPE trained on the training split; fertility statistics
     pack/        train/val/test blocks (n, block_size + 1), uint16 where the vocab fits
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_ray.config import CleaningConfig, Config, DataConfig
+from llm_ray.config import CleaningConfig, Config, DataConfig, DedupConfig
 from llm_ray.data import dedup, stages, transforms
 from llm_ray.data.clean import clean_document, words
 from llm_ray.data.sources import FileRef, list_sources, read_file
@@ -47,8 +49,13 @@ def data_dir(cfg: Config) -> Path:
 # ------------------------------------------------------------------ stage 1: documents
 
 
-def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, out_path: str) -> dict:
-    """Read and clean a group of files into one parquet shard; return the group's statistics."""
+def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, dedup_cfg: DedupConfig,
+                   out_path: str) -> dict:
+    """Read and clean a group of files into one parquet shard; return the group's statistics.
+
+    The shard also holds each document's exact-duplicate hash and MinHash signature, so that
+    the dedup stage reads a few bytes per document instead of every text again.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -73,30 +80,52 @@ def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, 
             stats["bytes_out"] += len(cleaned.encode("utf-8"))
             stats["doc_chars"].append(len(cleaned))
     stats["docs_out"] = len(keys)
+    a, b = dedup.permutations(dedup_cfg.num_perm, dedup_cfg.seed)
+    signatures = [dedup.minhash(dedup.shingle_hashes(t, dedup_cfg.shingle, dedup_cfg.ngram), a, b).tobytes()
+                  for t in texts] if dedup_cfg.near else [b""] * len(texts)
     out = Path(out_path)
     tmp = out.with_suffix(".tmp")
-    pq.write_table(pa.table({"doc_key": keys, "text": texts}), tmp)
+    pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
+                             "signature": pa.array(signatures, type=pa.binary())}), tmp)
     tmp.replace(out)  # the shard appears whole or not at all
     stages.write_json_atomic(out.with_suffix(".json"), stats)  # the shard's completion marker
     return stats
 
 
-def _read_clean_batch(batch: dict, data: dict, cleaning: dict) -> dict:
-    data_cfg, clean_cfg = DataConfig.model_validate(data), CleaningConfig.model_validate(cleaning)
+def _read_clean_batch(batch: dict, data: dict, cleaning: dict, dedup_cfg: dict) -> dict:
+    configs = DataConfig.model_validate(data), CleaningConfig.model_validate(cleaning)
     for uris, out in zip(batch["uris"], batch["out"]):
-        read_and_clean(list(uris), data_cfg, clean_cfg, str(out))
+        read_and_clean(list(uris), *configs, DedupConfig.model_validate(dedup_cfg), str(out))
     return {"out": batch["out"]}
+
+
+def signature_fields(cfg: Config) -> dict:
+    """The dedup settings the documents stage's signatures depend on."""
+    return cfg.dedup.model_dump(include={"near", "shingle", "ngram", "num_perm", "seed"})
+
+
+def file_groups(files: list[FileRef], max_files: int, max_mb: float) -> list[list[FileRef]]:
+    """Consecutive files, a group closing at max_files files or max_mb MB (a bigger file is a group alone)."""
+    groups: list[list[FileRef]] = [[]]
+    size = 0
+    for f in files:
+        if groups[-1] and (len(groups[-1]) >= max_files or size + f.size > max_mb * 1e6):
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += f.size
+    return groups if groups[0] else []
 
 
 def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
 
     key = stages.stage_key("documents", [f.fingerprint for f in files], cfg.data.text_field, cfg.data.txt_mode,
-                           cfg.data.invalid_utf8, cfg.cleaning.model_dump())
+                           cfg.data.invalid_utf8, cfg.cleaning.model_dump(), signature_fields(cfg))
     if (record := stages.completed(out, key)) is not None:
         log("documents: up to date, skipped")
         return record
     stages.begin(out, key)
-    groups = [files[i : i + cfg.data.files_per_task] for i in range(0, len(files), cfg.data.files_per_task)]
+    groups = file_groups(files, cfg.data.files_per_task, cfg.data.mb_per_task)
     todo, shard_paths = [], []
     for group in groups:
         gid = stages.stage_key("group", key, [f.fingerprint for f in group])
@@ -107,8 +136,8 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
     log(f"documents: reading and cleaning {len(files)} files in {len(groups)} shards "
         f"({len(groups) - len(todo)} already done)")
     if todo:
-        task_per_item(todo, _read_clean_batch, data=cfg.data.model_dump(),
-                      cleaning=cfg.cleaning.model_dump()).materialize()
+        task_per_item(todo, _read_clean_batch, data=cfg.data.model_dump(), cleaning=cfg.cleaning.model_dump(),
+                      dedup_cfg=cfg.dedup.model_dump()).materialize()
     totals = {"files": 0, "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
               "drops": Counter(), "notes": Counter(), "doc_chars": []}
     for path in shard_paths:
@@ -131,13 +160,6 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
 # ------------------------------------------------------------------ stage 2: dedup
 
 
-def _load_shards(batch: dict, columns: list[str] | None):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    return pa.concat_tables([pq.read_table(str(p), columns=columns) for p in batch["path"]])
-
-
 def task_per_item(items: list[dict], fn, **fn_kwargs):
     """A dataset applying fn to each item in its own Ray task (fn gets a batch of one item).
 
@@ -150,38 +172,25 @@ def task_per_item(items: list[dict], fn, **fn_kwargs):
         fn, batch_size=1, batch_format="numpy", fn_kwargs=fn_kwargs)
 
 
-def read_shards(paths: list[str], columns: list[str] | None = None):
-    """A dataset over parquet shards, one task per shard."""
-    return task_per_item([{"path": p} for p in paths], _load_shards, columns=columns)
-
-
-def _signature_batch(batch: dict, shingle: str, ngram: int, num_perm: int, seed: int) -> dict:
-    a, b = dedup.permutations(num_perm, seed)
-    sigs = [dedup.minhash(dedup.shingle_hashes(t, shingle, ngram), a, b) for t in batch["text"]]
-    return {
-        "doc_key": batch["doc_key"],
-        "exact": np.array([dedup.exact_hash(t) for t in batch["text"]], dtype=object),
-        "signature": np.stack(sigs) if sigs else np.zeros((0, num_perm), dtype=np.uint32),
-    }
-
-
-def _keep_shard(batch: dict, cluster_of, out_dir: str) -> dict:
-    """Write the kept documents of each input shard, with their cluster key, to out_dir."""
+def read_kept(docs_shard: str, keep_dir: str):
+    """The kept documents of one documents shard, with their cluster keys (a pyarrow table)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
-    mapping = ray.get(cluster_of) if isinstance(cluster_of, ray.ObjectRef) else cluster_of
-    for path in batch["path"]:
-        table = pq.read_table(str(path))
-        keys = table.column("doc_key").to_pylist()
-        keep = [i for i, k in enumerate(keys) if k in mapping]
-        kept = table.take(pa.array(keep, type=pa.int64())).append_column(
-            "cluster_key", pa.array([mapping[keys[i]] for i in keep], type=pa.string()))
-        target = Path(out_dir) / Path(str(path)).name
-        pq.write_table(kept, target.with_suffix(".tmp"))
-        target.with_suffix(".tmp").replace(target)
-    return {"path": batch["path"]}
+    keep = pq.read_table(Path(keep_dir) / Path(docs_shard).name)
+    docs = pq.read_table(docs_shard, columns=["doc_key", "text"])
+    return docs.take(keep.column("row")).append_column("cluster_key", keep.column("cluster_key").cast(pa.string()))
+
+
+def _load_kept(batch: dict, keep_dir: str):
+    import pyarrow as pa
+
+    return pa.concat_tables([read_kept(str(p), keep_dir) for p in batch["path"]])
+
+
+def read_kept_shards(paths: list[str], keep_dir: Path):
+    """A dataset over the kept documents (doc_key, text, cluster_key), one task per shard."""
+    return task_per_item([{"path": p} for p in paths], _load_kept, keep_dir=str(keep_dir))
 
 
 def find_clusters(doc_keys: np.ndarray, exact: np.ndarray, signatures: np.ndarray, cfg) -> dict:
@@ -207,41 +216,49 @@ def find_clusters(doc_keys: np.ndarray, exact: np.ndarray, signatures: np.ndarra
 
 
 def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) -> dict:
-    import ray
-    import ray.data
-
     key = stages.stage_key("dedup", docs_record["key"], cfg.dedup.model_dump())
     if (record := stages.completed(out, key)) is not None:
         log("dedup: up to date, skipped")
         return record
     stages.begin(out, key)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     shards = [str(docs_dir / s) for s in docs_record["shards"]]
-    docs = read_shards(shards)
     d = cfg.dedup
-    keys, exact, sigs = [], [], []
-    for batch in docs.map_batches(_signature_batch, fn_kwargs=dict(shingle=d.shingle, ngram=d.ngram,
-                                                                   num_perm=d.num_perm, seed=d.seed),
-                                  batch_format="numpy").iter_batches(batch_format="numpy", batch_size=None):
-        keys.append(batch["doc_key"])
-        exact.append(batch["exact"])
-        sigs.append(batch["signature"])
-    if not keys or sum(len(k) for k in keys) == 0:
+    # A few bytes per document (key, hash, signature), read here: the texts stay on disk.
+    tables = [pq.read_table(p, columns=["doc_key", "exact", "signature"]) for p in shards]
+    shard_of = np.repeat(np.arange(len(shards)), [t.num_rows for t in tables])
+    row_of = np.concatenate([np.arange(t.num_rows) for t in tables]) if tables else np.zeros(0, dtype=np.int64)
+    keys_arr = np.array([k for t in tables for k in t.column("doc_key").to_pylist()], dtype=str)
+    if len(keys_arr) == 0:
         raise PrepareError("no documents survived cleaning: check data.sources and the cleaning.* thresholds "
                            f"(drops: {dict(docs_record['drops'])})")
-    keys_arr = np.concatenate(keys).astype(str)
     order = np.argsort(keys_arr, kind="stable")  # sorted keys: the representative is the smallest key
-    keys_arr, exact_arr = keys_arr[order], np.concatenate(exact)[order]
-    sig_arr = np.concatenate(sigs)[order]
+    keys_arr, shard_of, row_of = keys_arr[order], shard_of[order], row_of[order]
+    exact_arr = np.array([h for t in tables for h in t.column("exact").to_pylist()], dtype=object)[order]
+    if d.near:
+        blob = b"".join(b for t in tables for b in t.column("signature").to_pylist())
+        sig_arr = np.frombuffer(blob, dtype=np.uint32).reshape(-1, d.num_perm)[order]
+    else:
+        sig_arr = np.zeros((len(keys_arr), d.num_perm), dtype=np.uint32)
+    del tables
     found = find_clusters(keys_arr, exact_arr, sig_arr, d)
     labels = found["labels"]
     keep = labels == np.arange(len(labels))
-    cluster_of = {str(keys_arr[i]): str(keys_arr[labels[i]]) for i in np.flatnonzero(keep)}
+    cluster_keys = keys_arr[labels]
     sizes = Counter(labels.tolist())
     examples = [{"documents": [str(keys_arr[i]), str(keys_arr[j])],
                  "estimated_jaccard": round(float(np.mean(sig_arr[i] == sig_arr[j])), 3)}
                 for i, j in found["near_pairs"][:5]]
-    task_per_item([{"path": p} for p in shards], _keep_shard, cluster_of=ray.put(cluster_of),
-                  out_dir=str(out)).materialize()
+    # One keep list per documents shard: rows kept, in shard order, with their cluster key.
+    for s_index, shard in enumerate(shards):
+        mine = np.flatnonzero(keep & (shard_of == s_index))
+        mine = mine[np.argsort(row_of[mine], kind="stable")]
+        target = out / Path(shard).name
+        pq.write_table(pa.table({"row": row_of[mine].astype(np.int64), "doc_key": keys_arr[mine].tolist(),
+                                 "cluster_key": cluster_keys[mine].tolist()}), target.with_suffix(".tmp"))
+        target.with_suffix(".tmp").replace(target)
     log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
         f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
         f"with copies (LSH {found['bands']} bands x {found['rows']} rows)")
@@ -250,7 +267,7 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
         "exact_duplicates": int(found["exact_pairs"]), "near_duplicate_pairs": len(found["near_pairs"]),
         "clusters_with_copies": sum(1 for s in sizes.values() if s > 1),
         "largest_cluster": max(sizes.values()), "lsh_bands": found["bands"], "lsh_rows": found["rows"],
-        "example_pairs": examples, "cluster_keys": sorted(cluster_of.values()),
+        "example_pairs": examples, "cluster_keys": sorted(cluster_keys[keep].tolist()),
     })
 
 
@@ -320,16 +337,14 @@ def _tokenizer_from(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def pack_shard(path: str, tokenizer_json: str, seed: int, thresholds: tuple[float, float], block_size: int,
-               dtype: str, out_dir: str) -> dict:
+def pack_shard(path: str, keep_dir: str, tokenizer_json: str, seed: int, thresholds: tuple[float, float],
+               block_size: int, dtype: str, out_dir: str) -> dict:
     """Tokenize one shard of kept documents once and write packed blocks per split.
 
     Writes <out_dir>/<split>/<shard>.npy for every split present, plus <shard>.json as the
     completion marker holding block counts and target-token counts (for the unigram baseline).
     """
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["cluster_key", "text"])
+    table = read_kept(path, keep_dir)
     splits = _split_batch({"cluster_key": np.array(table.column("cluster_key").to_pylist(), dtype=object)},
                           seed, *thresholds)["split"]
     texts = table.column("text").to_pylist()
@@ -362,8 +377,8 @@ def _pack_batch(batch: dict, **kwargs) -> dict:
     return {"path": batch["path"]}
 
 
-def pack_stage(cfg: Config, kept_shards: list[str], thresholds, tok_record: dict, tokenizer_path: Path, out: Path,
-               log) -> dict:
+def pack_stage(cfg: Config, shards: list[str], keep_dir: Path, thresholds, tok_record: dict, tokenizer_path: Path,
+               out: Path, log) -> dict:
 
     key = stages.stage_key("pack", tok_record["key"], cfg.data.block_size)
     if (record := stages.completed(out, key)) is not None:
@@ -371,10 +386,10 @@ def pack_stage(cfg: Config, kept_shards: list[str], thresholds, tok_record: dict
         return record
     stages.begin(out, key)
     dtype = transforms.token_dtype(tok_record["vocab_size"])
-    todo = [p for p in kept_shards if not (out / f"{Path(p).stem}.json").is_file()]
-    log(f"pack: tokenizing {len(kept_shards)} shards ({len(kept_shards) - len(todo)} already done)")
+    todo = [p for p in shards if not (out / f"{Path(p).stem}.json").is_file()]
+    log(f"pack: tokenizing {len(shards)} shards ({len(shards) - len(todo)} already done)")
     if todo:
-        task_per_item([{"path": p} for p in todo], _pack_batch,
+        task_per_item([{"path": p} for p in todo], _pack_batch, keep_dir=str(keep_dir),
                       tokenizer_json=tokenizer_path.read_text(encoding="utf-8"), seed=cfg.seed,
                       thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
                       out_dir=str(out)).materialize()
@@ -382,7 +397,7 @@ def pack_stage(cfg: Config, kept_shards: list[str], thresholds, tok_record: dict
     splits = {name: {"shards": [], "blocks": 0, "tokens": 0, "document_tokens": 0, "leftover_tokens": 0}
               for name in wanted}
     counts = {name: np.zeros(0, dtype=np.int64) for name in wanted}
-    for shard in kept_shards:
+    for shard in shards:
         stem = Path(shard).stem
         for name, info in json.loads((out / f"{stem}.json").read_text(encoding="utf-8")).items():
             if name not in splits:
@@ -439,8 +454,8 @@ def prepare(cfg: Config, log=print) -> dict:
     thresholds = split_thresholds(dedup_record["cluster_keys"], cfg.data, cfg.seed)
     # Not materialized: each later pass streams the kept documents from disk, so memory stays
     # flat as the corpus grows.
-    kept_shards = sorted(str(p) for p in (out / "dedup").glob("*.parquet"))
-    split_docs = read_shards(kept_shards).map_batches(
+    shards = [str(out / "documents" / s) for s in docs_record["shards"]]
+    split_docs = read_kept_shards(shards, out / "dedup").map_batches(
         _split_batch, fn_kwargs=dict(seed=cfg.seed, val_t=thresholds[0], test_t=thresholds[1]),
         batch_format="numpy")
     split_counts = Counter(_split_batch({"cluster_key": np.array(dedup_record["cluster_keys"])}, cfg.seed,
@@ -454,7 +469,7 @@ def prepare(cfg: Config, log=print) -> dict:
                            f"{cfg.vocab_size}")
 
     t0 = time.time()
-    pack_record = pack_stage(cfg, kept_shards, thresholds, tok_record, out / "tokenizer" / "tokenizer.json",
+    pack_record = pack_stage(cfg, shards, out / "dedup", thresholds, tok_record, out / "tokenizer" / "tokenizer.json",
                              out / "pack", log)
     timings["pack"] = time.time() - t0
 
