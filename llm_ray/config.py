@@ -237,7 +237,10 @@ class TrainConfig(Section):
     nesterov: StrictBool = Field(False, description="Nesterov momentum for SGD.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     eval_every: int = Field(50, ge=1, description="Validate every N steps (and at the end).")
-    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker at each evaluation.")
+    eval_batches: int = Field(
+        8, ge=1, description="Validation micro-batches at each evaluation, over all workers: the first "
+        "eval_batches x micro_batch_size validation blocks (or all of them), whatever the worker count."
+    )
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
@@ -262,8 +265,10 @@ class TrainConfig(Section):
     collective_timeout_s: float = Field(
         1800, gt=0, description="Seconds a collective may wait before failing: a hung worker ends in a restart."
     )
-    shuffle_buffer_blocks: int = Field(
-        256, ge=0, description="Blocks in each worker's local shuffle buffer; 0 disables shuffling."
+    shuffle: StrictBool = Field(
+        True, description="Visit the training blocks in a fresh seeded order every epoch (else in file order). "
+        "The order is global, so a resumed run continues with the next unseen block, also after a change "
+        "of train.num_workers."
     )
 
 

@@ -135,7 +135,7 @@ def test_zero_stages_agree_on_the_first_step(prepared, tmp_path):
         run = cfg.model_copy(update={"name": f"first-step-{stage}", "output_dir": str(tmp_path)}, deep=True)
         run.train.zero_stage = stage
         run.train.max_steps, run.train.log_every, run.train.eval_every = 1, 1, 1
-        run.train.shuffle_buffer_blocks = 0
+        run.train.shuffle = False
         history = train(run, data, log=lambda *_: None).history
         results[stage] = ([h["train_loss"] for h in history if "train_loss" in h][0],
                           [h["val_loss"] for h in history if "val_loss" in h])
@@ -193,34 +193,37 @@ def wandb_history(path: Path) -> list[dict]:
     return rows
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(prepared, tmp_path):
-    """SIGKILL one training worker mid-run: Ray restarts the group, which resumes from the latest
-    checkpoint and finishes; at most one checkpoint interval of steps is redone."""
+def kill_a_worker_after_the_first_checkpoint(run_dir: Path, killed: dict) -> None:
+    """SIGKILL one Ray Train worker once Ray has registered a checkpoint of the run (polling)."""
     import os
     import signal
-    import threading
     import time
 
     import psutil
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        # Ray Train registers a checkpoint in this snapshot once every worker has reported it.
+        if list((run_dir / "checkpoints").glob("*/checkpoint_manager_snapshot.json")):
+            for proc in psutil.process_iter(["cmdline"]):
+                if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed["pid"] = proc.pid
+                    return
+        time.sleep(0.2)
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(prepared, tmp_path):
+    """SIGKILL one training worker mid-run: Ray restarts the group, which resumes from the latest
+    checkpoint and finishes; at most one checkpoint interval of steps is redone."""
+    import threading
 
     cfg, _ = prepared
     run = cfg.model_copy(update={"name": "killed", "output_dir": str(tmp_path)}, deep=True)
     run.train.max_steps, run.train.checkpoint_every, run.train.max_failures = 60, 10, 1
     killed = {}
-
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            # Ray Train registers a checkpoint in this snapshot once every worker has reported it.
-            if list((tmp_path / "killed" / "checkpoints").glob("*/checkpoint_manager_snapshot.json")):
-                for proc in psutil.process_iter(["cmdline"]):
-                    if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed["pid"] = proc.pid
-                        return
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(run.run_dir, killed),
+                               daemon=True)
     watcher.start()
     result = train(run, data_dir(cfg), log=lambda *_: None)
     watcher.join()
@@ -231,6 +234,41 @@ def test_killed_worker_restarts_from_the_last_checkpoint(prepared, tmp_path):
     # Every step was logged once: the restarted group redid only the steps after the checkpoint.
     steps = [h["step"] for h in state["history"] if "train_loss" in h]
     assert steps == list(range(10, 61, 10))
+
+
+def test_resume_with_fewer_workers_reproduces_the_uninterrupted_losses(prepared, tmp_path):
+    """A 2-worker run crashes (a worker SIGKILLed, no restarts allowed) and is rerun under its name
+    with 1 worker: it continues from the checkpoint with the same weights, optimizer state, LR and
+    next unseen block, so every step's loss matches a run that was never interrupted."""
+    import threading
+
+    cfg, _ = prepared
+    base = cfg.model_copy(update={"output_dir": str(tmp_path)}, deep=True)
+    base.train.max_steps, base.train.checkpoint_every, base.train.log_every = 24, 4, 1
+    base.train.eval_every, base.train.max_failures = 24, 0
+    straight = train(base.model_copy(update={"name": "straight"}, deep=True), data_dir(cfg), log=lambda *_: None)
+
+    run = base.model_copy(update={"name": "interrupted"}, deep=True)
+    killed = {}
+    watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(run.run_dir, killed),
+                               daemon=True)
+    watcher.start()
+    with pytest.raises(Exception):
+        train(run, data_dir(cfg), log=lambda *_: None)
+    watcher.join()
+    assert killed, "no worker was killed"
+    run.train.num_workers = 1  # the same global batch: 2 accumulation steps instead of 2 workers
+    resumed = read_train_state(train(run, data_dir(cfg), log=lambda *_: None).checkpoint)
+
+    assert len(resumed["resumed_from"]) == 1 and 4 <= resumed["resumed_from"][0] < 24
+    blocks_per_step = run.train.total_batch_tokens // run.data.block_size
+    assert resumed["samples"] == straight.step * blocks_per_step == 24 * 16
+    expected = {h["step"]: h["train_loss"] for h in straight.history if "train_loss" in h}
+    got = {h["step"]: h["train_loss"] for h in resumed["history"] if "train_loss" in h}
+    assert sorted(got) == list(range(1, 25))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=2e-4), (step, got[step], expected[step])
+    assert resumed["history"][-1]["val_loss"] == pytest.approx(straight.val_loss, abs=2e-4)
 
 
 def test_rerunning_a_run_name_resumes_its_latest_checkpoint(prepared, tmp_path):

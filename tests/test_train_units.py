@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,7 @@ def test_deepspeed_config_is_derived(stage):
     cfg = load_config("demo", [f"train.zero_stage={stage}", "train.total_batch_tokens=16384"])
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"] == {"stage": stage}
+    assert ds["checkpoint"] == {"load_universal": False}
     # 16384 tokens / (16 sequences x 128 tokens x 2 workers) = 4 accumulation steps
     assert ds["gradient_accumulation_steps"] == 4 == cfg.grad_accum_steps
     assert ds["train_batch_size"] == 16 * 4 * 2
@@ -129,3 +131,78 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(idx, idx.roll(1, dims=1))[1].backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- the global block order (exact resume) -------------------------------------------------------
+
+
+def packed(tmp_path, sizes=(5, 3, 9)):
+    from llm_ray.train.data import PackedBlocks
+
+    paths, start = [], 0
+    for i, n in enumerate(sizes):  # block k holds the value k everywhere
+        path = tmp_path / f"shard{i}.npy"
+        np.save(path, np.repeat(np.arange(start, start + n, dtype=np.uint16)[:, None], 4, axis=1))
+        paths.append(path)
+        start += n
+    return PackedBlocks(paths)
+
+
+def step_blocks(blocks, order, position: int, world: int, micro: int, accum: int) -> list[int]:
+    """Every block one optimizer step trains on, over all workers, from a stream position."""
+    from llm_ray.train.data import MicroBatches
+
+    workers = [MicroBatches(blocks, order, position, r, world, micro) for r in range(world)]
+    return sorted(int(b[0]) for _ in range(accum) for w in workers for b in next(w)[1])
+
+
+def test_block_order_is_a_seeded_permutation_per_epoch():
+    from llm_ray.train.data import BlockOrder
+
+    order = BlockOrder(17, seed=3)
+    first, second = order.blocks(0, 17), order.blocks(17, 17)
+    assert sorted(first) == sorted(second) == list(range(17)) and list(first) != list(second)
+    assert list(BlockOrder(17, seed=3).blocks(10, 20)) == list(order.blocks(10, 20))  # across the epoch edge
+    assert list(BlockOrder(17, seed=4).blocks(0, 17)) != list(first)
+    assert list(BlockOrder(17, seed=3, shuffle=False).blocks(15, 4)) == [15, 16, 0, 1]
+    assert order.epoch_at(33) == 1 and order.epoch_at(34) == 2
+
+
+def test_each_step_trains_on_the_same_blocks_whatever_the_worker_count(tmp_path):
+    from llm_ray.train.data import BlockOrder
+
+    blocks = packed(tmp_path)
+    assert len(blocks) == 17 and [int(b[0]) for b in blocks.take(np.array([16, 0, 5, 7]))] == [16, 0, 5, 7]
+    order = BlockOrder(len(blocks), seed=0)
+    micro, global_batch = 2, 8
+    for step in range(6):  # crosses epoch boundaries (17 blocks per epoch)
+        per_world = [step_blocks(blocks, order, step * global_batch, world, micro, global_batch // (world * micro))
+                     for world in (1, 2, 4)]
+        assert per_world[0] == per_world[1] == per_world[2] == sorted(order.blocks(step * global_batch, global_batch))
+
+
+def test_resuming_at_a_position_continues_with_the_next_unseen_block(tmp_path):
+    from llm_ray.train.data import BlockOrder, MicroBatches
+
+    blocks = packed(tmp_path)
+    order = BlockOrder(len(blocks), seed=1)
+    straight = [MicroBatches(blocks, order, 0, r, 2, 3) for r in range(2)]
+    seen = [int(b[0]) for _ in range(4) for w in straight for b in next(w)[1]]
+    assert straight[0].position == straight[1].position == 24
+    # Stop after 2 rounds, resume from the saved position with one worker and twice the rounds.
+    first = [MicroBatches(blocks, order, 0, r, 2, 3) for r in range(2)]
+    part = [int(b[0]) for _ in range(2) for w in first for b in next(w)[1]]
+    resumed = MicroBatches(blocks, order, first[0].position, 0, 1, 3)
+    rest = [int(b[0]) for _ in range(4) for b in next(resumed)[1]]
+    assert part + rest == seen == list(order.blocks(0, 24))  # nothing skipped, nothing repeated
+
+
+def test_validation_blocks_do_not_depend_on_the_worker_count(tmp_path):
+    from llm_ray.train.data import validation_batches
+
+    blocks = packed(tmp_path)
+    for count in (6, 11, 100):
+        for world in (1, 2, 3):
+            batches = [b for r in range(world) for b in validation_batches(blocks, count, r, world, micro=2)]
+            assert all(len(b) <= 2 for b in batches)
+            assert sorted(int(x[0]) for b in batches for x in b) == list(range(min(count, 17)))

@@ -24,8 +24,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed JSON for cfg: generated, never written by hand."""
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for cfg: generated, never written by hand.
+
+    load_universal: the checkpoint to load is in DeepSpeed's universal format (see to_universal).
+    """
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
     if t.offload_optimizer:
@@ -43,6 +46,7 @@ def deepspeed_config(cfg: Config) -> dict:
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # we print our own progress
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -60,7 +64,7 @@ def build_optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer
     return cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config):
+def build_engine(model: torch.nn.Module, cfg: Config, load_universal: bool = False):
     """DeepSpeed engine around model, with the configured optimizer and LR schedule (stepped per optimizer step)."""
     import deepspeed
 
@@ -71,7 +75,27 @@ def build_engine(model: torch.nn.Module, cfg: Config):
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(cfg),
+        config=deepspeed_config(cfg, load_universal),
         dist_init_required=False,  # Ray Train already set up the process group
     )
     return engine
+
+
+# Saved with every DeepSpeed checkpoint so that DeepSpeed's converter accepts it (a plain model:
+# no tensor- or pipeline-parallel layout to describe).
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+
+
+def to_universal(ds_dir: str, tag: str, out_dir: str) -> None:
+    """Convert ds_dir/tag (ZeRO shards of N workers) to DeepSpeed's universal checkpoint in
+    out_dir/tag, whose optimizer state loads under any worker count."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", f"{ds_dir}/{tag}",
+         "--output_folder", f"{out_dir}/{tag}", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting the checkpoint {ds_dir}/{tag} for a new worker count failed:\n"
+                           + done.stdout[-2000:] + done.stderr[-2000:])

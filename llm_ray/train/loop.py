@@ -16,14 +16,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from llm_ray.checkpoint import save_inference
+from llm_ray.checkpoint import read_train_state, save_inference
 from llm_ray.config import Config, model_spec
 from llm_ray.model import GPT
+from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -36,6 +37,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     tokens: int = 0  # training tokens consumed, all workers
+    samples: int = 0  # position in the global block stream: blocks consumed by all workers (see train.data)
+    world_size: int = 0  # workers of the run that wrote this state
     history: list[dict] = field(default_factory=list)  # logged and evaluation metrics, one dict per event
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
@@ -115,7 +118,7 @@ def memory_bytes(device) -> int:
 def run_training(
     cfg: Config,
     engine,
-    train_batches: Iterator[tuple[int, torch.Tensor]],
+    train_batches: MicroBatches,
     val_batches: list[torch.Tensor],
     state: TrainState,
     save: Callable[[TrainState, dict], None],
@@ -128,7 +131,8 @@ def run_training(
 ) -> TrainState:
     """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
 
-    train_batches yields (epoch, block) with blocks (micro_batch, block_size + 1).
+    train_batches yields (epoch, blocks (micro_batch, block_size + 1)); its position after each
+    micro-batch, whether trained on or skipped, is the state's data position.
     save(state, metrics) writes a checkpoint and reports it; report(metrics) only reports.
     tracker (rank 0) receives loss, LR, gradient norm, throughput, MFU and memory.
     """
@@ -153,7 +157,10 @@ def run_training(
     while state.step < t.max_steps:
         done = 0
         while done < accum:
-            state.epoch, block = next(train_batches)
+            _, block = next(train_batches)
+            state.samples = train_batches.position
+            state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
+            block = torch.from_numpy(block)
             # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
                 _, loss = engine(*split_block(block, device))
@@ -218,20 +225,6 @@ def run_training(
     return state
 
 
-def epochs(shard, batch_size: int, shuffle_buffer: int, seed: int, start_epoch: int = 0):
-    """Endless (epoch, block) pairs from a Ray Data shard, reshuffled every epoch."""
-    epoch = start_epoch
-    while True:
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size,
-            drop_last=True,  # every worker sees the same number of batches (equal split)
-            local_shuffle_buffer_size=shuffle_buffer or None,
-            local_shuffle_seed=seed + epoch if shuffle_buffer else None,
-        ):
-            yield epoch, batch["data"]
-        epoch += 1
-
-
 def consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
     """Full model weights on rank 0 (None elsewhere). Under ZeRO-3 every rank must call this."""
     module = engine.module
@@ -269,32 +262,52 @@ def train_loop_per_worker(payload: dict) -> None:
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    from llm_ray.train.engine import build_engine
+    from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, to_universal
 
     model = GPT(model_spec(cfg))
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model_flops = model.flops_per_token(cfg.data.block_size)  # before ZeRO-3 partitions the parameters
-    engine = build_engine(model, cfg)
 
-    state = TrainState()
+    world = ctx.get_world_size()
+    state = TrainState(world_size=world)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            _, client_state = engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
-        state = TrainState(**client_state["train_state"])
-        state.resumed_from.append(state.step)
-        if rank == 0:
-            worker_log(f"resumed from step {state.step} ({checkpoint.path})")
+    with contextlib.ExitStack() as stack:
+        engine = None
+        if checkpoint is not None:
+            d = stack.enter_context(checkpoint.as_directory())
+            saved = TrainState(**read_train_state(d))
+            ds_dir = os.path.join(d, DS_DIR)
+            # ZeRO shards the optimizer state over the workers: under another worker count it is
+            # re-partitioned through DeepSpeed's universal checkpoint format.
+            regroup = cfg.train.zero_stage > 0 and saved.world_size not in (0, world)
+            if regroup:
+                universal = stack.enter_context(tempfile.TemporaryDirectory())
+                to_universal(ds_dir, DS_TAG, universal)
+                ds_dir = universal
+                if rank == 0:
+                    worker_log(f"re-partitioning the optimizer state of {saved.world_size} workers for {world}")
+            engine = build_engine(model, cfg, load_universal=regroup)
+            _, client_state = engine.load_checkpoint(ds_dir, tag=DS_TAG)
+            state = TrainState(**client_state["train_state"])
+            state.resumed_from.append(state.step)
+            state.world_size = world
+            if rank == 0:
+                worker_log(f"resumed from step {state.step}, block {state.samples} of the data stream "
+                           f"({checkpoint.path})")
+    if engine is None:
+        engine = build_engine(model, cfg)
 
-    val_batches = [b["data"] for b in ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=cfg.train.micro_batch_size, drop_last=False)][: cfg.train.eval_batches]
-    train_batches = epochs(ray.train.get_dataset_shard("train"), cfg.train.micro_batch_size,
-                           cfg.train.shuffle_buffer_blocks, cfg.seed, state.epoch)
+    micro = cfg.train.micro_batch_size
+    val_batches = [torch.from_numpy(b) for b in validation_batches(
+        PackedBlocks(payload["val_shards"]), cfg.train.eval_batches * micro, rank, world, micro)]
+    blocks = PackedBlocks(payload["train_shards"])
+    train_batches = MicroBatches(blocks, BlockOrder(len(blocks), cfg.seed, cfg.train.shuffle), state.samples, rank,
+                                 world, cfg.train.micro_batch_size)
 
     def save(state: TrainState, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG,
-                                   client_state={"train_state": asdict(state)})
+                                   client_state={"train_state": asdict(state), **UNIVERSAL_INFO})
             weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
             if rank == 0:
                 save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))

@@ -19,7 +19,6 @@ class TrainResult:
 
 
 def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -33,10 +32,11 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
     if manifest["vocab_size"] > cfg.vocab_size:
         raise PrepareError(f"the tokenizer at {path} has {manifest['vocab_size']} tokens, more than the "
                            f"model's vocabulary ({cfg.vocab_size})")
-    datasets = {
-        split: ray.data.read_numpy([str(path / s["file"]) for s in manifest["splits"][split]["shards"]])
-        for split in ("train", "val")
-    }
+    # Workers read blocks by index from memory-mapped shards (see train.data): one global order is
+    # what makes resume exact, whatever the worker count. The folder must be reachable from every
+    # worker (on a multi-node cluster: shared storage).
+    shards = {split: [str((path / s["file"]).resolve()) for s in manifest["splits"][split]["shards"]]
+              for split in ("train", "val")}
     t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -44,6 +44,8 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
             "config": cfg.model_dump(mode="json"),
             "tokenizer_json": (path / manifest["tokenizer"]).read_text(encoding="utf-8"),
             "run_dir": str(cfg.run_dir),  # absolute: workers run in their own folders
+            "train_shards": shards["train"],
+            "val_shards": shards["val"],
         },
         torch_config=TorchConfig(timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(
@@ -55,7 +57,6 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets=datasets,
     )
     log(f"train: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, "
         f"{cfg.grad_accum_steps} accumulation step(s), {t.max_steps} steps")

@@ -1,0 +1,107 @@
+"""Training blocks in one deterministic global order, so that a resumed run continues exactly.
+
+The packed training split is N blocks. Epoch e visits them in a permutation seeded by
+(seed, e); the *stream* is epoch 0, then epoch 1, ... end to end. A run's data position
+is one number, the count of stream positions consumed by all workers together, which the
+checkpoint stores.
+
+Each micro-batch round takes the next ``world * micro`` positions: worker r gets
+positions ``[p + r * micro, p + (r + 1) * micro)``. An optimizer step is ``accum`` rounds,
+so it covers the ``accum * world * micro`` consecutive positions that make up the global
+batch. The global batch (total_batch_tokens / block_size blocks) does not depend on the
+number of workers, so step s trains on the same blocks whatever the worker count, and a
+run resumed with another worker count continues with the next unseen block.
+
+Plain numpy: no Ray, no torch. Blocks are read from memory-mapped ``.npy`` shards, so a
+worker touches only the blocks it trains on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class BlockOrder:
+    """Global block index at each stream position: a fresh seeded permutation every epoch."""
+
+    def __init__(self, num_blocks: int, seed: int, shuffle: bool = True):
+        if num_blocks < 1:
+            raise ValueError("the training split holds no blocks")
+        self.num_blocks, self.seed, self.shuffle = num_blocks, seed, shuffle
+        self._epoch, self._order = -1, np.arange(0)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # one permutation in memory at a time (8 bytes per block)
+            self._epoch = epoch
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+                           if self.shuffle else np.arange(self.num_blocks))
+        return self._order
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        """Block indices at stream positions [start, start + count), across epoch boundaries."""
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            epoch, offset = divmod(start + done, self.num_blocks)
+            take = min(count - done, self.num_blocks - offset)
+            out[done : done + take] = self.epoch_order(epoch)[offset : offset + take]
+            done += take
+        return out
+
+    def epoch_at(self, position: int) -> int:
+        return position // self.num_blocks
+
+
+def worker_positions(position: int, rank: int, world: int, micro: int) -> tuple[int, int]:
+    """(first stream position, count) of worker rank's micro-batch in the round starting at position."""
+    return position + rank * micro, micro
+
+
+class PackedBlocks:
+    """Random access to packed blocks (n, block_size + 1) across .npy shards, memory-mapped."""
+
+    def __init__(self, paths: list[str | Path]):
+        self.shards = [np.load(str(p), mmap_mode="r") for p in paths]
+        if not self.shards:
+            raise ValueError("no training shards")
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The blocks at global indices, in that order."""
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.shards[0].shape[1]), dtype=self.shards[0].dtype)
+        for s in np.unique(shard_of):
+            mine = np.flatnonzero(shard_of == s)
+            out[mine] = self.shards[s][indices[mine] - self.starts[s]]
+        return out
+
+
+class MicroBatches:
+    """A worker's micro-batches from a stream position on: next() gives (epoch, blocks) and moves
+    the position by one round of every worker's micro-batch."""
+
+    def __init__(self, blocks: PackedBlocks, order: BlockOrder, position: int, rank: int, world: int, micro: int):
+        self.blocks, self.order = blocks, order
+        self.position, self.rank, self.world, self.micro = position, rank, world, micro
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, np.ndarray]:
+        start, count = worker_positions(self.position, self.rank, self.world, self.micro)
+        epoch = self.order.epoch_at(start)
+        batch = self.blocks.take(self.order.blocks(start, count))
+        self.position += self.world * self.micro
+        return epoch, batch
+
+
+def validation_batches(blocks: PackedBlocks, count: int, rank: int, world: int, micro: int) -> list[np.ndarray]:
+    """This worker's share of the first `count` validation blocks (every world-th), in micro-batches:
+    all workers together evaluate the same blocks whatever their number."""
+    mine = np.arange(min(count, len(blocks)))[rank::world]
+    return [blocks.take(mine[i : i + micro]) for i in range(0, len(mine), micro)]
