@@ -1,18 +1,19 @@
 """Training throughput, MFU and memory of llm-ray against a plain PyTorch loop, in one run.
 
-    python benchmarks/train_throughput.py [--steps 30]
+    python benchmarks/train_throughput.py [--steps 30] [--skip-compile]
 
 Prints, on this machine's cores:
   1. the matmul peak (2048^2, fp32 and bf16), the denominator of MFU;
-  2. the `demo` model: a plain single-process PyTorch loop vs llm-ray (Ray Train + DeepSpeed
-     ZeRO-2, 1 worker, same micro-batch, same threads): tokens/s and their ratio; fp32 and
-     bf16 autocast;
+  2. the `demo` model: a plain single-process PyTorch loop (same model, llm-ray's optimizer,
+     same micro-batch and threads) vs llm-ray (Ray Train + DeepSpeed, 1 worker): tokens/s and
+     their ratio; fp32 at ZeRO-0 (one worker has nothing to partition) and ZeRO-2, bf16
+     autocast, and torch.compile;
   3. nanoGPT's CPU "baby GPT" shape (4 layers, 4 heads, width 128, block 64, batch 12,
-     vocab 65): plain-loop tokens/s with llm-ray's model, fp32 and bf16 autocast, beside
-     nanoGPT's 15,000 tokens/s measured on this machine type (a fixed reference: nanoGPT is
-     not installed here);
-  4. peak memory per worker (RSS) at ZeRO-0 vs ZeRO-3 with optimizer and parameter offload,
-     2 workers, same model.
+     vocab 65, fp32): tokens/s of the plain loop with llm-ray's model and optimizer and of
+     llm-ray itself, beside nanoGPT's 15,000 tokens/s measured on this machine type (a fixed
+     reference: nanoGPT is not installed here); bf16 autocast and compile separately;
+  4. peak memory per worker (RSS), 2 workers, a ~60M-parameter model: ZeRO-0 (every worker
+     holds all states) vs ZeRO-3 (partitioned) vs ZeRO-3 with optimizer and parameter offload.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -42,17 +44,24 @@ def matmul_peak_tflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> 
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def plain_loop_tokens_per_sec(spec: GPTSpec, batch: int, steps: int, autocast: bool) -> float:
-    """The reference: model, AdamW and a for loop in one process, no Ray, no DeepSpeed."""
+def plain_loop_tokens_per_sec(spec: GPTSpec, batch: int, steps: int, autocast: bool, compile: bool = False) -> float:
+    """The reference: model, llm-ray's optimizer (fused AdamW, no-decay groups) and a for loop in one
+    process; no Ray, no DeepSpeed."""
+    from llm_ray.config import TrainConfig
+    from llm_ray.train.engine import build_optimizer, param_groups
+
     torch.manual_seed(0)
     model = GPT(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    t = TrainConfig()
+    opt = build_optimizer(param_groups(model, t.weight_decay), t)
+    forward = torch.compile(model) if compile else model
     data = torch.randint(0, spec.vocab_size, (batch, spec.context_length + 1))
-    for step in range(steps + 3):
-        if step == 3:  # after warm-up
+    warmup = 5 if compile else 3
+    for step in range(steps + warmup):
+        if step == warmup:
             start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            _, loss = model(data[:, :-1], data[:, 1:])
+            _, loss = forward(data[:, :-1], data[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -72,7 +81,7 @@ def synthetic_data(folder: Path, vocab: int, block: int, blocks: int) -> Path:
     for split, n in (("train", blocks), ("val", 64)):
         np.save(folder / f"{split}.npy", rng.integers(0, vocab, (n, block + 1), dtype=np.uint16))
         splits[split] = {"shards": [{"file": f"{split}.npy", "blocks": n}], "blocks": n, "tokens": n * block}
-    manifest = {"block_size": block, "vocab_size": 300, "tokenizer": "tokenizer/tokenizer.json", "splits": splits,
+    manifest = {"block_size": block, "vocab_size": min(vocab, 300), "tokenizer": "tokenizer/tokenizer.json", "splits": splits,
                 "unigram_val_loss": float(np.log(vocab))}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
@@ -85,6 +94,17 @@ def llm_ray_run(overrides: list[str], data: Path, workdir: Path) -> list[dict]:
     return train(cfg, data, log=lambda *_: None).history
 
 
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label)
+
+
+def one_worker(name: str, steps: int, cores: int, *extra: str) -> list[str]:
+    """Overrides for a timed llm-ray run on one worker with every core."""
+    return [f"name={name}", "train.num_workers=1", "train.cpus_per_worker=1", f"train.torch_threads={cores}",
+            f"train.max_steps={steps}", "train.log_every=5", f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}", "train.eval_batches=1", *extra]
+
+
 def steady_tokens_per_sec(history: list[dict]) -> float:
     rows = [h["tokens_per_sec"] for h in history if "tokens_per_sec" in h]
     return float(np.median(rows[1:] if len(rows) > 1 else rows))  # the first window includes start-up
@@ -93,6 +113,7 @@ def steady_tokens_per_sec(history: list[dict]) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per measurement")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
@@ -111,35 +132,55 @@ def main():
     data = synthetic_data(workdir / "data", spec.vocab_size, demo.data.block_size, blocks=4096)
     print(f"\ndemo model ({GPT(spec).num_params() / 1e6:.1f}M parameters, {flops / 1e6:.0f} MFLOP/token), "
           f"micro-batch {batch} x {demo.data.block_size}, {args.steps} steps")
-    for autocast in (False, True):
-        label = "bf16 autocast" if autocast else "fp32"
-        plain = plain_loop_tokens_per_sec(spec, batch, args.steps, autocast)
-        history = llm_ray_run(
-            ["name=bench-" + label.replace(" ", "-"), "train.num_workers=1", "train.cpus_per_worker=1",
-             f"train.torch_threads={cores}", "train.total_batch_tokens=2048", f"train.max_steps={args.steps}",
-             "train.log_every=5", f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}",
-             "train.eval_batches=1", f"train.autocast_bf16={str(autocast).lower()}"], data, workdir)
+    variants = [("fp32, ZeRO-0", False, False, 0), ("fp32, ZeRO-2", False, False, 2),
+                ("bf16 autocast", True, False, 0)]
+    if not args.skip_compile:
+        variants.append(("fp32 + compile", False, True, 0))
+    for label, autocast, compile, stage in variants:
+        plain = plain_loop_tokens_per_sec(spec, batch, args.steps, autocast, compile)
+        history = llm_ray_run(one_worker(
+            "bench-" + slug(label), args.steps, cores, "train.total_batch_tokens=2048",
+            f"train.zero_stage={stage}", f"train.autocast_bf16={str(autocast).lower()}",
+            f"train.compile={str(compile).lower()}"), data, workdir)
         ours = steady_tokens_per_sec(history)
         p = peak["bf16" if autocast else "fp32"]
-        print(f"  {label:<14} plain loop {plain:8,.0f} tok/s | llm-ray {ours:8,.0f} tok/s | ratio "
+        print(f"  {label:<15} plain loop {plain:8,.0f} tok/s | llm-ray {ours:8,.0f} tok/s | ratio "
               f"{ours / plain:.2f} | MFU plain {flops * plain / (p * 1e12):.1%}, llm-ray {flops * ours / (p * 1e12):.1%}")
 
     baby = GPTSpec(vocab_size=65, context_length=64, n_layer=4, n_head=4, n_embd=128)
-    print("\nnanoGPT baby GPT shape (4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65), plain loop:")
-    for autocast in (False, True):
-        tps = plain_loop_tokens_per_sec(baby, 12, args.steps * 5, autocast)
-        print(f"  {'bf16 autocast' if autocast else 'fp32':<14} {tps:8,.0f} tok/s = "
-              f"{tps / NANOGPT_BABY_TOKENS_PER_SEC:.2f}x nanoGPT's {NANOGPT_BABY_TOKENS_PER_SEC:,} tok/s")
+    baby_data = synthetic_data(workdir / "baby-data", 65, 64, blocks=4096)
+    print("\nnanoGPT baby GPT shape (4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65), against "
+          f"nanoGPT's {NANOGPT_BABY_TOKENS_PER_SEC:,} tok/s\n(llm-ray runs vocab 260, the smallest byte-level BPE "
+          "vocabulary: +4% FLOPs):")
+    baby_model = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.context_length=64",
+                  "tokenizer.vocab_size=260", "data.block_size=64", "train.micro_batch_size=12",
+                  "train.total_batch_tokens=768", "train.zero_stage=0"]
+    baby_variants = [("fp32", False, False), ("bf16 autocast", True, False)]
+    if not args.skip_compile:
+        baby_variants.append(("fp32 + compile", False, True))
+    for label, autocast, compile in baby_variants:
+        plain = plain_loop_tokens_per_sec(baby, 12, args.steps * 5, autocast, compile)
+        history = llm_ray_run(one_worker(
+            "baby-" + slug(label), args.steps * 5, cores, *baby_model,
+            f"train.autocast_bf16={str(autocast).lower()}", f"train.compile={str(compile).lower()}"),
+            baby_data, workdir)
+        ours = steady_tokens_per_sec(history)
+        print(f"  {label:<15} plain loop {plain:8,.0f} tok/s = {plain / NANOGPT_BABY_TOKENS_PER_SEC:.2f}x | "
+              f"llm-ray {ours:8,.0f} tok/s = {ours / NANOGPT_BABY_TOKENS_PER_SEC:.2f}x")
 
-    print("\npeak memory per worker, 2 workers, demo model:")
-    for label, extra in (("ZeRO-0", ["train.zero_stage=0"]),
+    # Memory: a model big enough that its states (fp32 weights, gradients, two Adam moments:
+    # 16 bytes per parameter) stand out from each worker's ~1 GB of torch, DeepSpeed and Ray.
+    big = ["model.n_layer=8", "model.n_head=8", "model.n_embd=768", "train.micro_batch_size=2",
+           "train.total_batch_tokens=512", "train.max_steps=3", "train.log_every=1", "train.eval_every=3",
+           "train.checkpoint_every=3", "train.eval_batches=1"]
+    params = GPT(model_spec(load_config("demo", big))).num_params()
+    print(f"\npeak memory per worker (RSS), 2 workers, {params / 1e6:.0f}M-parameter model "
+          f"({16 * params / 1e9:.2f} GB of weights, gradients and Adam state in all):")
+    for label, extra in (("ZeRO-0", ["train.zero_stage=0"]), ("ZeRO-3", ["train.zero_stage=3"]),
                          ("ZeRO-3 + offload", ["train.zero_stage=3", "train.offload_optimizer=true",
                                                "train.offload_params=true"])):
-        history = llm_ray_run(["name=mem-" + label.split()[0], "train.max_steps=10", "train.log_every=5",
-                               "train.eval_every=10", "train.checkpoint_every=10", "train.eval_batches=1", *extra],
-                              data, workdir)
-        print(f"  {label:<18} {max(h.get('memory_gb', 0) for h in history):.2f} GB (rank 0 RSS)")
-
+        history = llm_ray_run(["name=mem-" + slug(label), *big, *extra], data, workdir)
+        print(f"  {label:<18} {max(h.get('memory_gb', 0) for h in history):.2f} GB (rank 0 peak RSS)")
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on prepared data with Ray Train and DeepSpeed",
                        description="Train the model with Ray Train workers running DeepSpeed ZeRO; checkpoints "
-                                   "go to <output_dir>/<name>/checkpoints. Rerunning the same name resumes.")
+                                   "go to <output_dir>/<name>/checkpoints or train.storage_path (s3:// too). "
+                                   "Rerunning the same name resumes.")
     _add_config_args(p, "demo")
     p.add_argument("--data", type=Path, default=None, metavar="DIR",
                    help="prepared data folder (default: <output_dir>/<name>/data)")

@@ -242,6 +242,11 @@ class TrainConfig(Section):
         "eval_batches x micro_batch_size validation blocks (or all of them), whatever the worker count."
     )
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    storage_path: str | None = Field(
+        None, description="Where Ray Train keeps checkpoints: null for <output_dir>/<name>/checkpoints, or an "
+        "s3://bucket/prefix URI (endpoint and region from data.s3; credentials from the AWS chain only). The "
+        "final checkpoint's inference files are also copied to <output_dir>/<name>/model."
+    )
     num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
     spike_factor: float = Field(
@@ -264,6 +269,10 @@ class TrainConfig(Section):
     )
     collective_timeout_s: float = Field(
         1800, gt=0, description="Seconds a collective may wait before failing: a hung worker ends in a restart."
+    )
+    compile: StrictBool = Field(
+        False, description="torch.compile the model (DeepSpeed's engine.compile, inductor backend; on CPU it "
+        "needs a C++ compiler). The first steps are slow while it compiles."
     )
     shuffle: StrictBool = Field(
         True, description="Visit the training blocks in a fresh seeded order every epoch (else in file order). "

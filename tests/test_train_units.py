@@ -206,3 +206,21 @@ def test_validation_blocks_do_not_depend_on_the_worker_count(tmp_path):
             batches = [b for r in range(world) for b in validation_batches(blocks, count, r, world, micro=2)]
             assert all(len(b) <= 2 for b in batches)
             assert sorted(int(x[0]) for b in batches for x in b) == list(range(min(count, 17)))
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/runs", "s3://bucket/../runs", "s3://key@bucket/runs"])
+def test_checkpoint_storage_uris_are_checked(uri):
+    from llm_ray.config import ConfigError
+    from llm_ray.train.trainer import checkpoint_storage
+
+    with pytest.raises(ConfigError, match="train.storage_path"):
+        checkpoint_storage(load_config("debug", [f"train.storage_path={uri}"]))
+
+
+def test_checkpoint_storage_defaults_to_the_run_folder(tmp_path):
+    from llm_ray.train.trainer import checkpoint_storage
+
+    cfg = load_config("debug", [f"output_dir={tmp_path}"])
+    assert checkpoint_storage(cfg) == (str(cfg.run_dir / "checkpoints"), None)
+    elsewhere = load_config("debug", [f"train.storage_path={tmp_path / 'ckpt'}"])
+    assert checkpoint_storage(elsewhere) == (str(tmp_path / "ckpt"), None)

@@ -296,6 +296,8 @@ def train_loop_per_worker(payload: dict) -> None:
                            f"({checkpoint.path})")
     if engine is None:
         engine = build_engine(model, cfg)
+    if cfg.train.compile:
+        engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
 
     micro = cfg.train.micro_batch_size
     val_batches = [torch.from_numpy(b) for b in validation_batches(

@@ -5,17 +5,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_ray.checkpoint import read_train_state
-from llm_ray.config import Config
+from llm_ray.checkpoint import MODEL_DIR, read_train_state
+from llm_ray.config import Config, ConfigError
+from llm_ray.data.corpus import CorpusError
+from llm_ray.data.sources import check_credentials, check_uri, s3_filesystem
 from llm_ray.data.prepare import PrepareError, data_dir, load_manifest
 
 
 @dataclass
 class TrainResult:
-    checkpoint: str  # the latest checkpoint folder
+    checkpoint: str  # a local folder with the latest checkpoint's inference files (model/ or above it)
     step: int
     val_loss: float | None
     history: list[dict]
+
+
+def checkpoint_storage(cfg: Config):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig, from train.storage_path."""
+    uri = cfg.train.storage_path
+    if uri is None:
+        return str(cfg.run_dir / "checkpoints"), None
+    try:
+        if check_uri(uri) != "s3":  # rejects other schemes, '..' segments, credentials in the URI
+            return str(Path(uri).expanduser().resolve()), None
+        check_credentials(uri, cfg.data.s3)
+    except CorpusError as e:
+        raise ConfigError(str(e).replace("data.sources", "train.storage_path")) from None
+    return uri[len("s3://"):].rstrip("/"), s3_filesystem(cfg.data.s3)
 
 
 def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
@@ -38,6 +54,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
     shards = {split: [str((path / s["file"]).resolve()) for s in manifest["splits"][split]["shards"]]
               for split in ("train", "val")}
     t = cfg.train
+    storage, filesystem = checkpoint_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -53,7 +70,8 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=str(cfg.run_dir / "checkpoints"),
+            storage_path=storage,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
@@ -62,12 +80,22 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
         f"{cfg.grad_accum_steps} accumulation step(s), {t.max_steps} steps")
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {cfg.run_dir / 'checkpoints'})")
-    state = read_train_state(result.checkpoint.path)
+        raise RuntimeError(f"training finished without a checkpoint (see {t.storage_path or cfg.run_dir})")
+    checkpoint = result.checkpoint.path
+    if filesystem is not None:  # object storage: the inference files come down to the run folder
+        from pyarrow import fs
+
+        local = cfg.run_dir / "model"
+        local.mkdir(parents=True, exist_ok=True)
+        fs.copy_files(f"{checkpoint}/{MODEL_DIR}", str(local), source_filesystem=filesystem,
+                      destination_filesystem=fs.LocalFileSystem())
+        log(f"train: checkpoint s3://{checkpoint}; inference files copied to {local}")
+        checkpoint = str(local)
+    state = read_train_state(checkpoint)
     plot_losses(state["history"], cfg.run_dir / "loss_curve.png")
     evals = [h for h in state["history"] if "val_loss" in h]
     return TrainResult(
-        checkpoint=result.checkpoint.path,
+        checkpoint=checkpoint,
         step=state["step"],
         val_loss=evals[-1]["val_loss"] if evals else None,
         history=state["history"],
