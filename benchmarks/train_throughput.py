@@ -150,8 +150,8 @@ def main():
     baby = GPTSpec(vocab_size=65, context_length=64, n_layer=4, n_head=4, n_embd=128)
     baby_data = synthetic_data(workdir / "baby-data", 65, 64, blocks=4096)
     print("\nnanoGPT baby GPT shape (4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65), against "
-          f"nanoGPT's {NANOGPT_BABY_TOKENS_PER_SEC:,} tok/s\n(llm-ray runs vocab 260, the smallest byte-level BPE "
-          "vocabulary: +4% FLOPs):")
+          f"nanoGPT's {NANOGPT_BABY_TOKENS_PER_SEC:,} tok/s\n(llm-ray itself runs vocab 260, the smallest byte-level BPE "
+          "vocabulary it accepts):")
     baby_model = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.context_length=64",
                   "tokenizer.vocab_size=260", "data.block_size=64", "train.micro_batch_size=12",
                   "train.total_batch_tokens=768", "train.zero_stage=0"]

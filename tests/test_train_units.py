@@ -52,7 +52,11 @@ def test_no_decay_groups():
 def test_deepspeed_config_is_derived(stage):
     cfg = load_config("demo", [f"train.zero_stage={stage}", "train.total_batch_tokens=16384"])
     ds = deepspeed_config(cfg)
-    assert ds["zero_optimization"] == {"stage": stage}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    # Buckets sized to the model (width 192 here), not DeepSpeed's 5e8-element defaults.
+    assert zero.get("reduce_bucket_size", 192 * 192) == 192 * 192
+    assert ("stage3_max_live_parameters" in zero) == (stage == 3)
     assert ds["checkpoint"] == {"load_universal": False}
     # 16384 tokens / (16 sequences x 128 tokens x 2 workers) = 4 accumulation steps
     assert ds["gradient_accumulation_steps"] == 4 == cfg.grad_accum_steps
