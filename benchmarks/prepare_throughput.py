@@ -35,20 +35,31 @@ class PeakMemory:
 
     def __init__(self, interval_s: float = 0.25):
         self.peak = 0
+        self.parts: dict[str, tuple[int, int]] = {}  # process name -> (processes, summed RSS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
 
     def _run(self, interval_s):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total, parts = 0, {}
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    name = " ".join(p.cmdline()[:1]).split("/")[-1][:40] if p != me else "driver"
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                total += rss
+                count, size = parts.get(name, (0, 0))
+                parts[name] = (count + 1, size + rss)
+            if total > self.peak:
+                self.peak, self.parts = total, parts
             time.sleep(interval_s)
+
+    def breakdown(self, top: int = 5) -> str:
+        """The largest process groups at the peak, e.g. 'ray::IDLE x2 0.8'."""
+        largest = sorted(self.parts.items(), key=lambda kv: -kv[1][1])[:top]
+        return ", ".join(f"{name} x{n} {rss / 2**30:.2f}" for name, (n, rss) in largest)
 
     def __enter__(self):
         self._thread.start()
@@ -142,6 +153,7 @@ def run(label: str, sources: list[str], workdir: Path, cores: int, planted=None)
         print(f"   {stage:<10} {seconds:7.1f} s   {mb / max(seconds, 1e-9) / cores:7.2f} MB/s per core")
     print(f"   {'prepare':<10} {total:7.1f} s   {mb / total / cores:7.2f} MB/s per core   "
           f"peak memory {mem.peak / 2**30:.2f} GiB")
+    print(f"   at the peak (GiB): {mem.breakdown()}")
     if planted is not None:
         precision, recall = near_dedup_quality(cfg, planted)
         print(f"   near-dedup on {len(planted)} planted pairs: precision {precision:.3f}, recall {recall:.3f}")

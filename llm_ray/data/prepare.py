@@ -35,6 +35,7 @@ from llm_ray.data.sources import FileRef, list_sources, read_file
 from llm_ray.data.tokenizer import eot_id, train_bpe
 
 MANIFEST = "manifest.json"
+ENCODE_CHUNK_DOCS = 256
 SPLITS = ("train", "val", "test")
 
 
@@ -356,7 +357,10 @@ def pack_shard(path: str, keep_dir: str, tokenizer_json: str, seed: int, thresho
         docs = [t for t, s in zip(texts, splits) if s == split]
         if not docs:
             continue
-        ids = [e.ids for e in tokenizer.encode_batch_fast(docs, add_special_tokens=False)]
+        ids = []  # token arrays; the tokenizer's Encoding objects (~50 bytes a token) live one chunk at a time
+        for i in range(0, len(docs), ENCODE_CHUNK_DOCS):
+            chunk = tokenizer.encode_batch_fast(docs[i : i + ENCODE_CHUNK_DOCS], add_special_tokens=False)
+            ids += [np.array(e.ids, dtype=np.uint32) for e in chunk]
         blocks, leftover = transforms.pack_blocks(ids, eot, block_size)
         target = Path(out_dir) / split / f"{name}.npy"
         target.parent.mkdir(parents=True, exist_ok=True)
