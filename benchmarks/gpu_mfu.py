@@ -46,7 +46,10 @@ def measured_peak_tflops(n: int = 8192, repeats: int = 50) -> float:
     for _ in range(repeats):
         a @ b
     torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+    tflops = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+    del a, b
+    torch.cuda.empty_cache()  # leave the GPU to the training workers
+    return tflops
 
 
 def main() -> int:
@@ -75,17 +78,17 @@ def main() -> int:
         f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}", "train.eval_batches=1",
         f"train.compile={str(args.compile).lower()}",
     ]
-    cfg = load_config("gpt2-124m", overrides)
-    flops = GPT(model_spec(cfg)).flops_per_token(cfg.data.block_size)
     workdir = Path(tempfile.mkdtemp(prefix="llmray-gpu-bench-"))
+    cfg = load_config("gpt2-124m", [f"output_dir={workdir}", "name=gpu-mfu", *overrides])
+    with torch.device("meta"):  # shapes only
+        flops = GPT(model_spec(cfg)).flops_per_token(cfg.data.block_size)
     data = synthetic_data(workdir / "data", cfg.vocab_size, cfg.data.block_size, blocks=4096)
 
     from llm_ray.ray_utils import init_ray
     from llm_ray.train.trainer import train
 
     init_ray()
-    run = load_config("gpt2-124m", [f"output_dir={workdir}", "name=gpu-mfu", *overrides])
-    history = train(run, data, log=print).history
+    history = train(cfg, data, log=print).history
     tokens_per_sec = steady_tokens_per_sec(history)
     per_gpu = tokens_per_sec / workers
     print(f"\ngpt2-124m, bf16, ZeRO-{cfg.train.zero_stage}, micro-batch {args.micro_batch} x 1024, "

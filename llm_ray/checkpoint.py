@@ -20,6 +20,8 @@ from llm_ray.model import GPT
 MODEL_DIR = "model"
 WEIGHTS = "model.safetensors"
 TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
+# Config fields of earlier versions that no longer exist (and change nothing at inference).
+RETIRED_FIELDS = (("train", "shuffle_buffer_blocks"), ("data", "docs_per_pack_batch"))
 
 
 def save_inference(directory: Path, state_dict: dict[str, torch.Tensor], cfg: Config, tokenizer_json: str,
@@ -48,7 +50,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, "object", Co
     from tokenizers import Tokenizer
 
     model_dir = find_model_dir(path)
-    cfg = Config.model_validate(yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")))
+    saved = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
+    for section, key in RETIRED_FIELDS:  # checkpoints of older versions still load
+        saved.get(section, {}).pop(key, None)
+    cfg = Config.model_validate(saved)
     model = GPT(model_spec(cfg))
     state = load_file(str(model_dir / WEIGHTS), device=device)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)

@@ -41,7 +41,7 @@ class S3Config(Section):
 
     endpoint_url: str | None = Field(
         None,
-        pattern=r"^https?://[^/\s]+/?$",
+        pattern=r"^https?://[^/\s@]+/?$",  # no user:password@ (credentials come from the AWS chain)
         description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO); null means AWS.",
     )
     region: str = Field("us-east-1", description="Region of the bucket(s).")
@@ -50,7 +50,7 @@ class S3Config(Section):
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection.")
     request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for a reply.")
-    anonymous: bool = Field(
+    anonymous: StrictBool = Field(
         False, description="Read public buckets without credentials. Otherwise a missing credential "
         "fails before any request."
     )
@@ -82,8 +82,9 @@ class DataConfig(Section):
         1000, ge=1, description="At most this many files per Ray task (one output shard each)."
     )
     mb_per_task: float = Field(
-        8.0, gt=0, description="A task's files stop at this many MB: tasks long enough that Ray's per-task "
-        "overhead is small, short enough to spread over the cores and to lose little when interrupted."
+        8.0, gt=0, description="A task's files stop at this many MB (as stored: gzip files hold several times "
+        "more text): tasks long enough that Ray's per-task overhead is small, short enough to spread over the "
+        "cores and to lose little when interrupted."
     )
     val_fraction: float = Field(
         0.05, gt=0.0, lt=0.5, description="Share of duplicate clusters held out for validation (stable hash)."
@@ -194,8 +195,8 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(
         1.0,
         gt=0,
-        description="CPU cores Ray reserves for each training worker. Ray Data needs a free share to stream "
-        "blocks: on a machine with as many cores as workers, use a fraction such as 0.5.",
+        description="CPU cores Ray reserves for each training worker; a fraction (such as 0.5 with as many "
+        "workers as cores) leaves room for other Ray tasks on the same machine.",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per worker; null keeps Ray's setting (its CPU reservation)."
@@ -306,7 +307,7 @@ class SampleConfig(Section):
 class Config(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; outputs go to output_dir/name.")
     output_dir: str = Field("runs", description="Folder (local path) for prepared data, checkpoints and reports.")
-    seed: int = Field(1337, description="Seed for data splits, initialization and shuffling.")
+    seed: int = Field(1337, ge=0, description="Seed for data splits, initialization and shuffling.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus reading, splitting and packing.")
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="Document cleaning and filters.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")

@@ -11,7 +11,7 @@ import torch
 
 from llm_ray.checkpoint import load_model, read_train_state
 from llm_ray.cli import main
-from llm_ray.config import load_config
+from llm_ray.config import ConfigError, load_config
 from llm_ray.data.prepare import data_dir, load_manifest, prepare
 from llm_ray.train.trainer import train
 
@@ -320,5 +320,9 @@ def test_checkpoints_on_s3_resume_and_hold_no_secret(prepared, s3_server, tmp_pa
 
     run.train.max_steps = 9
     second = train(run, data_dir(cfg), log=lambda *_: None)
+    missing = run.model_copy(deep=True)
+    missing.train.storage_path = "s3://no-such-bucket/runs"
+    with pytest.raises(ConfigError, match="train.storage_path: s3://no-such-bucket/runs: the bucket does not exist"):
+        train(missing, data_dir(cfg), log=lambda *_: None)
     state = read_train_state(second.checkpoint)
     assert state["step"] == 9 and state["resumed_from"] == [6]

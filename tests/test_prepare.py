@@ -102,6 +102,11 @@ def test_rerun_skips_and_changes_rerun_only_dependent_stages(ray_session, tmp_pa
     prepare(config(tmp_path, [str(tmp_path / "corpus")], "dedup.threshold=0.6"), log=log)
     assert [log.has(f"{s}: up to date") for s in ("documents", "dedup", "tokenizer", "pack")] == [True] + [False] * 3
 
+    # The shingle length shapes the MinHash signatures, which the documents pass computes.
+    log = Log()
+    prepare(config(tmp_path, [str(tmp_path / "corpus")], "dedup.ngram=4"), log=log)
+    assert not log.has("documents: up to date")
+
     # A changed input file reruns everything from the documents stage.
     (tmp_path / "corpus" / "play_03.txt").write_text(TEXTS["play_03.txt"] + "\nA new line.\n")
     log = Log()

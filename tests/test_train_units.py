@@ -56,7 +56,7 @@ def test_deepspeed_config_is_derived(stage):
     assert zero["stage"] == stage
     # Buckets sized to the model (width 192 here), not DeepSpeed's 5e8-element defaults.
     assert zero.get("reduce_bucket_size", 192 * 192) == 192 * 192
-    assert ("stage3_max_live_parameters" in zero) == (stage == 3)
+    assert ("stage3_prefetch_bucket_size" in zero) == (stage == 3)
     assert ds["checkpoint"] == {"load_universal": False}
     # 16384 tokens / (16 sequences x 128 tokens x 2 workers) = 4 accumulation steps
     assert ds["gradient_accumulation_steps"] == 4 == cfg.grad_accum_steps
@@ -157,7 +157,7 @@ def step_blocks(blocks, order, position: int, world: int, micro: int, accum: int
     from llm_ray.train.data import MicroBatches
 
     workers = [MicroBatches(blocks, order, position, r, world, micro) for r in range(world)]
-    return sorted(int(b[0]) for _ in range(accum) for w in workers for b in next(w)[1])
+    return sorted(int(b[0]) for _ in range(accum) for w in workers for b in next(w))
 
 
 def test_block_order_is_a_seeded_permutation_per_epoch():
@@ -191,13 +191,13 @@ def test_resuming_at_a_position_continues_with_the_next_unseen_block(tmp_path):
     blocks = packed(tmp_path)
     order = BlockOrder(len(blocks), seed=1)
     straight = [MicroBatches(blocks, order, 0, r, 2, 3) for r in range(2)]
-    seen = [int(b[0]) for _ in range(4) for w in straight for b in next(w)[1]]
+    seen = [int(b[0]) for _ in range(4) for w in straight for b in next(w)]
     assert straight[0].position == straight[1].position == 24
     # Stop after 2 rounds, resume from the saved position with one worker and twice the rounds.
     first = [MicroBatches(blocks, order, 0, r, 2, 3) for r in range(2)]
-    part = [int(b[0]) for _ in range(2) for w in first for b in next(w)[1]]
+    part = [int(b[0]) for _ in range(2) for w in first for b in next(w)]
     resumed = MicroBatches(blocks, order, first[0].position, 0, 1, 3)
-    rest = [int(b[0]) for _ in range(4) for b in next(resumed)[1]]
+    rest = [int(b[0]) for _ in range(4) for b in next(resumed)]
     assert part + rest == seen == list(order.blocks(0, 24))  # nothing skipped, nothing repeated
 
 
@@ -206,13 +206,19 @@ def test_validation_blocks_do_not_depend_on_the_worker_count(tmp_path):
 
     blocks = packed(tmp_path)
     for count in (6, 11, 100):
+        samples = []
         for world in (1, 2, 3):
-            batches = [b for r in range(world) for b in validation_batches(blocks, count, r, world, micro=2)]
-            assert all(len(b) <= 2 for b in batches)
-            assert sorted(int(x[0]) for b in batches for x in b) == list(range(min(count, 17)))
+            per_worker = [validation_batches(blocks, count, 5, r, world, micro=2) for r in range(world)]
+            # the same number of forward passes on every worker (ZeRO-3 collectives), padding weighs 0
+            assert len({len(batches) for batches in per_worker}) == 1
+            assert all(len(b) <= 2 for batches in per_worker for b, _ in batches)
+            samples.append(sorted(int(x[0]) for batches in per_worker for b, w in batches if w for x in b))
+        assert samples[0] == samples[1] == samples[2] and len(samples[0]) == min(count, 17)
+        assert len(set(samples[0])) == len(samples[0])
 
 
-@pytest.mark.parametrize("uri", ["gs://bucket/runs", "s3://bucket/../runs", "s3://key@bucket/runs"])
+@pytest.mark.parametrize("uri", ["gs://bucket/runs", "s3://bucket/../runs", "s3://key@bucket/runs",
+                                 "builtin:shakespeare"])
 def test_checkpoint_storage_uris_are_checked(uri):
     from llm_ray.config import ConfigError
     from llm_ray.train.trainer import checkpoint_storage
@@ -228,3 +234,19 @@ def test_checkpoint_storage_defaults_to_the_run_folder(tmp_path):
     assert checkpoint_storage(cfg) == (str(cfg.run_dir / "checkpoints"), None)
     elsewhere = load_config("debug", [f"train.storage_path={tmp_path / 'ckpt'}"])
     assert checkpoint_storage(elsewhere) == (str(tmp_path / "ckpt"), None)
+
+
+def test_resumes_that_would_go_wrong_are_refused():
+    from llm_ray.train.loop import TrainState, check_resumable
+
+    cfg = load_config("debug", ["train.zero_stage=2"])
+    saved = TrainState(step=40, world_size=2, data_key="pack-abc")
+    check_resumable(saved, {"train": {"zero_stage": 2}}, cfg, "pack-abc", world=1)  # fewer workers: fine
+    with pytest.raises(ValueError, match="train.zero_stage=3"):
+        check_resumable(saved, {"train": {"zero_stage": 3}}, cfg, "pack-abc", world=2)
+    with pytest.raises(ValueError, match="other prepared data"):
+        check_resumable(saved, {"train": {"zero_stage": 2}}, cfg, "pack-new", world=2)
+    zero3 = load_config("debug", ["train.zero_stage=3"])
+    check_resumable(saved, {"train": {"zero_stage": 3}}, zero3, "pack-abc", world=2)
+    with pytest.raises(ValueError, match="train.num_workers=2"):
+        check_resumable(saved, {"train": {"zero_stage": 3}}, zero3, "pack-abc", world=1)

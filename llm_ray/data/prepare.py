@@ -101,7 +101,9 @@ def _read_clean_batch(batch: dict, data: dict, cleaning: dict, dedup_cfg: dict) 
 
 
 def signature_fields(cfg: Config) -> dict:
-    """The dedup settings the documents stage's signatures depend on."""
+    """The dedup settings the documents stage's signatures depend on (none without near dedup)."""
+    if not cfg.dedup.near:
+        return {"near": False}
     return cfg.dedup.model_dump(include={"near", "shingle", "ngram", "num_perm", "seed"})
 
 
@@ -231,7 +233,7 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     tables = [pq.read_table(p, columns=["doc_key", "exact", "signature"]) for p in shards]
     shard_of = np.repeat(np.arange(len(shards)), [t.num_rows for t in tables])
     row_of = np.concatenate([np.arange(t.num_rows) for t in tables]) if tables else np.zeros(0, dtype=np.int64)
-    keys_arr = np.array([k for t in tables for k in t.column("doc_key").to_pylist()], dtype=str)
+    keys_arr = np.array([k for t in tables for k in t.column("doc_key").to_pylist()], dtype=object)
     if len(keys_arr) == 0:
         raise PrepareError("no documents survived cleaning: check data.sources and the cleaning.* thresholds "
                            f"(drops: {dict(docs_record['drops'])})")

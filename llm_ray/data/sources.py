@@ -87,7 +87,10 @@ def s3_filesystem(s3: S3Config):
 
 def check_credentials(uri: str, s3: S3Config) -> None:
     """Fail fast, naming the URI, when the AWS chain (environment, shared files, profile, container
-    or instance role) has no credentials; pyarrow would otherwise send unsigned requests."""
+    or instance role) has no credentials; pyarrow would otherwise send unsigned requests.
+
+    The check asks boto3's chain; pyarrow reads with the AWS C++ SDK's, which covers the same
+    common sources but may differ on exotic ones (SSO, credential_process)."""
     if s3.anonymous:
         return
     import boto3
@@ -98,7 +101,7 @@ def check_credentials(uri: str, s3: S3Config) -> None:
                           "for a public bucket)")
 
 
-def _s3_error(uri: str, err: Exception) -> CorpusError:
+def s3_error(uri: str, err: Exception) -> CorpusError:
     text = str(err)
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         why = "the bucket does not exist"
@@ -170,7 +173,7 @@ def _list_s3(uri: str, s3: S3Config) -> list[FileRef]:
         else:  # a bucket that get_file_info reports as missing
             raise CorpusError(f"data.sources: {uri}: the bucket does not exist")
     except OSError as e:
-        raise _s3_error(uri, e) from None
+        raise s3_error(uri, e) from None
     return [FileRef("s3://" + i.path, i.size or 0, i.mtime.timestamp() if i.mtime else 0.0)
             for i in infos if i.type == fs.FileType.File and _has_suffix(i.path)]
 

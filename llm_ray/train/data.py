@@ -54,18 +54,18 @@ class BlockOrder:
         return position // self.num_blocks
 
 
-def worker_positions(position: int, rank: int, world: int, micro: int) -> tuple[int, int]:
-    """(first stream position, count) of worker rank's micro-batch in the round starting at position."""
-    return position + rank * micro, micro
-
-
 class PackedBlocks:
     """Random access to packed blocks (n, block_size + 1) across .npy shards, memory-mapped."""
 
     def __init__(self, paths: list[str | Path]):
+        missing = [str(p) for p in paths if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} packed shard(s) not found on this worker, e.g. {missing[0]}: every worker reads "
+                "the prepared data folder, so on a multi-node cluster it must be on shared storage (see --data)")
         self.shards = [np.load(str(p), mmap_mode="r") for p in paths]
         if not self.shards:
-            raise ValueError("no training shards")
+            raise ValueError("no packed shards")
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
 
     def __len__(self) -> int:
@@ -82,8 +82,8 @@ class PackedBlocks:
 
 
 class MicroBatches:
-    """A worker's micro-batches from a stream position on: next() gives (epoch, blocks) and moves
-    the position by one round of every worker's micro-batch."""
+    """A worker's micro-batches from a stream position on: each next() gives its blocks of the
+    round and moves the position past every worker's micro-batch of that round."""
 
     def __init__(self, blocks: PackedBlocks, order: BlockOrder, position: int, rank: int, world: int, micro: int):
         self.blocks, self.order = blocks, order
@@ -92,16 +92,24 @@ class MicroBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[int, np.ndarray]:
-        start, count = worker_positions(self.position, self.rank, self.world, self.micro)
-        epoch = self.order.epoch_at(start)
-        batch = self.blocks.take(self.order.blocks(start, count))
+    def __next__(self) -> np.ndarray:
+        batch = self.blocks.take(self.order.blocks(self.position + self.rank * self.micro, self.micro))
         self.position += self.world * self.micro
-        return epoch, batch
+        return batch
 
 
-def validation_batches(blocks: PackedBlocks, count: int, rank: int, world: int, micro: int) -> list[np.ndarray]:
-    """This worker's share of the first `count` validation blocks (every world-th), in micro-batches:
-    all workers together evaluate the same blocks whatever their number."""
-    mine = np.arange(min(count, len(blocks)))[rank::world]
-    return [blocks.take(mine[i : i + micro]) for i in range(0, len(mine), micro)]
+def validation_batches(blocks: PackedBlocks, count: int, seed: int, rank: int, world: int,
+                       micro: int) -> list[tuple[np.ndarray, float]]:
+    """This worker's share of a seeded sample of `count` validation blocks, as (micro-batch, weight).
+
+    All workers together evaluate the same blocks whatever their number (every world-th block
+    of the sample each). Every worker gets the same number of micro-batches, padded with
+    weight-0 ones, because under ZeRO-3 each forward pass is a collective.
+    """
+    sample = BlockOrder(len(blocks), seed).blocks(0, min(count, len(blocks)))
+    mine = sample[rank::world]
+    batches = [(blocks.take(mine[i : i + micro]), 1.0) for i in range(0, len(mine), micro)]
+    per_worker = -(-(-(-len(sample) // world)) // micro)  # ceil(ceil(n / world) / micro)
+    while len(batches) < per_worker:
+        batches.append((blocks.take(sample[:1]), 0.0))
+    return batches

@@ -38,9 +38,7 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
         h = cfg.model.n_embd
         zero.update(reduce_bucket_size=h * h, allgather_bucket_size=max(h * h, 5 * 10**7))
         if t.zero_stage == 3:
-            # A worker holds at most about two transformer blocks (12 h^2 parameters each) gathered.
-            zero.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=10 * h,
-                        stage3_max_live_parameters=24 * h * h, stage3_max_reuse_distance=24 * h * h)
+            zero.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=10 * h)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if t.offload_params:

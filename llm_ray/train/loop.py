@@ -1,8 +1,8 @@
 """The training loop: an explicit step function and a plain `for`, with periodic side effects.
 
 ``train_loop_per_worker`` is the Ray Train boundary: it validates the config, builds the
-DeepSpeed engine, picks up a checkpoint, wires Ray Data shards in, and calls
-``run_training``, which knows nothing about Ray.
+DeepSpeed engine, picks up a checkpoint, opens the packed shards at the saved data position
+(see ``train.data``), and calls ``run_training``, which knows nothing about Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class TrainState:
     tokens: int = 0  # training tokens consumed, all workers
     samples: int = 0  # position in the global block stream: blocks consumed by all workers (see train.data)
     world_size: int = 0  # workers of the run that wrote this state
+    data_key: str | None = None  # the prepared data's pack-stage key: the stream positions refer to it
     history: list[dict] = field(default_factory=list)  # logged and evaluation metrics, one dict per event
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
@@ -63,14 +64,15 @@ def split_block(block: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(engine, val_batches: list[torch.Tensor], device) -> float:
-    """Mean loss per token over every worker's validation batches (exact, whatever the batching)."""
+def evaluate(engine, val_batches: list[tuple[torch.Tensor, float]], device) -> float:
+    """Mean loss per token over every worker's (micro-batch, weight) pairs: exact whatever the
+    batching; weight-0 batches only keep the workers' forward passes in step."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens)
-    for block in val_batches:
+    for block, weight in val_batches:
         x, y = split_block(block, device)
-        total[0] += engine(x, y)[1].double() * y.numel()
-        total[1] += y.numel()
+        total[0] += engine(x, y)[1].double() * y.numel() * weight
+        total[1] += y.numel() * weight
     engine.train()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -119,7 +121,7 @@ def run_training(
     cfg: Config,
     engine,
     train_batches: MicroBatches,
-    val_batches: list[torch.Tensor],
+    val_batches: list[tuple[torch.Tensor, float]],
     state: TrainState,
     save: Callable[[TrainState, dict], None],
     report: Callable[[dict], None],
@@ -157,7 +159,7 @@ def run_training(
     while state.step < t.max_steps:
         done = 0
         while done < accum:
-            _, block = next(train_batches)
+            block = next(train_batches)
             state.samples = train_batches.position
             state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
             block = torch.from_numpy(block)
@@ -246,6 +248,52 @@ def worker_log(line: str) -> None:
     sys.stdout.flush()
 
 
+def read_saved_config(checkpoint_dir: str) -> dict:
+    """The resolved config a checkpoint was written with, as a plain dict."""
+    import yaml
+
+    return yaml.safe_load((Path(checkpoint_dir) / "model" / "config.yaml").read_text(encoding="utf-8"))
+
+
+def check_resumable(saved: TrainState, saved_config: dict, cfg: Config, data_key: str | None, world: int) -> None:
+    """Refuse, with the field to change, a resume that would fail deep in DeepSpeed or silently
+    train on the wrong thing."""
+    stage = saved_config.get("train", {}).get("zero_stage", cfg.train.zero_stage)
+    if stage != cfg.train.zero_stage:
+        raise ValueError(f"the checkpoint at step {saved.step} was written at ZeRO-{stage}: resume with "
+                         f"train.zero_stage={stage}, or start a new run (--set name=...)")
+    if stage == 3 and saved.world_size not in (0, world):
+        # DeepSpeed's universal conversion loads, but the re-partitioned ZeRO-3 optimizer state
+        # did not reproduce the uninterrupted run in our test (ZeRO-1/2 do).
+        raise ValueError(f"the ZeRO-3 checkpoint at step {saved.step} was written by {saved.world_size} workers: "
+                         f"resume it with train.num_workers={saved.world_size} (not {world})")
+    if saved.data_key is not None and saved.data_key != data_key:
+        raise ValueError(f"the checkpoint at step {saved.step} was trained on other prepared data (it was "
+                         "prepared again since): its data position means nothing here. Start a new run "
+                         "(--set name=...) or train on the data it was trained on (--data)")
+
+
+@contextlib.contextmanager
+def universal_checkpoint(ds_dir: str, ctx):
+    """DeepSpeed's universal form of the checkpoint, converted once per node (by its local rank 0)
+    into a folder that the node's workers share, and removed after everyone loaded it."""
+    import shutil
+
+    from llm_ray.train.engine import to_universal
+
+    node_dir = os.path.join(tempfile.gettempdir(), f"llm-ray-universal-{ctx.get_experiment_name()}")
+    if ctx.get_local_rank() == 0:
+        shutil.rmtree(node_dir, ignore_errors=True)
+        to_universal(ds_dir, DS_TAG, node_dir)
+    dist.barrier()
+    try:
+        yield node_dir
+    finally:
+        dist.barrier()  # every worker has loaded it
+        if ctx.get_local_rank() == 0:
+            shutil.rmtree(node_dir, ignore_errors=True)
+
+
 def train_loop_per_worker(payload: dict) -> None:
     """Entry point of each Ray Train worker."""
     import ray.train
@@ -262,35 +310,36 @@ def train_loop_per_worker(payload: dict) -> None:
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, to_universal
+    from llm_ray.train.engine import UNIVERSAL_INFO, build_engine
 
     model = GPT(model_spec(cfg))
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model_flops = model.flops_per_token(cfg.data.block_size)  # before ZeRO-3 partitions the parameters
 
     world = ctx.get_world_size()
-    state = TrainState(world_size=world)
+    state = TrainState(world_size=world, data_key=payload["data_key"])
     checkpoint = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
         engine = None
         if checkpoint is not None:
             d = stack.enter_context(checkpoint.as_directory())
-            saved = TrainState(**read_train_state(d))
             ds_dir = os.path.join(d, DS_DIR)
+            saved = TrainState(**read_train_state(d))
+            check_resumable(saved, read_saved_config(d), cfg, payload["data_key"], world)
             # ZeRO shards the optimizer state over the workers: under another worker count it is
             # re-partitioned through DeepSpeed's universal checkpoint format.
             regroup = cfg.train.zero_stage > 0 and saved.world_size not in (0, world)
             if regroup:
-                universal = stack.enter_context(tempfile.TemporaryDirectory())
-                to_universal(ds_dir, DS_TAG, universal)
-                ds_dir = universal
+                ds_dir = stack.enter_context(universal_checkpoint(ds_dir, ctx))
                 if rank == 0:
-                    worker_log(f"re-partitioning the optimizer state of {saved.world_size} workers for {world}")
+                    worker_log(f"re-partitioned the optimizer state of {saved.world_size} workers for {world}")
             engine = build_engine(model, cfg, load_universal=regroup)
             _, client_state = engine.load_checkpoint(ds_dir, tag=DS_TAG)
             state = TrainState(**client_state["train_state"])
             state.resumed_from.append(state.step)
-            state.world_size = world
+            state.world_size, state.data_key = world, payload["data_key"]
+            if state.step and not state.samples:  # written before the data position was recorded
+                state.samples = state.step * cfg.train.total_batch_tokens // cfg.data.block_size
             if rank == 0:
                 worker_log(f"resumed from step {state.step}, block {state.samples} of the data stream "
                            f"({checkpoint.path})")
@@ -300,8 +349,8 @@ def train_loop_per_worker(payload: dict) -> None:
         engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
 
     micro = cfg.train.micro_batch_size
-    val_batches = [torch.from_numpy(b) for b in validation_batches(
-        PackedBlocks(payload["val_shards"]), cfg.train.eval_batches * micro, rank, world, micro)]
+    val_batches = [(torch.from_numpy(b), w) for b, w in validation_batches(
+        PackedBlocks(payload["val_shards"]), cfg.train.eval_batches * micro, cfg.seed, rank, world, micro)]
     blocks = PackedBlocks(payload["train_shards"])
     train_batches = MicroBatches(blocks, BlockOrder(len(blocks), cfg.seed, cfg.train.shuffle), state.samples, rank,
                                  world, cfg.train.micro_batch_size)

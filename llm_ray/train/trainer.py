@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from llm_ray.checkpoint import MODEL_DIR, read_train_state
 from llm_ray.config import Config, ConfigError
 from llm_ray.data.corpus import CorpusError
-from llm_ray.data.sources import check_credentials, check_uri, s3_filesystem
+from llm_ray.data.sources import check_credentials, check_uri, s3_error, s3_filesystem
 from llm_ray.data.prepare import PrepareError, data_dir, load_manifest
 
 
@@ -26,12 +27,26 @@ def checkpoint_storage(cfg: Config):
     if uri is None:
         return str(cfg.run_dir / "checkpoints"), None
     try:
-        if check_uri(uri) != "s3":  # rejects other schemes, '..' segments, credentials in the URI
+        scheme = check_uri(uri)  # rejects other schemes, '..' segments, credentials in the URI
+        if scheme == "":
             return str(Path(uri).expanduser().resolve()), None
+        if scheme != "s3":
+            raise CorpusError(f"data.sources: {uri!r} is not a folder or an s3://bucket/prefix URI")
+        if cfg.data.s3.anonymous:
+            raise CorpusError(f"data.sources: {uri}: checkpoints cannot be written anonymously; set "
+                              "data.s3.anonymous: false and provide credentials")
         check_credentials(uri, cfg.data.s3)
+        filesystem = s3_filesystem(cfg.data.s3)
+        bucket = uri[len("s3://"):].split("/")[0]
+        try:
+            missing = filesystem.get_file_info(bucket).type.name == "NotFound"
+        except OSError as e:
+            raise s3_error(uri, e) from None
+        if missing:
+            raise CorpusError(f"data.sources: {uri}: the bucket does not exist")
     except CorpusError as e:
         raise ConfigError(str(e).replace("data.sources", "train.storage_path")) from None
-    return uri[len("s3://"):].rstrip("/"), s3_filesystem(cfg.data.s3)
+    return uri[len("s3://"):].rstrip("/"), filesystem
 
 
 def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
@@ -63,6 +78,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
             "run_dir": str(cfg.run_dir),  # absolute: workers run in their own folders
             "train_shards": shards["train"],
             "val_shards": shards["val"],
+            "data_key": manifest.get("stage_keys", {}).get("pack"),  # a resume must be on the same data
         },
         torch_config=TorchConfig(timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(
@@ -85,10 +101,14 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
     if filesystem is not None:  # object storage: the inference files come down to the run folder
         from pyarrow import fs
 
-        local = cfg.run_dir / "model"
-        local.mkdir(parents=True, exist_ok=True)
-        fs.copy_files(f"{checkpoint}/{MODEL_DIR}", str(local), source_filesystem=filesystem,
+        local = cfg.run_dir / MODEL_DIR
+        incoming = cfg.run_dir / f".{MODEL_DIR}.tmp"
+        shutil.rmtree(incoming, ignore_errors=True)
+        incoming.mkdir(parents=True)
+        fs.copy_files(f"{checkpoint}/{MODEL_DIR}", str(incoming), source_filesystem=filesystem,
                       destination_filesystem=fs.LocalFileSystem())
+        shutil.rmtree(local, ignore_errors=True)  # no file of an older checkpoint stays behind
+        incoming.rename(local)
         log(f"train: checkpoint s3://{checkpoint}; inference files copied to {local}")
         checkpoint = str(local)
     state = read_train_state(checkpoint)
