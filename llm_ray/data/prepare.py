@@ -86,8 +86,10 @@ def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, 
                   for t in texts] if dedup_cfg.near else [b""] * len(texts)
     out = Path(out_path)
     tmp = out.with_suffix(".tmp")
+    schema = pa.schema([("doc_key", pa.string()), ("text", pa.string()), ("exact", pa.string()),
+                        ("signature", pa.binary())])  # typed even when every document was dropped
     pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
-                             "signature": pa.array(signatures, type=pa.binary())}), tmp)
+                             "signature": signatures}, schema=schema), tmp)
     tmp.replace(out)  # the shard appears whole or not at all
     stages.write_json_atomic(out.with_suffix(".json"), stats)  # the shard's completion marker
     return stats
@@ -227,6 +229,7 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    keep_schema = pa.schema([("row", pa.int64()), ("doc_key", pa.string()), ("cluster_key", pa.string())])
     shards = [str(docs_dir / s) for s in docs_record["shards"]]
     d = cfg.dedup
     # A few bytes per document (key, hash, signature), read here: the texts stay on disk.
@@ -260,7 +263,8 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
         mine = mine[np.argsort(row_of[mine], kind="stable")]
         target = out / Path(shard).name
         pq.write_table(pa.table({"row": row_of[mine].astype(np.int64), "doc_key": keys_arr[mine].tolist(),
-                                 "cluster_key": cluster_keys[mine].tolist()}), target.with_suffix(".tmp"))
+                                 "cluster_key": cluster_keys[mine].tolist()}, schema=keep_schema),
+                       target.with_suffix(".tmp"))
         target.with_suffix(".tmp").replace(target)
     log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
         f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
