@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from llm_ray.checkpoint import read_train_state, save_inference
+from llm_ray.checkpoint import MODEL_DIR, read_train_state, save_inference
 from llm_ray.config import Config, model_spec
 from llm_ray.model import GPT
 from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
@@ -133,7 +133,7 @@ def run_training(
 ) -> TrainState:
     """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
 
-    train_batches yields (epoch, blocks (micro_batch, block_size + 1)); its position after each
+    train_batches yields blocks (micro_batch, block_size + 1); its position after each
     micro-batch, whether trained on or skipped, is the state's data position.
     save(state, metrics) writes a checkpoint and reports it; report(metrics) only reports.
     tracker (rank 0) receives loss, LR, gradient norm, throughput, MFU and memory.
@@ -252,7 +252,7 @@ def read_saved_config(checkpoint_dir: str) -> dict:
     """The resolved config a checkpoint was written with, as a plain dict."""
     import yaml
 
-    return yaml.safe_load((Path(checkpoint_dir) / "model" / "config.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load((Path(checkpoint_dir) / MODEL_DIR / "config.yaml").read_text(encoding="utf-8"))
 
 
 def check_resumable(saved: TrainState, saved_config: dict, cfg: Config, data_key: str | None, world: int) -> None:
@@ -264,7 +264,7 @@ def check_resumable(saved: TrainState, saved_config: dict, cfg: Config, data_key
                          f"train.zero_stage={stage}, or start a new run (--set name=...)")
     if stage == 3 and saved.world_size not in (0, world):
         # DeepSpeed's universal conversion loads, but the re-partitioned ZeRO-3 optimizer state
-        # did not reproduce the uninterrupted run in our test (ZeRO-1/2 do).
+        # did not reproduce the uninterrupted run in our test (ZeRO-2's does, to 6 decimals).
         raise ValueError(f"the ZeRO-3 checkpoint at step {saved.step} was written by {saved.world_size} workers: "
                          f"resume it with train.num_workers={saved.world_size} (not {world})")
     if saved.data_key is not None and saved.data_key != data_key:
