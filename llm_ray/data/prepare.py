@@ -179,12 +179,11 @@ def task_per_item(items: list[dict], fn, **fn_kwargs):
 
 def read_kept(docs_shard: str, keep_dir: str):
     """The kept documents of one documents shard, with their cluster keys (a pyarrow table)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     keep = pq.read_table(Path(keep_dir) / Path(docs_shard).name)
     docs = pq.read_table(docs_shard, columns=["doc_key", "text"])
-    return docs.take(keep.column("row")).append_column("cluster_key", keep.column("cluster_key").cast(pa.string()))
+    return docs.take(keep.column("row")).append_column("cluster_key", keep.column("cluster_key"))
 
 
 def _load_kept(batch: dict, keep_dir: str):
@@ -262,7 +261,7 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
         mine = np.flatnonzero(keep & (shard_of == s_index))
         mine = mine[np.argsort(row_of[mine], kind="stable")]
         target = out / Path(shard).name
-        pq.write_table(pa.table({"row": row_of[mine].astype(np.int64), "doc_key": keys_arr[mine].tolist(),
+        pq.write_table(pa.table({"row": row_of[mine], "doc_key": keys_arr[mine].tolist(),
                                  "cluster_key": cluster_keys[mine].tolist()}, schema=keep_schema),
                        target.with_suffix(".tmp"))
         target.with_suffix(".tmp").replace(target)

@@ -49,26 +49,27 @@ class FileRef:
 # ---------------------------------------------------------------- validating
 
 
-def check_uri(source: str) -> str:
-    """The source's scheme ('', 's3' or 'builtin'); raises CorpusError before any I/O otherwise."""
+def check_uri(source: str, field: str = "data.sources") -> str:
+    """The source's scheme ('', 's3' or 'builtin'); raises CorpusError, naming the config field,
+    before any I/O otherwise."""
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_CORPORA:
-            raise CorpusError(f"data.sources: unknown built-in corpus {source!r}; available: "
+            raise CorpusError(f"{field}: unknown built-in corpus {source!r}; available: "
                               + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA))
         return "builtin"
     if "://" not in source:
         if "\x00" in source:
-            raise CorpusError(f"data.sources: {source!r} contains a NUL byte")
+            raise CorpusError(f"{field}: {source!r} contains a NUL byte")
         return ""
     parts = urlsplit(source)
     if parts.scheme != "s3":
-        raise CorpusError(f"data.sources: {source!r}: unsupported scheme {parts.scheme!r}; "
+        raise CorpusError(f"{field}: {source!r}: unsupported scheme {parts.scheme!r}; "
                           "use a local path or s3://bucket/prefix")
     if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
-        raise CorpusError(f"data.sources: {source!r} is not a valid s3://bucket/prefix URI")
+        raise CorpusError(f"{field}: {source!r} is not a valid s3://bucket/prefix URI")
     if any(seg in ("..", ".") for seg in parts.path.split("/")):
-        raise CorpusError(f"data.sources: {source!r}: '.' and '..' segments are not allowed in S3 keys")
+        raise CorpusError(f"{field}: {source!r}: '.' and '..' segments are not allowed in S3 keys")
     return "s3"
 
 
@@ -85,7 +86,7 @@ def s3_filesystem(s3: S3Config):
     return fs.S3FileSystem(**kwargs)
 
 
-def check_credentials(uri: str, s3: S3Config) -> None:
+def check_credentials(uri: str, s3: S3Config, field: str = "data.sources") -> None:
     """Fail fast, naming the URI, when the AWS chain (environment, shared files, profile, container
     or instance role) has no credentials; pyarrow would otherwise send unsigned requests.
 
@@ -96,12 +97,12 @@ def check_credentials(uri: str, s3: S3Config) -> None:
     import boto3
 
     if boto3.Session().get_credentials() is None:
-        raise CorpusError(f"data.sources: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+        raise CorpusError(f"{field}: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY, a profile, or an instance role; or data.s3.anonymous: true "
                           "for a public bucket)")
 
 
-def s3_error(uri: str, err: Exception) -> CorpusError:
+def s3_error(uri: str, err: Exception, field: str = "data.sources") -> CorpusError:
     text = str(err)
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         why = "the bucket does not exist"
@@ -111,7 +112,7 @@ def s3_error(uri: str, err: Exception) -> CorpusError:
         why = "cannot connect to the endpoint (check data.s3.endpoint_url and data.s3.region)"
     else:
         why = type(err).__name__
-    return CorpusError(f"data.sources: {uri}: {why}")
+    return CorpusError(f"{field}: {uri}: {why}")
 
 
 # ---------------------------------------------------------------- listing

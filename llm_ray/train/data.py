@@ -18,6 +18,7 @@ worker touches only the blocks it trains on.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def validation_batches(blocks: PackedBlocks, count: int, seed: int, rank: int, w
     sample = BlockOrder(len(blocks), seed).blocks(0, min(count, len(blocks)))
     mine = sample[rank::world]
     batches = [(blocks.take(mine[i : i + micro]), 1.0) for i in range(0, len(mine), micro)]
-    per_worker = -(-(-(-len(sample) // world)) // micro)  # ceil(ceil(n / world) / micro)
+    per_worker = math.ceil(math.ceil(len(sample) / world) / micro)
     while len(batches) < per_worker:
         batches.append((blocks.take(sample[:1]), 0.0))
     return batches

@@ -26,26 +26,27 @@ def checkpoint_storage(cfg: Config):
     uri = cfg.train.storage_path
     if uri is None:
         return str(cfg.run_dir / "checkpoints"), None
+    field = "train.storage_path"
     try:
-        scheme = check_uri(uri)  # rejects other schemes, '..' segments, credentials in the URI
+        scheme = check_uri(uri, field)  # rejects other schemes, '..' segments, credentials in the URI
         if scheme == "":
             return str(Path(uri).expanduser().resolve()), None
         if scheme != "s3":
-            raise CorpusError(f"data.sources: {uri!r} is not a folder or an s3://bucket/prefix URI")
+            raise CorpusError(f"{field}: {uri!r} is not a folder or an s3://bucket/prefix URI")
         if cfg.data.s3.anonymous:
-            raise CorpusError(f"data.sources: {uri}: checkpoints cannot be written anonymously; set "
+            raise CorpusError(f"{field}: {uri}: checkpoints cannot be written anonymously; set "
                               "data.s3.anonymous: false and provide credentials")
-        check_credentials(uri, cfg.data.s3)
+        check_credentials(uri, cfg.data.s3, field)
         filesystem = s3_filesystem(cfg.data.s3)
         bucket = uri[len("s3://"):].split("/")[0]
         try:
             missing = filesystem.get_file_info(bucket).type.name == "NotFound"
         except OSError as e:
-            raise s3_error(uri, e) from None
+            raise s3_error(uri, e, field) from None
         if missing:
-            raise CorpusError(f"data.sources: {uri}: the bucket does not exist")
-    except CorpusError as e:
-        raise ConfigError(str(e).replace("data.sources", "train.storage_path")) from None
+            raise CorpusError(f"{field}: {uri}: the bucket does not exist")
+    except CorpusError as e:  # a config value, so the config error's exit code
+        raise ConfigError(str(e)) from None
     return uri[len("s3://"):].rstrip("/"), filesystem
 
 
