@@ -76,6 +76,17 @@ def _run(args) -> int:
     if args.command == "generate":
         return _generate(args)
     cfg = load_config(args.config, args.overrides)
+    from llm_ray.data.sources import check_uri
+
+    try:
+        for source in cfg.data.sources:  # every URI, before Ray starts or anything is read
+            check_uri(source)
+    except CorpusError as e:  # a config value: the config error's exit code
+        raise ConfigError(str(e)) from None
+    if (problem := unwritable(cfg.run_dir)) is not None:
+        print(f"llm-ray {args.command}: output_dir: cannot write the run folder {cfg.run_dir}: {problem}",
+              file=sys.stderr)
+        return EXIT_FAILURE
     from llm_ray.ray_utils import init_ray
 
     try:
@@ -101,6 +112,19 @@ def _run(args) -> int:
         print(f"llm-ray {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why folder cannot be created or written to, or None when it can."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def _generate(args) -> int:

@@ -116,3 +116,77 @@ def test_cli_help_describes_every_option(capsys):
             main([name, "--help"])
         assert done.value.code == 0
         assert f"usage: llm-ray {name}" in capsys.readouterr().out
+
+
+def test_text_fields_take_the_text_as_written():
+    cfg = load_config("debug", ["name=2024", "tracking.group=1e3", "tracking.entity=null", "data.text_field=true"])
+    assert cfg.name == "2024" and cfg.tracking.group == "1e3" and cfg.data.text_field == "true"
+    assert cfg.tracking.entity is None
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=.nan", "train.grad_clip=-.inf",
+                                      "dedup.threshold=.nan", "data.mb_per_task=.inf"])
+def test_infinite_and_nan_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0] + ": .*finite"):
+        load_config("debug", [override])
+
+
+def test_cli_names_bad_sources_and_unwritable_output_dirs_without_a_traceback(capsys):
+    assert main(["prepare", "--config", "debug", "--set", "data.sources=[s3://../x]"]) == 2
+    err = capsys.readouterr().err
+    assert "data.sources" in err and "bucket name" in err and "Traceback" not in err
+    assert main(["prepare", "--config", "debug", "--set", "output_dir=/proc/1"]) == 1
+    err = capsys.readouterr().err
+    assert "output_dir" in err and "/proc/1" in err and "Traceback" not in err
+
+
+def test_numpy_2_is_required():
+    """dedup uses np.trapezoid, which numpy 2.0 introduced."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"numpy>=2(\.\d+)*"', text)
+
+
+def _field_paths(model=Config, prefix=""):
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            yield from _field_paths(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+FIELD_PATHS = sorted(_field_paths())
+SCALARS = ["0", "-1", "1", "7", "2.5", "-0.0", "1e400", ".inf", "-.inf", ".nan", "true", "null", "~", "''",
+           "[]", "{}", "[1, 2]", "{a: 1}", "2024-01-01", "!!binary aGk=", "!!python/object:os.system x", "[",
+           "\x00", "yes", "0x10", "1_000", "s3://../x", "/proc/1", "a" * 300, "'" + "[" * 200]
+
+
+def test_every_field_path_and_bad_value_gives_a_config_error_not_a_traceback():
+    """Fuzzing: every override of every field either validates or raises ConfigError naming it."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    values = st.one_of(st.sampled_from(SCALARS), st.text(max_size=40), st.integers().map(str),
+                       st.floats().map(repr))
+    paths = st.one_of(st.sampled_from(FIELD_PATHS), st.text(alphabet="ab._ =", max_size=12))
+
+    @settings(max_examples=600, deadline=None, derandomize=True)
+    @given(paths, values)
+    def check(path, value):
+        try:
+            load_config("debug", [f"{path}={value}"])
+        except ConfigError as e:
+            assert str(e).strip(), (path, value)
+            first = path.strip().split(".")[0]
+            assert "=" in path or not first or first in str(e) or "override" in str(e), (path, value, str(e))
+
+    check()
+    for path in FIELD_PATHS:  # every field, with every kind of bad value, deterministically
+        for value in SCALARS:
+            try:
+                load_config("debug", [f"{path}={value}"])
+            except ConfigError as e:
+                assert path.split(".")[0] in str(e), (path, value, str(e))

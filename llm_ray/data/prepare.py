@@ -11,8 +11,10 @@ plain functions of ``sources``, ``clean``, ``dedup`` and ``transforms``:
     tokenizer/   byte-level BPE trained on the training split; fertility statistics
     pack/        train/val/test blocks (n, block_size + 1), uint16 where the vocab fits
 
-Splits are assigned by a stable hash of each document's duplicate-cluster key, so
-near-copies never straddle two splits. ``manifest.json`` (what training reads) and
+Splits are assigned by a hash of each duplicate cluster's key and ``data.split_seed``. The
+key is the smallest normalized-text hash among the cluster's documents: content only, so
+near-copies never straddle two splits, and moving the corpus, reading it from S3 or changing
+the training seed moves no document between splits. ``manifest.json`` (what training reads) and
 ``prepare_report.{json,md,png}`` sit at the top.
 """
 
@@ -85,12 +87,11 @@ def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, 
     signatures = [dedup.minhash(dedup.shingle_hashes(t, dedup_cfg.shingle, dedup_cfg.ngram), a, b).tobytes()
                   for t in texts] if dedup_cfg.near else [b""] * len(texts)
     out = Path(out_path)
-    tmp = out.with_suffix(".tmp")
     schema = pa.schema([("doc_key", pa.string()), ("text", pa.string()), ("exact", pa.string()),
                         ("signature", pa.binary())])  # typed even when every document was dropped
-    pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
-                             "signature": signatures}, schema=schema), tmp)
-    tmp.replace(out)  # the shard appears whole or not at all
+    with stages.atomic_path(out) as tmp:  # the shard appears whole or not at all
+        pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
+                                 "signature": signatures}, schema=schema), tmp)
     stages.write_json_atomic(out.with_suffix(".json"), stats)  # the shard's completion marker
     return stats
 
@@ -219,6 +220,19 @@ def find_clusters(doc_keys: np.ndarray, exact: np.ndarray, signatures: np.ndarra
     return {"labels": labels, "near_pairs": near, "exact_pairs": exact_pairs, "bands": bands, "rows": rows}
 
 
+def content_keys(labels: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Each document's cluster key: the smallest normalized-text hash in its cluster.
+
+    A function of the cluster's texts alone (not of paths or of the document kept), so the
+    train/validation/test assignment survives moving the corpus or reading it from S3.
+    """
+    smallest: dict[int, str] = {}
+    for label, h in zip(labels.tolist(), exact.tolist()):
+        if label not in smallest or h < smallest[label]:
+            smallest[label] = h
+    return np.array([smallest[label] for label in labels.tolist()], dtype=object)
+
+
 def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) -> dict:
     key = stages.stage_key("dedup", docs_record["key"], cfg.dedup.model_dump())
     if (record := stages.completed(out, key)) is not None:
@@ -251,7 +265,7 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     found = find_clusters(keys_arr, exact_arr, sig_arr, d)
     labels = found["labels"]
     keep = labels == np.arange(len(labels))
-    cluster_keys = keys_arr[labels]
+    cluster_keys = content_keys(labels, exact_arr)
     sizes = Counter(labels.tolist())
     examples = [{"documents": [str(keys_arr[i]), str(keys_arr[j])],
                  "estimated_jaccard": round(float(np.mean(sig_arr[i] == sig_arr[j])), 3)}
@@ -261,10 +275,9 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
         mine = np.flatnonzero(keep & (shard_of == s_index))
         mine = mine[np.argsort(row_of[mine], kind="stable")]
         target = out / Path(shard).name
-        pq.write_table(pa.table({"row": row_of[mine], "doc_key": keys_arr[mine].tolist(),
-                                 "cluster_key": cluster_keys[mine].tolist()}, schema=keep_schema),
-                       target.with_suffix(".tmp"))
-        target.with_suffix(".tmp").replace(target)
+        with stages.atomic_path(target) as tmp:
+            pq.write_table(pa.table({"row": row_of[mine], "doc_key": keys_arr[mine].tolist(),
+                                     "cluster_key": cluster_keys[mine].tolist()}, schema=keep_schema), tmp)
     log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
         f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
         f"with copies (LSH {found['bands']} bands x {found['rows']} rows)")
@@ -280,19 +293,22 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
 # ------------------------------------------------------------------ splits
 
 
-def split_thresholds(cluster_keys: list[str], data: DataConfig, seed: int) -> tuple[float, float]:
+def split_thresholds(cluster_keys: list[str], data: DataConfig) -> tuple[float, float]:
     """(val, val + test) bounds on split keys, nudged so that every requested split is non-empty."""
-    u = np.sort([transforms.split_key(k, seed) for k in cluster_keys])
+    u = np.sort([transforms.split_key(k, data.split_seed) for k in cluster_keys])
     wanted = 2 + (data.test_fraction > 0)
     if len(u) < wanted:
         raise PrepareError(f"{len(u)} distinct document(s) after dedup; at least {wanted} are needed for "
-                           "train and held-out splits")
+                           "train and held-out splits: add documents")
     val_t = max(data.val_fraction, float(np.nextafter(u[0], 1)))
     test_t = val_t + data.test_fraction
     if data.test_fraction > 0 and not np.any((u >= val_t) & (u < test_t)):
-        test_t = float(np.nextafter(u[np.searchsorted(u, val_t)], 1))
+        above = u[u >= val_t]
+        test_t = float(np.nextafter(above[0], 1)) if len(above) else test_t
     if not np.any(u >= test_t):
-        raise PrepareError("every document fell into a held-out split: lower data.val_fraction/test_fraction")
+        raise PrepareError(f"every one of the {len(u)} distinct documents fell into a held-out split: lower "
+                           f"data.val_fraction ({data.val_fraction}) or data.test_fraction ({data.test_fraction}), "
+                           "or add documents")
     return val_t, test_t
 
 
@@ -306,7 +322,7 @@ def _split_batch(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
 
 
 def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out: Path, log) -> dict:
-    key = stages.stage_key("tokenizer", upstream_key, thresholds, cfg.seed, cfg.tokenizer.model_dump())
+    key = stages.stage_key("tokenizer", upstream_key, thresholds, cfg.data.split_seed, cfg.tokenizer.model_dump())
     if (record := stages.completed(out, key)) is not None:
         log("tokenizer: up to date, skipped")
         return record
@@ -368,10 +384,8 @@ def pack_shard(path: str, keep_dir: str, tokenizer_json: str, seed: int, thresho
             ids += [np.array(e.ids, dtype=np.uint32) for e in chunk]
         blocks, leftover = transforms.pack_blocks(ids, eot, block_size)
         target = Path(out_dir) / split / f"{name}.npy"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.with_suffix(".tmp"), "wb") as f:
+        with stages.atomic_path(target) as tmp, open(tmp, "wb") as f:
             np.save(f, blocks.astype(dtype))
-        target.with_suffix(".tmp").replace(target)
         counts = np.bincount(blocks[:, 1:].ravel()) if len(blocks) else np.zeros(0, dtype=np.int64)
         result[split] = {"blocks": int(len(blocks)), "leftover_tokens": int(leftover),
                          "document_tokens": sum(map(len, ids)) + len(ids),  # end-of-text included
@@ -399,7 +413,7 @@ def pack_stage(cfg: Config, shards: list[str], keep_dir: Path, thresholds, tok_r
     log(f"pack: tokenizing {len(shards)} shards ({len(shards) - len(todo)} already done)")
     if todo:
         task_per_item([{"path": p} for p in todo], _pack_batch, keep_dir=str(keep_dir),
-                      tokenizer_json=tokenizer_path.read_text(encoding="utf-8"), seed=cfg.seed,
+                      tokenizer_json=tokenizer_path.read_text(encoding="utf-8"), seed=cfg.data.split_seed,
                       thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
                       out_dir=str(out)).materialize()
     wanted = ["train", "val"] + (["test"] if cfg.data.test_fraction > 0 else [])
@@ -423,8 +437,10 @@ def pack_stage(cfg: Config, shards: list[str], keep_dir: Path, thresholds, tok_r
             counts[name][: len(c)] += c
     for name, s in splits.items():
         if s["blocks"] == 0:
-            raise PrepareError(f"the {name} split holds no full block of {cfg.data.block_size} tokens; lower "
-                               "data.block_size or add text")
+            fraction = {"val": "raise data.val_fraction", "test": "raise data.test_fraction"}.get(name)
+            advice = f"{fraction} ({getattr(cfg.data, name + '_fraction')}), " if fraction else ""
+            raise PrepareError(f"the {name} split holds no full block of {cfg.data.block_size} tokens: {advice}"
+                               "lower data.block_size, or add text")
     baseline = transforms.unigram_cross_entropy(counts["train"], counts["val"])
     log(f"pack: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} validation tokens; "
         f"unigram baseline {baseline:.3f} nats/token")
@@ -460,14 +476,14 @@ def prepare(cfg: Config, log=print) -> dict:
     dedup_record = dedup_stage(cfg, out / "documents", docs_record, out / "dedup", log)
     timings["dedup"] = time.time() - t0
 
-    thresholds = split_thresholds(dedup_record["cluster_keys"], cfg.data, cfg.seed)
+    thresholds = split_thresholds(dedup_record["cluster_keys"], cfg.data)
     # Not materialized: each later pass streams the kept documents from disk, so memory stays
     # flat as the corpus grows.
     shards = [str(out / "documents" / s) for s in docs_record["shards"]]
     split_docs = read_kept_shards(shards, out / "dedup").map_batches(
-        _split_batch, fn_kwargs=dict(seed=cfg.seed, val_t=thresholds[0], test_t=thresholds[1]),
+        _split_batch, fn_kwargs=dict(seed=cfg.data.split_seed, val_t=thresholds[0], test_t=thresholds[1]),
         batch_format="numpy")
-    split_counts = Counter(_split_batch({"cluster_key": np.array(dedup_record["cluster_keys"])}, cfg.seed,
+    split_counts = Counter(_split_batch({"cluster_key": np.array(dedup_record["cluster_keys"])}, cfg.data.split_seed,
                                         *thresholds)["split"].tolist())
 
     t0 = time.time()

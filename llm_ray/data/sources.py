@@ -17,6 +17,7 @@ import gzip
 import io
 import json
 import random
+import re
 import time
 import zlib
 from collections import Counter
@@ -29,6 +30,7 @@ from llm_ray.config import DataConfig, S3Config
 from llm_ray.data.corpus import BUILTIN_CORPORA, BUILTIN_PREFIX, CorpusError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
 SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary
 T = TypeVar("T")
 
@@ -68,6 +70,9 @@ def check_uri(source: str, field: str = "data.sources") -> str:
                           "use a local path or s3://bucket/prefix")
     if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
         raise CorpusError(f"{field}: {source!r} is not a valid s3://bucket/prefix URI")
+    if not BUCKET_NAME.fullmatch(parts.netloc) or ".." in parts.netloc:
+        raise CorpusError(f"{field}: {source!r}: {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
+                          "letters, digits, dots and hyphens, starting and ending with a letter or digit)")
     if any(seg in ("..", ".") for seg in parts.path.split("/")):
         raise CorpusError(f"{field}: {source!r}: '.' and '..' segments are not allowed in S3 keys")
     return "s3"

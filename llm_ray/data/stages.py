@@ -9,13 +9,14 @@ interrupted run redoes only the shards that were not complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llm_ray import __version__
 
@@ -25,6 +26,24 @@ STAGE_FILE = "_stage.json"
 def stage_key(name: str, *parts: Any) -> str:
     blob = json.dumps([name, __version__, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """A fresh temporary file beside target, renamed onto it when the block ends without error.
+
+    The name is unique (mkstemp), so two tasks writing the same target (a retried Ray task
+    beside its first attempt) never write into one temporary file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

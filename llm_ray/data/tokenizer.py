@@ -28,12 +28,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, sample_
 
 
 def _take_bytes(texts: Iterable[str], limit: int) -> Iterator[str]:
+    """Texts up to limit UTF-8 bytes in all; the last one cut at a character boundary."""
     used = 0
     for text in texts:
         if used >= limit:
             return
-        text = text[: max(0, limit - used)]
-        used += len(text.encode("utf-8"))
+        raw = text.encode("utf-8")
+        if used + len(raw) > limit:
+            text = raw[: limit - used].decode("utf-8", errors="ignore")  # drops a partial character
+            raw = text.encode("utf-8")
+        used += len(raw)
         yield text
 
 

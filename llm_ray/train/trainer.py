@@ -54,7 +54,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from llm_ray.train.loop import train_loop_per_worker
+    from llm_ray.train.worker import train_loop_per_worker
 
     path = Path(data_path) if data_path else data_dir(cfg)
     manifest = load_manifest(path)

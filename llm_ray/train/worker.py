@@ -1,0 +1,156 @@
+"""The Ray Train boundary: each worker validates its config, builds the DeepSpeed engine, picks
+up a checkpoint, opens the packed shards at the saved data position (see ``train.data``) and
+calls ``run_training``, which knows nothing about Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llm_ray.checkpoint import read_train_state, save_inference
+from llm_ray.config import Config, model_spec
+from llm_ray.model import GPT
+from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
+from llm_ray.train.loop import TrainState, run_training
+from llm_ray.train.resume import check_resumable, read_saved_config
+
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+
+
+def consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full model weights on rank 0 (None elsewhere). Under ZeRO-3 every rank must call this."""
+    module = engine.module
+    gather = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gather:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+
+
+def worker_log(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray forwards to the driver.
+
+    Not print(): Ray Train redirects print to its logger, which shows each line twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def universal_checkpoint(ds_dir: str, ctx):
+    """DeepSpeed's universal form of the checkpoint, converted once per node (by its local rank 0)
+    into a folder that the node's workers share, and removed after everyone loaded it."""
+    import shutil
+
+    from llm_ray.train.engine import to_universal
+
+    node_dir = os.path.join(tempfile.gettempdir(), f"llm-ray-universal-{ctx.get_experiment_name()}")
+    if ctx.get_local_rank() == 0:
+        shutil.rmtree(node_dir, ignore_errors=True)
+        to_universal(ds_dir, DS_TAG, node_dir)
+    dist.barrier()
+    try:
+        yield node_dir
+    finally:
+        dist.barrier()  # every worker has loaded it
+        if ctx.get_local_rank() == 0:
+            shutil.rmtree(node_dir, ignore_errors=True)
+
+
+def quiet_deprecated_collectives() -> None:
+    """DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecated, at every step (ZeRO-3:
+    reduce_scatter_tensor too): without this, a warning line per step."""
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    quiet_deprecated_collectives()
+    cfg = Config.model_validate(payload["config"])
+    tokenizer_json: str = payload["tokenizer_json"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    from llm_ray.train.engine import UNIVERSAL_INFO, build_engine
+
+    model = GPT(model_spec(cfg))
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    model_flops = model.flops_per_token(cfg.data.block_size)  # before ZeRO-3 partitions the parameters
+
+    world = ctx.get_world_size()
+    state = TrainState(world_size=world, data_key=payload["data_key"])
+    checkpoint = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        engine = None
+        if checkpoint is not None:
+            d = stack.enter_context(checkpoint.as_directory())
+            ds_dir = os.path.join(d, DS_DIR)
+            saved = TrainState(**read_train_state(d))
+            check_resumable(saved, read_saved_config(d), cfg, payload["data_key"], world)
+            # ZeRO shards the optimizer state over the workers: under another worker count it is
+            # re-partitioned through DeepSpeed's universal checkpoint format.
+            regroup = cfg.train.zero_stage > 0 and saved.world_size not in (0, world)
+            if regroup:
+                ds_dir = stack.enter_context(universal_checkpoint(ds_dir, ctx))
+                if rank == 0:
+                    worker_log(f"re-partitioned the optimizer state of {saved.world_size} workers for {world}")
+            engine = build_engine(model, cfg, load_universal=regroup)
+            _, client_state = engine.load_checkpoint(ds_dir, tag=DS_TAG)
+            state = TrainState(**client_state["train_state"])
+            state.resumed_from.append(state.step)
+            state.world_size, state.data_key = world, payload["data_key"]
+            if state.step and not state.samples:  # written before the data position was recorded
+                state.samples = state.step * cfg.train.total_batch_tokens // cfg.data.block_size
+            if rank == 0:
+                worker_log(f"resumed from step {state.step}, block {state.samples} of the data stream "
+                           f"({checkpoint.path})")
+    if engine is None:
+        engine = build_engine(model, cfg)
+    if cfg.train.compile:
+        engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
+
+    micro = cfg.train.micro_batch_size
+    val_batches = [(torch.from_numpy(b), w) for b, w in validation_batches(
+        PackedBlocks(payload["val_shards"]), cfg.train.eval_batches * micro, cfg.seed, rank, world, micro)]
+    blocks = PackedBlocks(payload["train_shards"])
+    train_batches = MicroBatches(blocks, BlockOrder(len(blocks), cfg.seed, cfg.train.shuffle), state.samples, rank,
+                                 world, cfg.train.micro_batch_size)
+
+    def save(state: TrainState, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG,
+                                   client_state={"train_state": asdict(state), **UNIVERSAL_INFO})
+            weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
+            if rank == 0:
+                save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    from llm_ray.tracking import make_tracker
+
+    tracker = make_tracker(cfg, rank, Path(payload["run_dir"]) / "wandb", state.tracker_run_id)
+    state.tracker_run_id = tracker.run_id
+    try:
+        run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
+                     worker_log, tracker, model_flops)
+    finally:
+        tracker.finish()
