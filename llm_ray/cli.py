@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from llm_ray.data.corpus import CorpusError
     from llm_ray.data.prepare import PrepareError
+    from llm_ray.train.resume import ResumeError
 
     if args.command == "generate":
         return _generate(args)
@@ -108,7 +109,7 @@ def _run(args) -> int:
             from llm_ray.pipeline import run_pipeline, summary
 
             print(summary(cfg, run_pipeline(cfg)))
-    except (CorpusError, PrepareError) as e:
+    except (CorpusError, PrepareError, ResumeError) as e:
         print(f"llm-ray {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return 0

@@ -237,20 +237,44 @@ def test_checkpoint_storage_defaults_to_the_run_folder(tmp_path):
 
 
 def test_resumes_that_would_go_wrong_are_refused():
+    from llm_ray.config import ConfigError
     from llm_ray.train.loop import TrainState
     from llm_ray.train.resume import check_resumable
 
     cfg = load_config("debug", ["train.zero_stage=2"])
+    saved_config = cfg.model_dump(mode="json")
     saved = TrainState(step=40, world_size=2, data_key="pack-abc")
-    check_resumable(saved, {"train": {"zero_stage": 2}}, cfg, "pack-abc", world=1)  # fewer workers: fine
-    with pytest.raises(ValueError, match="train.zero_stage=3"):
-        check_resumable(saved, {"train": {"zero_stage": 3}}, cfg, "pack-abc", world=2)
-    with pytest.raises(ValueError, match="other prepared data"):
-        check_resumable(saved, {"train": {"zero_stage": 2}}, cfg, "pack-new", world=2)
-    zero3 = load_config("debug", ["train.zero_stage=3"])
-    check_resumable(saved, {"train": {"zero_stage": 3}}, zero3, "pack-abc", world=2)
-    with pytest.raises(ValueError, match="train.num_workers=2"):
-        check_resumable(saved, {"train": {"zero_stage": 3}}, zero3, "pack-abc", world=1)
+    check_resumable(saved, saved_config, cfg, "pack-abc", world=1, tokenizer_json="t", saved_tokenizer="t")  # fine
+
+    def refused(match, saved_config=saved_config, cfg=cfg, data_key="pack-abc", world=2, tokenizer="t"):
+        with pytest.raises(ConfigError, match=match):
+            check_resumable(saved, saved_config, cfg, data_key, world, tokenizer_json=tokenizer, saved_tokenizer="t")
+
+    def changed(*overrides):
+        return load_config("debug", ["train.zero_stage=2", *overrides])
+
+    refused("train.zero_stage=3", saved_config={**saved_config, "train": {**saved_config["train"], "zero_stage": 3}})
+    refused("other prepared data", data_key="pack-new")
+    refused("seed=1337 \\(now 7\\)", cfg=changed("seed=7"))
+    refused("train.shuffle=True", cfg=changed("train.shuffle=false"))
+    refused("data.block_size=64", cfg=changed("data.block_size=32"))
+    refused("train.precision=fp32", cfg=changed("train.precision=bf16"))
+    refused("another tokenizer", tokenizer="other")
+    zero3 = changed("train.zero_stage=3")
+    zero3_config = zero3.model_dump(mode="json")
+    check_resumable(saved, zero3_config, zero3, "pack-abc", world=2)
+    refused("train.num_workers=2", saved_config=zero3_config, cfg=zero3, world=1)
+
+
+def test_bf16_at_zero_0_is_repartitioned_under_another_worker_count():
+    """DeepSpeed's bf16 optimizer partitions its fp32 master weights over the workers even at ZeRO-0."""
+    from llm_ray.train.resume import regroups
+
+    assert regroups(load_config("debug", ["train.zero_stage=0", "train.precision=bf16"]), 2, 1)
+    assert not regroups(load_config("debug", ["train.zero_stage=0"]), 2, 1)
+    assert regroups(load_config("debug", ["train.zero_stage=1"]), 2, 1)
+    assert not regroups(load_config("debug", ["train.zero_stage=2"]), 2, 2)
+    assert not regroups(load_config("debug", ["train.zero_stage=2"]), 0, 1)  # state of an old version
 
 
 def test_deprecated_collective_warnings_are_silenced():

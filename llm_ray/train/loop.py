@@ -36,14 +36,26 @@ class TrainState:
 
 
 def reduce_over_workers(value: torch.Tensor, op: str) -> float:
-    """A scalar reduced over all workers: op 'mean' (gloo has no AVG, so SUM / world) or 'max'
-    (NaN propagates, so any worker's NaN is seen by all)."""
+    """A scalar reduced over all workers: op 'mean' (gloo has no AVG, so SUM / world) or 'max'."""
     value = value.detach().float().reshape(1).clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         if op == "mean":
             value /= dist.get_world_size()
     return float(value.item())
+
+
+def worst_loss_over_workers(loss: torch.Tensor) -> float:
+    """The largest loss of all workers, +inf when any worker's loss is NaN or infinite.
+
+    NaN is mapped to +inf before the MAX: gloo's max is std::max, which keeps or drops a NaN
+    depending on the order of its arguments, so NaN itself would not reach every worker and
+    the workers could take different decisions (one skipping backward while the others
+    all-reduce gradients: a hang until the collective timeout).
+    """
+    value = loss.detach().float().reshape(1)
+    value = torch.where(torch.isfinite(value), value, torch.full_like(value, math.inf))
+    return reduce_over_workers(value, "max")
 
 
 def split_block(block: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +104,21 @@ class LossGuard:
         return True
 
 
-def l1_penalty(engine) -> torch.Tensor:
-    """Sum of |w| over the decayed matrices (the first param group)."""
-    return sum(p.abs().sum() for p in engine.optimizer.param_groups[0]["params"])
+def l1_matrices(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The module's own decayed matrices (see engine.param_groups), whatever the ZeRO stage.
+
+    Not the optimizer's param groups: under ZeRO-1/2 and DeepSpeed's bf16 optimizer those
+    hold flat fp32 partitions detached from the model, and a penalty on them never reaches
+    the gradients.
+    """
+    from llm_ray.train.engine import param_groups
+
+    return param_groups(module, 0.0)[0]["params"]
+
+
+def l1_penalty(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of |w| over the matrices, accumulated in fp32 (also for bf16 weights)."""
+    return sum(p.abs().sum(dtype=torch.float32) for p in matrices)
 
 
 def memory_bytes(device) -> int:
@@ -104,6 +128,66 @@ def memory_bytes(device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent training, evaluating and checkpointing: throughput counts only the first."""
+
+    train: float = 0.0
+    eval: float = 0.0
+    checkpoint: float = 0.0
+
+
+def train_step(cfg: Config, engine, train_batches: MicroBatches, state: TrainState, guard: LossGuard,
+               device, l1_params: list, log, rank: int, loss_hook=None) -> tuple[torch.Tensor, float]:
+    """One optimizer step: accum accepted micro-batches. Returns (mean loss on device, LR used)."""
+    t = cfg.train
+    accum = cfg.grad_accum_steps
+    device_type = getattr(device, "type", str(device))
+    lr_used = engine.get_lr()[0]  # the scheduler steps after the optimizer: read it before
+    loss_sum = torch.zeros((), device=device)
+    done = 0
+    while done < accum:
+        block = torch.from_numpy(next(train_batches))
+        state.samples = train_batches.position
+        state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
+        # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+            _, loss = engine(*split_block(block, device))
+        if loss_hook is not None:  # a testing seam (e.g. a NaN on one worker)
+            loss = loss_hook(state, loss)
+        # Every worker decides from the worst loss of all: one all-reduce of one number per
+        # micro-batch. Its host read waits for the forward pass, then backward is launched at
+        # once: a gap of a kernel launch, which a GPU step of many milliseconds does not notice.
+        if not guard.accept(worst_loss_over_workers(loss)):
+            state.skipped_batches += 1
+            if rank == 0:
+                log(f"step {state.step + 1:>6} | skipped a micro-batch: loss {loss.item():.4f} here, "
+                    "non-finite or spiking on some worker")
+            continue
+        done += 1
+        objective = loss + t.l1 * l1_penalty(l1_params) if t.l1 else loss
+        engine.backward(objective)  # DeepSpeed divides by the accumulation steps
+        engine.step()  # optimizer and LR schedule step only on the accumulation boundary
+        loss_sum += loss.detach() / accum
+    return loss_sum, lr_used
+
+
+def log_row(cfg: Config, engine, state: TrainState, train_loss: float, lr: float, steps: int, times: StepTimes,
+            device, flops_per_token: int) -> dict:
+    """The progress row of the last `steps` steps: throughput and MFU over training time only."""
+    t = cfg.train
+    tokens_per_sec = steps * t.total_batch_tokens / max(times.train, 1e-9)
+    row = {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
+           "memory_gb": memory_bytes(device) / 1e9, "train_seconds": times.train, "eval_seconds": times.eval,
+           "checkpoint_seconds": times.checkpoint}
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    if t.peak_tflops_per_worker and flops_per_token:
+        row["mfu"] = flops_per_token * tokens_per_sec / (t.peak_tflops_per_worker * 1e12 * t.num_workers)
+    return row
 
 
 def run_training(
@@ -119,88 +203,71 @@ def run_training(
     log: Callable[[str], None] = print,
     tracker=None,
     flops_per_token: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+    loss_hook=None,
 ) -> TrainState:
     """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
 
     train_batches yields blocks (micro_batch, block_size + 1); its position after each
     micro-batch, whether trained on or skipped, is the state's data position.
     save(state, metrics) writes a checkpoint and reports it; report(metrics) only reports.
-    tracker (rank 0) receives loss, LR, gradient norm, throughput, MFU and memory.
+    tracker (rank 0) receives loss, the LR each step used, gradient norm, throughput (training
+    time only), MFU, memory, and the seconds spent evaluating and checkpointing.
     """
     t = cfg.train
-    accum = cfg.grad_accum_steps
-    tokens_per_step = t.total_batch_tokens
     device_type = getattr(device, "type", str(device))
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging (a sync point)
-    steps_since_log, window_start = 0, time.time()
-    run_start, start_step = time.time(), state.step
+    steps_since_log, times = 0, StepTimes()
+    run_start, start_step = clock(), state.step
     guard = LossGuard(t.spike_factor, t.max_skipped_batches)
     guard.skipped = state.skipped_batches  # the budget spans restarts
+    l1_params = l1_matrices(engine.module) if t.l1 else []
+
+    def validate() -> float:
+        began = clock()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+            loss = evaluate(engine, val_batches, device)
+        times.eval += clock() - began
+        return loss
 
     if state.step == 0:  # the untrained model's loss: the reference every later evaluation improves on
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
-            val_loss = evaluate(engine, val_batches, device)
+        val_loss = validate()
         state.history.append({"step": 0, "epoch": 0, "tokens": 0, "val_loss": val_loss,
                               "val_perplexity": math.exp(val_loss)})
         if rank == 0:
             log(f"step {0:>6} | val loss {val_loss:.4f} (untrained)")
 
     while state.step < t.max_steps:
-        done = 0
-        while done < accum:
-            block = next(train_batches)
-            state.samples = train_batches.position
-            state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
-            block = torch.from_numpy(block)
-            # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
-                _, loss = engine(*split_block(block, device))
-            # Every worker takes the same decision, from the worst loss of all (one small collective).
-            if not guard.accept(reduce_over_workers(loss, "max")):
-                state.skipped_batches += 1
-                if rank == 0:
-                    log(f"step {state.step + 1:>6} | skipped a micro-batch: loss {loss.item():.4f}")
-                continue
-            done += 1
-            objective = loss + t.l1 * l1_penalty(engine) if t.l1 else loss
-            engine.backward(objective)  # DeepSpeed divides by the accumulation steps
-            engine.step()  # optimizer and LR schedule step only on the accumulation boundary
-            loss_sum += loss.detach() / accum
+        began = clock()
+        step_loss, lr_used = train_step(cfg, engine, train_batches, state, guard, device, l1_params, log, rank,
+                                        loss_hook)
+        loss_sum += step_loss
+        times.train += clock() - began
         state.step += 1
-        state.tokens += tokens_per_step
+        state.tokens += t.total_batch_tokens
         steps_since_log += 1
         last = state.step == t.max_steps
 
         if state.step % t.log_every == 0 or last:
             train_loss = reduce_over_workers(loss_sum / steps_since_log, "mean")
-            elapsed = time.time() - window_start
-            tokens_per_sec = steps_since_log * tokens_per_step / elapsed
-            eta = (time.time() - run_start) / (state.step - start_step) * (t.max_steps - state.step)
-            grad_norm = engine.get_global_grad_norm()
-            row = {"step": state.step, "train_loss": train_loss, "lr": engine.get_lr()[0],
-                   "tokens_per_sec": tokens_per_sec, "memory_gb": memory_bytes(device) / 1e9}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            mfu = ""
-            if t.peak_tflops_per_worker and flops_per_token:
-                row["mfu"] = flops_per_token * tokens_per_sec / (t.peak_tflops_per_worker * 1e12 * t.num_workers)
-                mfu = f" | mfu {row['mfu']:.1%}"
+            row = log_row(cfg, engine, state, train_loss, lr_used, steps_since_log, times, device, flops_per_token)
             state.history.append(row)
             if rank == 0:
-                log(f"step {state.step:>6}/{t.max_steps} | loss {train_loss:.4f} | lr {row['lr']:.2e} | "
-                    f"{tokens_per_sec:,.0f} tok/s{mfu} | eta {eta:,.0f}s")
+                eta = (clock() - run_start) / (state.step - start_step) * (t.max_steps - state.step)
+                mfu = f" | mfu {row['mfu']:.1%}" if "mfu" in row else ""
+                log(f"step {state.step:>6}/{t.max_steps} | loss {train_loss:.4f} | lr {lr_used:.2e} | "
+                    f"{row['tokens_per_sec']:,.0f} tok/s{mfu} | eta {eta:,.0f}s")
                 if tracker is not None:
                     tracker.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
             loss_sum.zero_()
-            steps_since_log, window_start = 0, time.time()
+            steps_since_log, times = 0, StepTimes()
 
         is_eval = state.step % t.eval_every == 0 or last
         is_ckpt = state.step % t.checkpoint_every == 0 or last
         if is_eval or is_ckpt:
             metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens}
             if is_eval:
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
-                    metrics["val_loss"] = evaluate(engine, val_batches, device)
+                metrics["val_loss"] = validate()
                 metrics["val_perplexity"] = math.exp(metrics["val_loss"])
                 state.history.append(metrics)
                 if rank == 0:
@@ -210,7 +277,9 @@ def run_training(
                         tracker.log({"val_loss": metrics["val_loss"], "val_perplexity": metrics["val_perplexity"]},
                                     step=state.step)
             if is_ckpt:
+                began = clock()
                 save(state, metrics)
+                times.checkpoint += clock() - began
             else:
                 report(metrics)
     return state

@@ -1,35 +1,189 @@
-"""Resuming a run: what a checkpoint was written with, and the resumes that must be refused."""
+"""Resuming a run: complete checkpoints, the newest one that verifies, and refused resumes.
+
+Every worker writes, beside its part of a checkpoint, a manifest of the files it wrote
+(size and sha256), after everything else, so that the manifests of all workers together
+mean a complete checkpoint. Before training, the driver lists the run's checkpoints, newest
+first, and resumes from the first whose files all match their manifests: a checkpoint left
+damaged by a full disk or a node lost mid-save is skipped, with the reason. It then refuses,
+naming the field, a resume that would silently train on something else (another seed, data
+order, block size or tokenizer) or fail deep inside DeepSpeed.
+
+DeepSpeed's resume files are pickles (``torch.load`` of optimizer state): whoever can write
+to the checkpoint storage can run code on the workers. Keep it as trusted as the code.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_ray.checkpoint import MODEL_DIR
-from llm_ray.config import Config
+from llm_ray.config import Config, ConfigError
 from llm_ray.train.loop import TrainState
+
+MANIFEST_DIR = "_manifest"
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folder names: checkpoint_<date and time>
+
+
+class ResumeError(Exception):
+    """The run's checkpoints cannot be resumed, described for the user."""
+
+
+# ------------------------------------------------------------------ manifests
+
+
+def _sha256(stream) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | Path, rank: int, world_size: int) -> Path:
+    """Record every file under directory (this worker's part of a checkpoint) with its size and
+    sha256 in directory/_manifest/rank-NNNNN.json. Call it last: the manifest means complete."""
+    root = Path(directory)
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and MANIFEST_DIR not in p.relative_to(root).parts):
+        with open(path, "rb") as f:
+            files[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(f)}
+    out = root / MANIFEST_DIR / f"rank-{rank:05d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rank": rank, "world_size": world_size, "files": files}, indent=1))
+    return out
+
+
+def verify(filesystem, path: str) -> str | None:
+    """Why the checkpoint at path (on a pyarrow filesystem) is not complete and intact, or None."""
+    from pyarrow import fs
+
+    try:
+        listing = filesystem.get_file_info(fs.FileSelector(f"{path}/{MANIFEST_DIR}", allow_not_found=True))
+        manifests = [json.loads(_read(filesystem, i.path)) for i in listing if i.path.endswith(".json")]
+    except (OSError, ValueError) as e:
+        return f"its manifest cannot be read ({type(e).__name__})"
+    if not manifests:
+        return "no manifest: the save did not finish (or an llm-ray version before manifests wrote it)"
+    world = manifests[0]["world_size"]
+    missing = sorted(set(range(world)) - {m["rank"] for m in manifests})
+    if missing:
+        return f"the manifests of workers {missing} of {world} are missing: the save did not finish"
+    for manifest in manifests:
+        for name, expected in sorted(manifest["files"].items()):
+            info = filesystem.get_file_info(f"{path}/{name}")
+            if info.type != fs.FileType.File:
+                return f"{name} is missing"
+            if info.size != expected["size"]:
+                return f"{name} has {info.size} bytes, {expected['size']} were written"
+            with filesystem.open_input_stream(f"{path}/{name}") as f:
+                if _sha256(f) != expected["sha256"]:
+                    return f"{name} does not match its checksum"
+    return None
+
+
+def _read(filesystem, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as f:
+        return f.read()
+
+
+# ------------------------------------------------------------------ choosing the checkpoint
+
+
+@dataclass
+class ResumePoint:
+    """The newest checkpoint that verified (None: start fresh) and the newer ones skipped."""
+
+    path: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+
+def find_resume_point(filesystem, run_path: str) -> ResumePoint:
+    """Verify the run's checkpoints newest first; raise ResumeError when there are some and none verifies."""
+    from pyarrow import fs
+
+    try:
+        entries = filesystem.get_file_info(fs.FileSelector(run_path, allow_not_found=True))
+    except OSError as e:
+        raise ResumeError(f"cannot list the checkpoints in {run_path}: {e}") from None
+    folders = sorted((e.path for e in entries if e.type == fs.FileType.Directory
+                      and e.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)  # the names sort by time
+    point = ResumePoint()
+    for path in folders:
+        why = verify(filesystem, path)
+        if why is None:
+            point.path = path
+            return point
+        point.skipped.append((path, why))
+    if point.skipped:
+        listing = "\n  ".join(f"{p}: {why}" for p, why in point.skipped)
+        raise ResumeError(f"no checkpoint of this run in {run_path} is complete:\n  {listing}\nStart a new run "
+                          "(--set name=...), or move the run folder away to start this one afresh")
+    return point
+
+
+def read_checkpoint_files(filesystem, path: str) -> tuple[TrainState, dict, str]:
+    """(training state, resolved config as a dict, tokenizer JSON) a checkpoint was written with."""
+    import yaml
+
+    model = f"{path}/{MODEL_DIR}"
+    state = TrainState(**json.loads(_read(filesystem, f"{model}/train_state.json")))
+    config = yaml.safe_load(_read(filesystem, f"{model}/config.yaml"))
+    return state, config, _read(filesystem, f"{model}/tokenizer.json").decode("utf-8")
 
 
 def read_saved_config(checkpoint_dir: str) -> dict:
-    """The resolved config a checkpoint was written with, as a plain dict."""
+    """The resolved config a local checkpoint folder was written with, as a plain dict."""
     import yaml
 
     return yaml.safe_load((Path(checkpoint_dir) / MODEL_DIR / "config.yaml").read_text(encoding="utf-8"))
 
 
+# ------------------------------------------------------------------ refusals
 
-def check_resumable(saved: TrainState, saved_config: dict, cfg: Config, data_key: str | None, world: int) -> None:
-    """Refuse, with the field to change, a resume that would fail deep in DeepSpeed or silently
-    train on the wrong thing."""
-    stage = saved_config.get("train", {}).get("zero_stage", cfg.train.zero_stage)
+
+def _get(tree: dict, dotted: str, default):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def regroups(cfg: Config, saved_world: int, world: int) -> bool:
+    """Whether the optimizer state is partitioned over the workers and their number changed: ZeRO
+    stages 1-3, and DeepSpeed's bf16 optimizer, which partitions its fp32 master copy even at ZeRO-0."""
+    partitioned = cfg.train.zero_stage > 0 or cfg.train.precision == "bf16"
+    return partitioned and saved_world not in (0, world)
+
+
+def check_resumable(saved: TrainState, saved_config: dict, cfg: Config, data_key: str | None, world: int,
+                    tokenizer_json: str | None = None, saved_tokenizer: str | None = None) -> None:
+    """Raise ConfigError, naming the field to change, for a resume that would fail deep in DeepSpeed
+    or silently train on something else than the checkpoint's run did."""
+    at = f"the checkpoint at step {saved.step}"
+    fresh = "or start a new run (--set name=...)"
+    stage = _get(saved_config, "train.zero_stage", cfg.train.zero_stage)
     if stage != cfg.train.zero_stage:
-        raise ValueError(f"the checkpoint at step {saved.step} was written at ZeRO-{stage}: resume with "
-                         f"train.zero_stage={stage}, or start a new run (--set name=...)")
+        raise ConfigError(f"{at} was written at ZeRO-{stage}: resume with train.zero_stage={stage}, {fresh}")
+    order = "the data order and position it recorded would mean other blocks"
+    for dotted, now, why in (("seed", cfg.seed, order), ("train.shuffle", cfg.train.shuffle, order),
+                             ("data.block_size", cfg.data.block_size, order),
+                             ("train.precision", cfg.train.precision, "DeepSpeed's optimizer state has another form")):
+        then = _get(saved_config, dotted, now)
+        if then != now:
+            raise ConfigError(f"{at} was written with {dotted}={then} (now {now}): {why}; resume with "
+                              f"{dotted}={then}, {fresh}")
+    if saved_tokenizer is not None and tokenizer_json is not None and saved_tokenizer != tokenizer_json:
+        raise ConfigError(f"{at} was trained with another tokenizer than the prepared data's (tokenizer.*, or "
+                          f"data prepared again): token ids would mean other text; {fresh[3:]}")
     if stage == 3 and saved.world_size not in (0, world):
         # DeepSpeed's universal conversion loads, but the re-partitioned ZeRO-3 optimizer state
         # did not reproduce the uninterrupted run in our test (ZeRO-2's does, to 6 decimals).
-        raise ValueError(f"the ZeRO-3 checkpoint at step {saved.step} was written by {saved.world_size} workers: "
-                         f"resume it with train.num_workers={saved.world_size} (not {world})")
+        raise ConfigError(f"the ZeRO-3 {at[4:]} was written by {saved.world_size} workers: resume it with "
+                          f"train.num_workers={saved.world_size} (not {world}), {fresh}")
     if saved.data_key is not None and saved.data_key != data_key:
-        raise ValueError(f"the checkpoint at step {saved.step} was trained on other prepared data (it was "
-                         "prepared again since): its data position means nothing here. Start a new run "
-                         "(--set name=...) or train on the data it was trained on (--data)")
+        raise ConfigError(f"{at} was trained on other prepared data (it was prepared again since): its data "
+                          f"position means nothing here. Train on the data it was trained on (--data), {fresh}")

@@ -11,6 +11,7 @@ from llm_ray.config import Config, ConfigError
 from llm_ray.data.corpus import CorpusError
 from llm_ray.data.sources import check_credentials, check_uri, s3_error, s3_filesystem
 from llm_ray.data.prepare import PrepareError, data_dir, load_manifest
+from llm_ray.train.resume import ResumePoint, check_resumable, find_resume_point, read_checkpoint_files
 
 
 @dataclass
@@ -50,7 +51,26 @@ def checkpoint_storage(cfg: Config):
     return uri[len("s3://"):].rstrip("/"), filesystem
 
 
-def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
+def choose_checkpoint(cfg: Config, storage: str, filesystem, data_key: str | None, tokenizer_json: str,
+                      log) -> ResumePoint:
+    """The checkpoint a rerun of this run resumes from: the newest that verifies, checked against
+    the config before any worker starts (see train.resume)."""
+    from pyarrow import fs
+
+    filesystem = filesystem or fs.LocalFileSystem()
+    point = find_resume_point(filesystem, f"{storage}/{cfg.name}")
+    for skipped, why in point.skipped:
+        log(f"train: skipping the damaged checkpoint {skipped}: {why}")
+    if point.path is not None:
+        saved, saved_config, saved_tokenizer = read_checkpoint_files(filesystem, point.path)
+        check_resumable(saved, saved_config, cfg, data_key, cfg.train.num_workers, tokenizer_json, saved_tokenizer)
+        log(f"train: resuming from step {saved.step} ({point.path})")
+    return point
+
+
+def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dict | None = None) -> TrainResult:
+    """Train on the prepared data at data_path (default: the run's own). test_hooks is a testing
+    seam passed to the workers (see worker.nan_loss_hook); users never set it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -71,15 +91,21 @@ def train(cfg: Config, data_path: Path | None = None, log=print) -> TrainResult:
               for split in ("train", "val")}
     t = cfg.train
     storage, filesystem = checkpoint_storage(cfg)
+    tokenizer_json = (path / manifest["tokenizer"]).read_text(encoding="utf-8")
+    data_key = manifest.get("stage_keys", {}).get("pack")  # a resume must be on the same data
+    point = choose_checkpoint(cfg, storage, filesystem, data_key, tokenizer_json, log)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
-            "tokenizer_json": (path / manifest["tokenizer"]).read_text(encoding="utf-8"),
+            "tokenizer_json": tokenizer_json,
             "run_dir": str(cfg.run_dir),  # absolute: workers run in their own folders
             "train_shards": shards["train"],
             "val_shards": shards["val"],
-            "data_key": manifest.get("stage_keys", {}).get("pack"),  # a resume must be on the same data
+            "data_key": data_key,
+            "resume_from": point.path,  # the newest complete checkpoint, if Ray's latest is damaged
+            "damaged_checkpoints": [p for p, _ in point.skipped],
+            **(test_hooks or {}),
         },
         torch_config=TorchConfig(timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(

@@ -21,7 +21,7 @@ from llm_ray.config import Config, model_spec
 from llm_ray.model import GPT
 from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
 from llm_ray.train.loop import TrainState, run_training
-from llm_ray.train.resume import check_resumable, read_saved_config
+from llm_ray.train.resume import check_resumable, read_saved_config, regroups, write_manifest
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -69,11 +69,76 @@ def universal_checkpoint(ds_dir: str, ctx):
             shutil.rmtree(node_dir, ignore_errors=True)
 
 
+def nan_loss_hook(spec: dict | None, rank: int):
+    """Testing seam: {"rank": r, "micro_batches": [i, ...]} makes worker r's loss NaN at those
+    micro-batches (counted from 0 over the whole run), as a bad batch or an overflow would."""
+    if not spec or spec["rank"] != rank:
+        return None
+    seen = {"count": 0}
+
+    def hook(state, loss):
+        index = seen["count"]
+        seen["count"] += 1
+        return loss * float("nan") if index in spec["micro_batches"] else loss
+
+    return hook
+
+
 def quiet_deprecated_collectives() -> None:
     """DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecated, at every step (ZeRO-3:
     reduce_scatter_tensor too): without this, a warning line per step."""
     for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
         warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
+
+
+def checkpoint_to_resume(payload: dict, cfg: Config):
+    """Ray's latest checkpoint of the run, unless the driver found it damaged: then the newest
+    complete one (see train.resume)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    damaged = {p.rstrip("/") for p in payload.get("damaged_checkpoints", [])}
+    if payload.get("resume_from") and (checkpoint is None or checkpoint.path.rstrip("/") in damaged):
+        filesystem = None
+        if cfg.train.storage_path and cfg.train.storage_path.startswith("s3://"):
+            from llm_ray.data.sources import s3_filesystem
+
+            filesystem = s3_filesystem(cfg.data.s3)
+        checkpoint = ray.train.Checkpoint(payload["resume_from"], filesystem=filesystem)
+    return checkpoint
+
+
+def restore(cfg: Config, model, payload: dict, ctx):
+    """(engine, state) restored from the checkpoint to resume, or (None, None) for a fresh start."""
+    from llm_ray.train.engine import build_engine
+
+    checkpoint = checkpoint_to_resume(payload, cfg)
+    if checkpoint is None:
+        return None, None
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    with contextlib.ExitStack() as stack:
+        d = stack.enter_context(checkpoint.as_directory())
+        ds_dir = os.path.join(d, DS_DIR)
+        saved = TrainState(**read_train_state(d))
+        # Checked by the driver already (train.trainer); again here for restarts within a run.
+        check_resumable(saved, read_saved_config(d), cfg, payload["data_key"], world)
+        # The optimizer state is sharded over the workers: under another worker count it is
+        # re-partitioned through DeepSpeed's universal checkpoint format.
+        regroup = regroups(cfg, saved.world_size, world)
+        if regroup:
+            ds_dir = stack.enter_context(universal_checkpoint(ds_dir, ctx))
+            if rank == 0:
+                worker_log(f"re-partitioned the optimizer state of {saved.world_size} workers for {world}")
+        engine = build_engine(model, cfg, load_universal=regroup)
+        _, client_state = engine.load_checkpoint(ds_dir, tag=DS_TAG)
+    state = TrainState(**client_state["train_state"])
+    state.resumed_from.append(state.step)
+    state.world_size, state.data_key = world, payload["data_key"]
+    if state.step and not state.samples:  # written before the data position was recorded
+        state.samples = state.step * cfg.train.total_batch_tokens // cfg.data.block_size
+    if rank == 0:
+        worker_log(f"resumed from step {state.step}, block {state.samples} of the data stream ({checkpoint.path})")
+    return engine, state
 
 
 def train_loop_per_worker(payload: dict) -> None:
@@ -98,34 +163,10 @@ def train_loop_per_worker(payload: dict) -> None:
     model_flops = model.flops_per_token(cfg.data.block_size)  # before ZeRO-3 partitions the parameters
 
     world = ctx.get_world_size()
-    state = TrainState(world_size=world, data_key=payload["data_key"])
-    checkpoint = ray.train.get_checkpoint()
-    with contextlib.ExitStack() as stack:
-        engine = None
-        if checkpoint is not None:
-            d = stack.enter_context(checkpoint.as_directory())
-            ds_dir = os.path.join(d, DS_DIR)
-            saved = TrainState(**read_train_state(d))
-            check_resumable(saved, read_saved_config(d), cfg, payload["data_key"], world)
-            # ZeRO shards the optimizer state over the workers: under another worker count it is
-            # re-partitioned through DeepSpeed's universal checkpoint format.
-            regroup = cfg.train.zero_stage > 0 and saved.world_size not in (0, world)
-            if regroup:
-                ds_dir = stack.enter_context(universal_checkpoint(ds_dir, ctx))
-                if rank == 0:
-                    worker_log(f"re-partitioned the optimizer state of {saved.world_size} workers for {world}")
-            engine = build_engine(model, cfg, load_universal=regroup)
-            _, client_state = engine.load_checkpoint(ds_dir, tag=DS_TAG)
-            state = TrainState(**client_state["train_state"])
-            state.resumed_from.append(state.step)
-            state.world_size, state.data_key = world, payload["data_key"]
-            if state.step and not state.samples:  # written before the data position was recorded
-                state.samples = state.step * cfg.train.total_batch_tokens // cfg.data.block_size
-            if rank == 0:
-                worker_log(f"resumed from step {state.step}, block {state.samples} of the data stream "
-                           f"({checkpoint.path})")
+    engine, state = restore(cfg, model, payload, ctx)
     if engine is None:
         engine = build_engine(model, cfg)
+        state = TrainState(world_size=world, data_key=payload["data_key"])
     if cfg.train.compile:
         engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
 
@@ -143,6 +184,7 @@ def train_loop_per_worker(payload: dict) -> None:
             weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
             if rank == 0:
                 save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))
+            write_manifest(tmp, rank, world)  # last: its presence means this worker's part is complete
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     from llm_ray.tracking import make_tracker
@@ -151,6 +193,6 @@ def train_loop_per_worker(payload: dict) -> None:
     state.tracker_run_id = tracker.run_id
     try:
         run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
-                     worker_log, tracker, model_flops)
+                     worker_log, tracker, model_flops, loss_hook=nan_loss_hook(payload.get("test_nan_loss"), rank))
     finally:
         tracker.finish()

@@ -1,0 +1,104 @@
+"""The training loop on a real DeepSpeed engine in this process (a one-worker gloo group, no Ray):
+L1 under every ZeRO stage and precision, the LR and throughput that the progress rows report."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from llm_ray.config import load_config, model_spec
+from llm_ray.model import GPT
+from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
+from llm_ray.train.engine import build_engine
+from llm_ray.train.loop import TrainState, l1_matrices, l1_penalty, run_training
+from llm_ray.train.schedule import lr_at
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A one-process gloo group, as Ray Train sets up for each worker (DeepSpeed needs one)."""
+    saved = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def one_worker(*overrides):
+    return load_config("debug", ["train.num_workers=1", "train.total_batch_tokens=512", *overrides])
+
+
+def run(cfg, tmp_path, clock=None, save=None, log=None):
+    """run_training on random tokens: (final state, engine)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        np.save(tmp_path / f"{split}.npy", rng.integers(0, cfg.vocab_size, (64, cfg.data.block_size + 1),
+                                                        dtype=np.uint16))
+    torch.manual_seed(cfg.seed)
+    engine = build_engine(GPT(model_spec(cfg)), cfg)
+    micro = cfg.train.micro_batch_size
+    blocks = PackedBlocks([tmp_path / "train.npy"])
+    batches = MicroBatches(blocks, BlockOrder(len(blocks), cfg.seed), 0, 0, 1, micro)
+    val = [(torch.from_numpy(b), w) for b, w in
+           validation_batches(PackedBlocks([tmp_path / "val.npy"]), 2 * micro, cfg.seed, 0, 1, micro)]
+    kwargs = {"clock": clock} if clock else {}
+    state = run_training(cfg, engine, batches, val, TrainState(world_size=1), save or (lambda s, m: None),
+                         lambda m: None, 0, torch.device("cpu"), log=log or (lambda line: None), **kwargs)
+    return state, engine
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16")])
+def test_l1_shrinks_the_matrices_under_every_zero_stage_and_precision(process_group, tmp_path, stage, precision):
+    """Under ZeRO-1/2 and DeepSpeed's bf16 optimizer, the optimizer's param groups are flat
+    partitions detached from the model: a penalty on them changed nothing. It must here."""
+    norms = {}
+    for l1 in (0.0, 0.05):
+        cfg = one_worker(f"train.zero_stage={stage}", f"train.precision={precision}", f"train.l1={l1}",
+                         "train.max_steps=10", "train.weight_decay=0")
+        _, engine = run(cfg, tmp_path, log=None)
+        with torch.no_grad():
+            norms[l1] = float(l1_penalty(l1_matrices(engine.module)))
+    assert norms[0.05] < 0.5 * norms[0.0], norms
+
+
+def test_progress_rows_log_the_lr_each_step_used(process_group, tmp_path):
+    cfg = one_worker("train.max_steps=8", "train.warmup_steps=4", "train.log_every=1", "train.zero_stage=2")
+    state, _ = run(cfg, tmp_path)
+    rows = [h for h in state.history if "train_loss" in h]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # Step s (1-based) is optimizer step s - 1 of the schedule: warmup gives lr/4, 2lr/4, ...
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s - 1, cfg.train) for s in range(1, 9)])
+    assert rows[0]["lr"] == pytest.approx(cfg.train.lr / 4)
+
+
+def test_throughput_counts_training_time_only(process_group, tmp_path):
+    """A clock that advances one second per reading, and a checkpoint that takes 1000 s: the
+    tokens/s of a row come from the training seconds alone; eval and checkpoint time are
+    reported beside them."""
+    now = {"t": 0.0}
+
+    def clock():
+        now["t"] += 1.0
+        return now["t"]
+
+    def slow_save(state, metrics):
+        now["t"] += 1000.0
+
+    cfg = one_worker("train.max_steps=6", "train.log_every=3", "train.checkpoint_every=3", "train.eval_every=3")
+    state, _ = run(cfg, tmp_path, clock=clock, save=slow_save)
+    rows = [h for h in state.history if "train_loss" in h]
+    assert [r["step"] for r in rows] == [3, 6]
+    for row in rows:  # each step: one reading before, one after, 1 s apart
+        assert row["train_seconds"] == pytest.approx(3.0)
+        assert row["tokens_per_sec"] == pytest.approx(3 * cfg.train.total_batch_tokens / 3.0)
+    assert rows[1]["checkpoint_seconds"] >= 1000 and rows[1]["eval_seconds"] > 0
