@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,18 +79,24 @@ def test_train_two_workers_loss_falls_and_checkpoint_reloads(prepared, stage):
     assert saved_cfg == cfg
     ds_state = get_fp32_state_dict_from_zero_checkpoint(str(Path(result.checkpoint) / "deepspeed"), tag="state")
     reference, _, _ = load_model(result.checkpoint)
-    reference.load_state_dict(ds_state, strict=False)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.zero_()  # nothing of the safetensors weights may survive into the reference
+    missing, unexpected = reference.load_state_dict(ds_state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is wte, tied
+    assert set(ds_state) | {"lm_head.weight"} == set(reference.state_dict())
     probe = torch.randint(0, manifest["vocab_size"], (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(model(probe)[0], reference(probe)[0], rtol=0, atol=0)
 
 
-def test_generate_cli_prints_a_continuation(prepared, capsys):
+def test_generate_cli_prints_a_continuation(prepared, tmp_path, capsys):
     cfg, _ = prepared
-    checkpoints = sorted(p for p in cfg.run_dir.parent.glob("zero*/checkpoints/*/checkpoint_*") if p.is_dir())
-    assert checkpoints, "the training test runs first and leaves a checkpoint"
-    args = ["generate", "--checkpoint", str(checkpoints[-1]), "--prompt", "ROMEO:", "--max-new-tokens", "20",
-            "--seed", "3"]
+    run = cfg.model_copy(update={"name": "generate", "output_dir": str(tmp_path)}, deep=True)
+    run.train.max_steps, run.train.eval_every, run.train.log_every = 6, 6, 6
+    checkpoint = train(run, data_dir(cfg), log=lambda *_: None).checkpoint
+    capsys.readouterr()  # what the training workers printed
+    args = ["generate", "--checkpoint", checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert first.startswith("ROMEO:") and len(first.strip()) > len("ROMEO:")
@@ -159,63 +167,51 @@ def test_wandb_offline_run_holds_metrics_and_no_secret(prepared, tmp_path, monke
     run.tracking.backend = "wandb"
     run.train.max_steps, run.train.log_every, run.train.eval_every, run.train.checkpoint_every = 6, 2, 3, 6
     result = train(run, data, log=lambda *_: None)
-    run_id = read_train_state(result.checkpoint)["tracker_run_id"]
-    [run_dir] = list((tmp_path / "wandb" / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
+    state = read_train_state(result.checkpoint)
+    [run_dir] = list((tmp_path / "wandb" / "wandb" / "wandb").glob(f"offline-run-*-{state['tracker_run_id']}"))
+    # W&B's own reader of its transaction log: `wandb leet inspect --json`, one record per line.
     [log_file] = list(run_dir.glob("*.wandb"))
-    keys = {key for record in wandb_history(log_file) for key in record}
-    assert {"train_loss", "lr", "tokens_per_sec", "grad_norm", "val_loss", "val_perplexity"} <= keys
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    records = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(log_file)], capture_output=True,
+                             text=True, check=True, timeout=120).stdout.splitlines()
+    history = [json.loads(line)["history"]["item"] for line in records if '"type":"history"' in line]
+    logged = {row["_step"]: row for row in history if "train_loss" in row}
+    ours = {h["step"]: h for h in state["history"] if "train_loss" in h}
+    assert sorted(logged) == sorted(ours) == [2, 4, 6]
+    for step, row in ours.items():
+        for key in ("train_loss", "lr", "tokens_per_sec", "grad_norm", "train_seconds"):
+            assert logged[step][key] == pytest.approx(row[key]), (step, key)
+    evals = {row["_step"]: row["val_loss"] for row in history if "val_loss" in row}
+    assert evals == {h["step"]: pytest.approx(h["val_loss"]) for h in state["history"]
+                     if "val_loss" in h and h["step"] > 0}
     for path in (tmp_path / "wandb").rglob("*"):
         if path.is_file():
             blob = path.read_bytes()
             assert SECRET_ACCESS_KEY.encode() not in blob and ACCESS_KEY_ID.encode() not in blob, path
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """History rows of an offline W&B run file: a LevelDB-style log of protobuf records."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, i = path.read_bytes(), 32768, 7  # 7 bytes of file header (":W&B" and version)
-    chunks, pending = [], b""
-    while i + 7 <= len(data):
-        if block - i % block < 7:  # a block's tail too short for a header is padding
-            i += block - i % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[i : i + 7])
-        chunk, i = data[i + 7 : i + 7 + length], i + 7 + length
-        if kind == 0:
-            break
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):  # full record, or the last piece of one
-            chunks.append(pending)
-    rows = []
-    for chunk in chunks:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(chunk)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
-
-
 def kill_a_worker_after_the_first_checkpoint(run_dir: Path, killed: dict) -> None:
-    """SIGKILL one Ray Train worker once Ray has registered a checkpoint of the run (polling)."""
+    """SIGKILL one training worker of this test session's Ray job once Ray has registered a
+    checkpoint of the run (polling). The worker's pid comes from Ray's state API, never from a
+    process name, so no other process on the machine can be hit."""
     import os
     import signal
     import time
 
-    import psutil
+    import ray
+    from ray.util.state import list_actors
 
+    job_id = ray.get_runtime_context().get_job_id()
     deadline = time.time() + 240
     while time.time() < deadline and not killed:
         # Ray Train registers a checkpoint in this snapshot once every worker has reported it.
         if list((run_dir / "checkpoints").glob("*/checkpoint_manager_snapshot.json")):
-            for proc in psutil.process_iter(["cmdline"]):
-                if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed["pid"] = proc.pid
-                    return
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+                                           ("job_id", "=", job_id)])
+            if workers and workers[0].pid:
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed["pid"] = workers[0].pid
+                return
         time.sleep(0.2)
 
 
@@ -290,8 +286,9 @@ def test_rerunning_a_run_name_resumes_its_latest_checkpoint(prepared, tmp_path):
     assert first.step == 20 and state["step"] == 40 and state["resumed_from"] == [20]
     rows = {h["step"]: h for h in state["history"] if "train_loss" in h}
     assert sorted(rows) == [10, 20, 30, 40]  # the first run's history carried over, nothing redone
-    # The LR schedule continued from step 20 (DeepSpeed restored the scheduler with the optimizer).
-    assert rows[30]["lr"] == pytest.approx(lr_at(30, run.train))
+    # The LR schedule continued from step 20 (DeepSpeed restored the scheduler with the optimizer):
+    # step 30 is the schedule's step 29 (0-based), and its row shows the LR it used.
+    assert rows[30]["lr"] == pytest.approx(lr_at(29, run.train))
 
 
 def test_checkpoints_on_s3_resume_and_hold_no_secret(prepared, s3_server, tmp_path):
@@ -326,3 +323,68 @@ def test_checkpoints_on_s3_resume_and_hold_no_secret(prepared, s3_server, tmp_pa
         train(missing, data_dir(cfg), log=lambda *_: None)
     state = read_train_state(second.checkpoint)
     assert state["step"] == 9 and state["resumed_from"] == [6]
+
+
+def test_two_worker_zero2_l1_shrinks_the_matrices_and_a_nan_on_one_worker_is_skipped_by_both(prepared, tmp_path):
+    """The defaults users run (2 workers, ZeRO-2): a large train.l1 shrinks the matrices below
+    where they started (Adam alone moves them outwards), and a NaN loss injected on worker 1
+    only is skipped by both workers (a disagreement would hang until the collective timeout)."""
+    from llm_ray.config import model_spec
+    from llm_ray.model import GPT
+    from llm_ray.train.loop import l1_matrices, l1_penalty
+
+    cfg, _ = prepared
+    run = cfg.model_copy(update={"name": "l1-nan", "output_dir": str(tmp_path)}, deep=True)
+    run.train.max_steps, run.train.log_every, run.train.eval_every, run.train.checkpoint_every = 8, 1, 8, 8
+    run.train.l1, run.train.weight_decay, run.train.collective_timeout_s = 0.05, 0.0, 120
+    result = train(run, data_dir(cfg), log=lambda *_: None,
+                   test_hooks={"test_nan_loss": {"rank": 1, "micro_batches": [3]}})
+    state = read_train_state(result.checkpoint)
+    assert state["step"] == 8 and state["skipped_batches"] == 1
+    # 8 accepted rounds + 1 skipped, 16 blocks each, the same on both workers.
+    assert state["samples"] == 9 * run.train.micro_batch_size * run.train.num_workers
+    assert all(math.isfinite(h["train_loss"]) for h in state["history"] if "train_loss" in h)
+
+    torch.manual_seed(run.seed)
+    untrained = GPT(model_spec(run))
+    trained, _, _ = load_model(result.checkpoint)
+    with torch.no_grad():
+        start, end = float(l1_penalty(l1_matrices(untrained))), float(l1_penalty(l1_matrices(trained)))
+    assert end < 0.7 * start, (start, end)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(prepared, tmp_path):
+    """A truncated optimizer shard in the latest checkpoint (a full disk, a node lost mid-save):
+    the rerun says so, resumes from the checkpoint before, and finishes."""
+    cfg, _ = prepared
+    run = cfg.model_copy(update={"name": "damaged", "output_dir": str(tmp_path)}, deep=True)
+    run.train.max_steps, run.train.checkpoint_every, run.train.log_every, run.train.eval_every = 6, 3, 3, 6
+    train(run, data_dir(cfg), log=lambda *_: None)
+    checkpoints = sorted(p for p in (run.run_dir / "checkpoints" / run.name).glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    [shard] = list(checkpoints[-1].glob("deepspeed/state/*rank_1*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+
+    run.train.max_steps = 9
+    lines = []
+    state = read_train_state(train(run, data_dir(cfg), log=lines.append).checkpoint)
+    assert state["step"] == 9 and state["resumed_from"] == [3]
+    assert any("skipping the damaged checkpoint" in line and checkpoints[-1].name in line
+               and "100 bytes" in line for line in lines), lines
+
+
+def test_bf16_at_zero_0_resumes_under_another_worker_count(prepared, tmp_path):
+    """bf16 at ZeRO-0: a 2-worker checkpoint resumes on 1 worker with its fp32 master weights
+    (DeepSpeed 0.19 keeps them whole at ZeRO-0; partitioned shards would be re-partitioned)."""
+    cfg, _ = prepared
+    run = cfg.model_copy(update={"name": "bf16-regroup", "output_dir": str(tmp_path)}, deep=True)
+    run.train.zero_stage, run.train.precision = 0, "bf16"
+    run.train.max_steps, run.train.checkpoint_every, run.train.log_every, run.train.eval_every = 8, 8, 1, 8
+    first = train(run, data_dir(cfg), log=lambda *_: None)
+    run.train.num_workers, run.train.max_steps = 1, 10
+    state = read_train_state(train(run, data_dir(cfg), log=lambda *_: None).checkpoint)
+    assert state["step"] == 10 and state["resumed_from"] == [8]
+    losses = {h["step"]: h["train_loss"] for h in state["history"] if "train_loss" in h}
+    # Training went on from the trained weights (an untrained model's loss is about 6.2 here).
+    assert abs(losses[9] - losses[8]) < 0.3 and losses[9] < losses[1] - 0.5, losses
+    assert state["history"][-1]["val_loss"] < first.val_loss + 0.05

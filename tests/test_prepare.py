@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_ray.config import load_config
-from llm_ray.data import transforms
 from llm_ray.data.prepare import PrepareError, data_dir, prepare
 from tests.conftest import ACCESS_KEY_ID, CORPUS, SECRET_ACCESS_KEY
 from tests.test_dedup import change_words, rewrap
@@ -130,19 +129,118 @@ def test_interrupted_run_resumes_unfinished_shards(ray_session, tmp_path):
     assert again["documents"] == first["documents"] and again["splits"] == first["splits"]
 
 
-def test_splits_are_stable_across_task_sizes_and_follow_clusters(ray_session, tmp_path):
-    a = config(tmp_path / "a", [str(CORPUS)])
-    b = config(tmp_path / "b", [str(CORPUS)], "data.files_per_task=1")
-    ma, mb = prepare(a, log=Log()), prepare(b, log=Log())
-    assert ma["documents"] == mb["documents"] and ma["splits"].keys() == mb["splits"].keys()
-    assert split_of_each_doc(a) == split_of_each_doc(b)
-    for split in ("train", "val"):
-        # The same documents tokenize to the same tokens; packing is per shard, so only the
-        # unfilled tail of each shard differs.
-        assert ma["splits"][split]["document_tokens"] == mb["splits"][split]["document_tokens"]
-    # Each document's split is a function of its duplicate-cluster key.
-    u = {k: transforms.split_key(c, a.seed) for k, c in split_of_each_doc(a).items()}
-    assert sum(v < a.data.val_fraction for v in u.values()) == ma["documents"]["val"]
+def planted_corpus(folder):
+    """The 14 plays plus near-copies of 7 of them: clusters of two whose split must be one."""
+    folder.mkdir(parents=True)
+    for name, text in TEXTS.items():
+        (folder / name).write_text(text)
+    for i, (name, text) in enumerate(sorted(TEXTS.items())[:7]):
+        copy = change_words(text, 0.03, i) if i % 2 else rewrap(text)
+        (folder / f"copy_{name}").write_text(copy)
+    return folder
+
+
+def split_blocks(cfg, manifest):
+    """{split: every packed block of the split, concatenated in manifest order}."""
+    import numpy as np
+
+    return {split: np.concatenate([np.load(data_dir(cfg) / s["file"]) for s in info["shards"]])
+            for split, info in manifest["splits"].items()}
+
+
+def held_out_membership(cfg):
+    """{file name: split} of every kept document, from its cluster key, as prepare assigns it."""
+    from llm_ray.data.prepare import _split_batch, split_thresholds
+
+    import numpy as np
+
+    rows = pq.read_table(data_dir(cfg) / "dedup").to_pylist()
+    thresholds = split_thresholds(sorted({r["cluster_key"] for r in rows}), cfg.data)
+    splits = _split_batch({"cluster_key": np.array([r["cluster_key"] for r in rows], dtype=object)},
+                          cfg.data.split_seed, *thresholds)["split"]
+    return {r["doc_key"].rsplit("/", 1)[-1]: split for r, split in zip(rows, splits)}
+
+
+def test_splits_follow_content_across_folders_s3_and_training_seeds(ray_session, s3_server, tmp_path):
+    """The same corpus in two folders and on S3, and under another training seed, gives the same
+    split membership and byte-identical packed splits; only data.split_seed moves documents."""
+    import numpy as np
+
+    endpoint, client = s3_server
+    a = planted_corpus(tmp_path / "a" / "corpus")
+    shutil.copytree(a, tmp_path / "b" / "somewhere" / "else")
+    client.create_bucket(Bucket="splits")
+    for path in sorted(a.iterdir()):
+        client.put_object(Bucket="splits", Key=f"c/{path.name}", Body=path.read_bytes())
+    extra = ["data.val_fraction=0.25", "data.test_fraction=0.15"]
+    runs = {"a": config(tmp_path / "a", [str(a)], *extra),
+            "b": config(tmp_path / "b", [str(tmp_path / "b" / "somewhere" / "else")], *extra),
+            "s3": config(tmp_path / "s3", ["s3://splits/c/"], f"data.s3.endpoint_url={endpoint}", *extra),
+            "seed": config(tmp_path / "seed", [str(a)], "seed=7", *extra)}
+    manifests = {k: prepare(c, log=Log()) for k, c in runs.items()}
+    membership = {k: held_out_membership(c) for k, c in runs.items()}
+    assert len(membership["a"]) == 14 and {"train", "val", "test"} == set(membership["a"].values())
+    blocks = {k: split_blocks(runs[k], manifests[k]) for k in runs}
+    for other in ("b", "s3", "seed"):
+        assert membership[other] == membership["a"], other
+        for split in ("train", "val", "test"):
+            assert np.array_equal(blocks[other][split], blocks["a"][split]), (other, split)
+    moved = config(tmp_path / "moved", [str(a)], "data.split_seed=1", *extra)
+    prepare(moved, log=Log())
+    assert held_out_membership(moved) != membership["a"]
+
+
+def test_no_held_out_text_appears_in_any_training_block(ray_session, tmp_path):
+    """Decode the packed shards: no 80-character window of any validation or test document (nor of
+    the near-copies folded into their clusters) occurs in the training text."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from llm_ray.data.tokenizer import EOT
+
+    corpus = planted_corpus(tmp_path / "corpus")
+    cfg = config(tmp_path, [str(corpus)], "data.val_fraction=0.25", "data.test_fraction=0.15")
+    manifest = prepare(cfg, log=Log())
+    tokenizer = Tokenizer.from_file(str(data_dir(cfg) / "tokenizer" / "tokenizer.json"))
+    eot = tokenizer.token_to_id(EOT)
+
+    def stream_text(split):  # blocks overlap by one token: rebuild each shard's token stream
+        texts = []
+        for shard in manifest["splits"][split]["shards"]:
+            blocks = np.load(data_dir(cfg) / shard["file"]).astype(np.int64)
+            ids = np.concatenate([blocks[:, :-1].ravel(), blocks[-1:, -1]]).tolist()
+            docs, current = [], []
+            for i in ids:
+                if i == eot:
+                    docs.append(tokenizer.decode(current))
+                    current = []
+                else:
+                    current.append(i)
+            texts += docs + [tokenizer.decode(current)]
+        return texts
+
+    train_text = "\n".join(stream_text("train"))
+    membership = held_out_membership(cfg)
+    held_out = [name for name, split in membership.items() if split != "train"]
+    # A cluster's smallest key is kept: "copy_play_NN" for the plays with a planted copy.
+    assert any(name.startswith("copy_") for name in held_out), membership
+    checked = 0
+    for split in ("val", "test"):
+        for doc in stream_text(split):
+            for start in range(0, max(0, len(doc) - 80), 200):
+                window = doc[start : start + 80]
+                assert window not in train_text, (split, window)
+                checked += 1
+    assert checked > 20
+    # The planted copies of held-out plays (dropped as duplicates) are not in training either.
+    for name in held_out:
+        base = name.removeprefix("copy_")
+        for path in (corpus / base, corpus / f"copy_{base}"):
+            if path.exists():
+                text = path.read_text()
+                for start in range(0, len(text) - 80, 400):
+                    window = " ".join(text[start : start + 80].split()[1:-1])  # whole words, any wrapping
+                    assert window not in " ".join(train_text.split()), (path.name, window)
 
 
 def test_too_many_failed_files_fail_with_the_list(ray_session, tmp_path):

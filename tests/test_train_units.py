@@ -266,15 +266,17 @@ def test_resumes_that_would_go_wrong_are_refused():
     refused("train.num_workers=2", saved_config=zero3_config, cfg=zero3, world=1)
 
 
-def test_bf16_at_zero_0_is_repartitioned_under_another_worker_count():
-    """DeepSpeed's bf16 optimizer partitions its fp32 master weights over the workers even at ZeRO-0."""
+def test_sharded_optimizer_state_is_repartitioned_under_another_worker_count(tmp_path):
+    """Decided from the checkpoint's files: per-worker optimizer shards (ZeRO 1-3, DeepSpeed's
+    partitioned bf16 optimizer) are re-partitioned; a whole state (ZeRO-0, fp32 or bf16) is not."""
     from llm_ray.train.resume import regroups
 
-    assert regroups(load_config("debug", ["train.zero_stage=0", "train.precision=bf16"]), 2, 1)
-    assert not regroups(load_config("debug", ["train.zero_stage=0"]), 2, 1)
-    assert regroups(load_config("debug", ["train.zero_stage=1"]), 2, 1)
-    assert not regroups(load_config("debug", ["train.zero_stage=2"]), 2, 2)
-    assert not regroups(load_config("debug", ["train.zero_stage=2"]), 0, 1)  # state of an old version
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert not regroups(tmp_path, 2, 1)
+    (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert regroups(tmp_path, 2, 1)
+    assert not regroups(tmp_path, 2, 2)
+    assert not regroups(tmp_path, 0, 1)  # state of an old version: no worker count recorded
 
 
 def test_deprecated_collective_warnings_are_silenced():

@@ -152,11 +152,13 @@ def _get(tree: dict, dotted: str, default):
     return node
 
 
-def regroups(cfg: Config, saved_world: int, world: int) -> bool:
-    """Whether the optimizer state is partitioned over the workers and their number changed: ZeRO
-    stages 1-3, and DeepSpeed's bf16 optimizer, which partitions its fp32 master copy even at ZeRO-0."""
-    partitioned = cfg.train.zero_stage > 0 or cfg.train.precision == "bf16"
-    return partitioned and saved_world not in (0, world)
+def regroups(ds_tag_dir: str | Path, saved_world: int, world: int) -> bool:
+    """Whether the checkpoint's optimizer state is sharded over its workers (ZeRO 1-3, DeepSpeed's
+    partitioned bf16 optimizer: per-worker *optim_states.pt files) and their number changed, so
+    that it must be re-partitioned. Decided from the files, not the config: at ZeRO-0, DeepSpeed
+    0.19 keeps bf16's fp32 master weights whole in the model states file."""
+    sharded = any(Path(ds_tag_dir).glob("*optim_states.pt"))
+    return sharded and saved_world not in (0, world)
 
 
 def check_resumable(saved: TrainState, saved_config: dict, cfg: Config, data_key: str | None, world: int,

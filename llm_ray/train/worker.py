@@ -124,7 +124,7 @@ def restore(cfg: Config, model, payload: dict, ctx):
         check_resumable(saved, read_saved_config(d), cfg, payload["data_key"], world)
         # The optimizer state is sharded over the workers: under another worker count it is
         # re-partitioned through DeepSpeed's universal checkpoint format.
-        regroup = regroups(cfg, saved.world_size, world)
+        regroup = regroups(os.path.join(ds_dir, DS_TAG), saved.world_size, world)
         if regroup:
             ds_dir = stack.enter_context(universal_checkpoint(ds_dir, ctx))
             if rank == 0:
