@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/llm-ray pipeline --config demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -90,11 +90,19 @@ def test_train_two_workers_loss_falls_and_checkpoint_reloads(prepared, stage):
         torch.testing.assert_close(model(probe)[0], reference(probe)[0], rtol=0, atol=0)
 
 
-def test_generate_cli_prints_a_continuation(prepared, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def short_run(prepared, tmp_path_factory):
+    """A 6-step run of the defaults (2 workers, ZeRO-2) tracked by W&B offline: (config, result)."""
     cfg, _ = prepared
-    run = cfg.model_copy(update={"name": "generate", "output_dir": str(tmp_path)}, deep=True)
-    run.train.max_steps, run.train.eval_every, run.train.log_every = 6, 6, 6
-    checkpoint = train(run, data_dir(cfg), log=lambda *_: None).checkpoint
+    run = cfg.model_copy(update={"name": "wandb", "output_dir": str(tmp_path_factory.mktemp("short"))}, deep=True)
+    run.tracking.backend = "wandb"
+    run.train.max_steps, run.train.log_every, run.train.eval_every, run.train.checkpoint_every = 6, 2, 3, 6
+    return run, train(run, data_dir(cfg), log=lambda *_: None)
+
+
+def test_generate_cli_prints_a_continuation(short_run, capsys):
+    run, result = short_run
+    checkpoint = result.checkpoint
     capsys.readouterr()  # what the training workers printed
     args = ["generate", "--checkpoint", checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3"]
     assert main(args) == 0
@@ -102,7 +110,7 @@ def test_generate_cli_prints_a_continuation(prepared, tmp_path, capsys):
     assert first.startswith("ROMEO:") and len(first.strip()) > len("ROMEO:")
     assert main(args) == 0
     assert capsys.readouterr().out == first  # seeded
-    assert main(["generate", "--checkpoint", str(cfg.run_dir), "--prompt", "x"]) == 1
+    assert main(["generate", "--checkpoint", str(run.run_dir), "--prompt", "x"]) == 1  # no weights there
 
 
 def test_pipeline_runs_end_to_end(ray_session, tmp_path, corpus_dir, capsys):
@@ -158,17 +166,13 @@ def test_zero_stages_agree_on_the_first_step(prepared, tmp_path):
     assert results[2, True][1] == pytest.approx(reference[1], abs=1e-3), results
 
 
-def test_wandb_offline_run_holds_metrics_and_no_secret(prepared, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_metrics_and_no_secret(short_run):
     from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
-    cfg, _ = prepared
-    data = data_dir(cfg)
-    run = cfg.model_copy(update={"name": "wandb", "output_dir": str(tmp_path)}, deep=True)
-    run.tracking.backend = "wandb"
-    run.train.max_steps, run.train.log_every, run.train.eval_every, run.train.checkpoint_every = 6, 2, 3, 6
-    result = train(run, data, log=lambda *_: None)
+    run, result = short_run
     state = read_train_state(result.checkpoint)
-    [run_dir] = list((tmp_path / "wandb" / "wandb" / "wandb").glob(f"offline-run-*-{state['tracker_run_id']}"))
+    wandb_dir = run.run_dir / "wandb"
+    [run_dir] = list((wandb_dir / "wandb").glob(f"offline-run-*-{state['tracker_run_id']}"))
     # W&B's own reader of its transaction log: `wandb leet inspect --json`, one record per line.
     [log_file] = list(run_dir.glob("*.wandb"))
     wandb_cli = Path(sys.executable).parent / "wandb"
@@ -184,7 +188,7 @@ def test_wandb_offline_run_holds_metrics_and_no_secret(prepared, tmp_path, monke
     evals = {row["_step"]: row["val_loss"] for row in history if "val_loss" in row}
     assert evals == {h["step"]: pytest.approx(h["val_loss"]) for h in state["history"]
                      if "val_loss" in h and h["step"] > 0}
-    for path in (tmp_path / "wandb").rglob("*"):
+    for path in wandb_dir.rglob("*"):
         if path.is_file():
             blob = path.read_bytes()
             assert SECRET_ACCESS_KEY.encode() not in blob and ACCESS_KEY_ID.encode() not in blob, path

@@ -1,6 +1,7 @@
 """The training loop on a real DeepSpeed engine in this process (a one-worker gloo group, no Ray):
 L1 under every ZeRO stage and precision, the LR and throughput that the progress rows report."""
 
+import math
 import os
 
 import numpy as np
@@ -102,3 +103,16 @@ def test_throughput_counts_training_time_only(process_group, tmp_path):
         assert row["train_seconds"] == pytest.approx(3.0)
         assert row["tokens_per_sec"] == pytest.approx(3 * cfg.train.total_batch_tokens / 3.0)
     assert rows[1]["checkpoint_seconds"] >= 1000 and rows[1]["eval_seconds"] > 0
+
+
+def test_a_nan_on_either_worker_reaches_both(tmp_path):
+    """gloo's MAX is std::max, which drops a NaN on rank 1 (both ranks would see 1.0 and train on
+    the NaN): non-finite losses are mapped to +inf first, so both ranks see it and skip."""
+    import torch.multiprocessing as mp
+
+    from tests._gloo_workers import worst_loss_per_rank
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(worst_loss_per_rank, args=(str(tmp_path / "store"), queue), nprocs=2)
+    results = dict(queue.get() for _ in range(2))
+    assert results == {0: [math.inf, math.inf], 1: [math.inf, math.inf]}
