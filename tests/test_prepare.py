@@ -150,13 +150,13 @@ def split_blocks(cfg, manifest):
 
 def held_out_membership(cfg):
     """{file name: split} of every kept document, from its cluster key, as prepare assigns it."""
-    from llm_ray.data.prepare import _split_batch, split_thresholds
+    from llm_ray.data.splits import assign_splits, split_thresholds
 
     import numpy as np
 
     rows = pq.read_table(data_dir(cfg) / "dedup").to_pylist()
     thresholds = split_thresholds(sorted({r["cluster_key"] for r in rows}), cfg.data)
-    splits = _split_batch({"cluster_key": np.array([r["cluster_key"] for r in rows], dtype=object)},
+    splits = assign_splits({"cluster_key": np.array([r["cluster_key"] for r in rows], dtype=object)},
                           cfg.data.split_seed, *thresholds)["split"]
     return {r["doc_key"].rsplit("/", 1)[-1]: split for r, split in zip(rows, splits)}
 

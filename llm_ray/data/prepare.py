@@ -30,10 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_ray.config import CleaningConfig, Config, DataConfig, DedupConfig
+from llm_ray.config import Config
 from llm_ray.data import dedup, stages, transforms
-from llm_ray.data.clean import clean_document, words
-from llm_ray.data.sources import FileRef, list_sources, read_file
+from llm_ray.data.clean import words
+from llm_ray.data.documents import documents_stage
+from llm_ray.data.errors import PrepareError
+from llm_ray.data.sources import list_sources
+from llm_ray.data.splits import (
+    assign_splits,
+    read_kept,
+    read_kept_shards,
+    split_thresholds,
+)
+from llm_ray.data.stages import task_per_item
 from llm_ray.data.tokenizer import eot_id, train_bpe
 
 MANIFEST = "manifest.json"
@@ -41,161 +50,11 @@ ENCODE_CHUNK_DOCS = 256
 SPLITS = ("train", "val", "test")
 
 
-class PrepareError(Exception):
-    """The corpus cannot be turned into training data, described for the user."""
-
-
 def data_dir(cfg: Config) -> Path:
     return cfg.run_dir / "data"
 
 
-# ------------------------------------------------------------------ stage 1: documents
-
-
-def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, dedup_cfg: DedupConfig,
-                   out_path: str) -> dict:
-    """Read and clean a group of files into one parquet shard; return the group's statistics.
-
-    The shard also holds each document's exact-duplicate hash and MinHash signature, so that
-    the dedup stage reads a few bytes per document instead of every text again.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    stats = {"files": len(uris), "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
-             "drops": Counter(), "notes": Counter(), "doc_chars": []}
-    keys, texts = [], []
-    for uri in uris:
-        result = read_file(uri, data)
-        stats["bytes_in"] += result.bytes_read
-        stats["notes"].update(result.counts)
-        if result.error:
-            stats["failed"].append([uri, result.error])
-            continue
-        for key, text in result.docs:
-            stats["docs_in"] += 1
-            cleaned, reason = clean_document(text, cleaning)
-            if cleaned is None:
-                stats["drops"][reason] += 1
-                continue
-            keys.append(key)
-            texts.append(cleaned)
-            stats["bytes_out"] += len(cleaned.encode("utf-8"))
-            stats["doc_chars"].append(len(cleaned))
-    stats["docs_out"] = len(keys)
-    a, b = dedup.permutations(dedup_cfg.num_perm, dedup_cfg.seed)
-    signatures = [dedup.minhash(dedup.shingle_hashes(t, dedup_cfg.shingle, dedup_cfg.ngram), a, b).tobytes()
-                  for t in texts] if dedup_cfg.near else [b""] * len(texts)
-    out = Path(out_path)
-    schema = pa.schema([("doc_key", pa.string()), ("text", pa.string()), ("exact", pa.string()),
-                        ("signature", pa.binary())])  # typed even when every document was dropped
-    with stages.atomic_path(out) as tmp:  # the shard appears whole or not at all
-        pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
-                                 "signature": signatures}, schema=schema), tmp)
-    stages.write_json_atomic(out.with_suffix(".json"), stats)  # the shard's completion marker
-    return stats
-
-
-def _read_clean_batch(batch: dict, data: dict, cleaning: dict, dedup_cfg: dict) -> dict:
-    configs = DataConfig.model_validate(data), CleaningConfig.model_validate(cleaning)
-    for uris, out in zip(batch["uris"], batch["out"]):
-        read_and_clean(list(uris), *configs, DedupConfig.model_validate(dedup_cfg), str(out))
-    return {"out": batch["out"]}
-
-
-def signature_fields(cfg: Config) -> dict:
-    """The dedup settings the documents stage's signatures depend on (none without near dedup)."""
-    if not cfg.dedup.near:
-        return {"near": False}
-    return cfg.dedup.model_dump(include={"near", "shingle", "ngram", "num_perm", "seed"})
-
-
-def file_groups(files: list[FileRef], max_files: int, max_mb: float) -> list[list[FileRef]]:
-    """Consecutive files, a group closing at max_files files or max_mb MB (a bigger file is a group alone)."""
-    groups: list[list[FileRef]] = [[]]
-    size = 0
-    for f in files:
-        if groups[-1] and (len(groups[-1]) >= max_files or size + f.size > max_mb * 1e6):
-            groups.append([])
-            size = 0
-        groups[-1].append(f)
-        size += f.size
-    return groups if groups[0] else []
-
-
-def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
-
-    key = stages.stage_key("documents", [f.fingerprint for f in files], cfg.data.text_field, cfg.data.txt_mode,
-                           cfg.data.invalid_utf8, cfg.cleaning.model_dump(), signature_fields(cfg))
-    if (record := stages.completed(out, key)) is not None:
-        log("documents: up to date, skipped")
-        return record
-    stages.begin(out, key)
-    groups = file_groups(files, cfg.data.files_per_task, cfg.data.mb_per_task)
-    todo, shard_paths = [], []
-    for group in groups:
-        gid = stages.stage_key("group", key, [f.fingerprint for f in group])
-        path = out / f"part-{gid}.parquet"
-        shard_paths.append(path)
-        if not path.with_suffix(".json").is_file():  # finished shards of an interrupted run are kept
-            todo.append({"uris": [f.uri for f in group], "out": str(path)})
-    log(f"documents: reading and cleaning {len(files)} files in {len(groups)} shards "
-        f"({len(groups) - len(todo)} already done)")
-    if todo:
-        task_per_item(todo, _read_clean_batch, data=cfg.data.model_dump(), cleaning=cfg.cleaning.model_dump(),
-                      dedup_cfg=cfg.dedup.model_dump()).materialize()
-    totals = {"files": 0, "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
-              "drops": Counter(), "notes": Counter(), "doc_chars": []}
-    for path in shard_paths:
-        stats = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        for k in ("files", "bytes_in", "docs_in", "docs_out", "bytes_out"):
-            totals[k] += stats[k]
-        totals["failed"] += stats["failed"]
-        totals["drops"].update(stats["drops"])
-        totals["notes"].update(stats["notes"])
-        totals["doc_chars"] += stats["doc_chars"]
-    if len(totals["failed"]) > cfg.data.max_failed_files:
-        listing = "\n  ".join(f"{uri}: {why}" for uri, why in totals["failed"][:50])
-        raise PrepareError(f"{len(totals['failed'])} files could not be read, more than data.max_failed_files "
-                           f"({cfg.data.max_failed_files}):\n  {listing}")
-    for uri, why in totals["failed"]:
-        log(f"documents: skipped {uri}: {why}")
-    return stages.finish(out, key, {"shards": [p.name for p in shard_paths], **totals})
-
-
 # ------------------------------------------------------------------ stage 2: dedup
-
-
-def task_per_item(items: list[dict], fn, **fn_kwargs):
-    """A dataset applying fn to each item in its own Ray task (fn gets a batch of one item).
-
-    Used for shards: ray.data.read_parquet would first list files in one task and may pack
-    many small shards into a single task, leaving cores idle; the shard list is known here.
-    """
-    import ray.data
-
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        fn, batch_size=1, batch_format="numpy", fn_kwargs=fn_kwargs)
-
-
-def read_kept(docs_shard: str, keep_dir: str):
-    """The kept documents of one documents shard, with their cluster keys (a pyarrow table)."""
-    import pyarrow.parquet as pq
-
-    keep = pq.read_table(Path(keep_dir) / Path(docs_shard).name)
-    docs = pq.read_table(docs_shard, columns=["doc_key", "text"])
-    return docs.take(keep.column("row")).append_column("cluster_key", keep.column("cluster_key"))
-
-
-def _load_kept(batch: dict, keep_dir: str):
-    import pyarrow as pa
-
-    return pa.concat_tables([read_kept(str(p), keep_dir) for p in batch["path"]])
-
-
-def read_kept_shards(paths: list[str], keep_dir: Path):
-    """A dataset over the kept documents (doc_key, text, cluster_key), one task per shard."""
-    return task_per_item([{"path": p} for p in paths], _load_kept, keep_dir=str(keep_dir))
 
 
 def find_clusters(doc_keys: np.ndarray, exact: np.ndarray, signatures: np.ndarray, cfg) -> dict:
@@ -290,34 +149,6 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     })
 
 
-# ------------------------------------------------------------------ splits
-
-
-def split_thresholds(cluster_keys: list[str], data: DataConfig) -> tuple[float, float]:
-    """(val, val + test) bounds on split keys, nudged so that every requested split is non-empty."""
-    u = np.sort([transforms.split_key(k, data.split_seed) for k in cluster_keys])
-    wanted = 2 + (data.test_fraction > 0)
-    if len(u) < wanted:
-        raise PrepareError(f"{len(u)} distinct document(s) after dedup; at least {wanted} are needed for "
-                           "train and held-out splits: add documents")
-    val_t = max(data.val_fraction, float(np.nextafter(u[0], 1)))
-    test_t = val_t + data.test_fraction
-    if data.test_fraction > 0 and not np.any((u >= val_t) & (u < test_t)):
-        above = u[u >= val_t]
-        test_t = float(np.nextafter(above[0], 1)) if len(above) else test_t
-    if not np.any(u >= test_t):
-        raise PrepareError(f"every one of the {len(u)} distinct documents fell into a held-out split: lower "
-                           f"data.val_fraction ({data.val_fraction}) or data.test_fraction ({data.test_fraction}), "
-                           "or add documents")
-    return val_t, test_t
-
-
-def _split_batch(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
-    u = np.array([transforms.split_key(k, seed) for k in batch["cluster_key"]])
-    batch["split"] = np.where(u < val_t, "val", np.where(u < test_t, "test", "train")).astype(object)
-    return batch
-
-
 # ------------------------------------------------------------------ stage 3: tokenizer
 
 
@@ -367,7 +198,7 @@ def pack_shard(path: str, keep_dir: str, tokenizer_json: str, seed: int, thresho
     completion marker holding block counts and target-token counts (for the unigram baseline).
     """
     table = read_kept(path, keep_dir)
-    splits = _split_batch({"cluster_key": np.array(table.column("cluster_key").to_pylist(), dtype=object)},
+    splits = assign_splits({"cluster_key": np.array(table.column("cluster_key").to_pylist(), dtype=object)},
                           seed, *thresholds)["split"]
     texts = table.column("text").to_pylist()
     tokenizer = _tokenizer_from(tokenizer_json)
@@ -453,9 +284,9 @@ def pack_stage(cfg: Config, shards: list[str], keep_dir: Path, thresholds, tok_r
 def prepare(cfg: Config, log=print) -> dict:
     """Run (or resume) the data stage for cfg; returns the manifest that training reads."""
 
-    from llm_ray.data.report import build_report, write_report
-
     import ray.data
+
+    from llm_ray.data.report import build_report, write_report
 
     # Ray Data's progress bars on long stages, when someone is watching a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
@@ -481,9 +312,9 @@ def prepare(cfg: Config, log=print) -> dict:
     # flat as the corpus grows.
     shards = [str(out / "documents" / s) for s in docs_record["shards"]]
     split_docs = read_kept_shards(shards, out / "dedup").map_batches(
-        _split_batch, fn_kwargs=dict(seed=cfg.data.split_seed, val_t=thresholds[0], test_t=thresholds[1]),
+        assign_splits, fn_kwargs=dict(seed=cfg.data.split_seed, val_t=thresholds[0], test_t=thresholds[1]),
         batch_format="numpy")
-    split_counts = Counter(_split_batch({"cluster_key": np.array(dedup_record["cluster_keys"])}, cfg.data.split_seed,
+    split_counts = Counter(assign_splits({"cluster_key": np.array(dedup_record["cluster_keys"])}, cfg.data.split_seed,
                                         *thresholds)["split"].tolist())
 
     t0 = time.time()

@@ -80,3 +80,15 @@ def finish(directory: Path, key: str, info: dict) -> dict:
     record = {"key": key, "complete": True, "version": __version__, **info}
     write_json_atomic(directory / STAGE_FILE, record)
     return record
+
+
+def task_per_item(items: list[dict], fn, **fn_kwargs):
+    """A dataset applying fn to each item in its own Ray task (fn gets a batch of one item).
+
+    Used for shards: ray.data.read_parquet would first list files in one task and may pack
+    many small shards into a single task, leaving cores idle; the shard list is known here.
+    """
+    import ray.data
+
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        fn, batch_size=1, batch_format="numpy", fn_kwargs=fn_kwargs)

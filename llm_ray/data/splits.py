@@ -1,0 +1,61 @@
+"""Train/validation/test membership and the kept documents of each split.
+
+A document's split is a function of its duplicate cluster's key (content only, see
+``prepare.content_keys``) and ``data.split_seed``, through two thresholds on a stable hash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from llm_ray.config import DataConfig
+from llm_ray.data import transforms
+from llm_ray.data.errors import PrepareError
+from llm_ray.data.stages import task_per_item
+
+
+def read_kept(docs_shard: str, keep_dir: str):
+    """The kept documents of one documents shard, with their cluster keys (a pyarrow table)."""
+    import pyarrow.parquet as pq
+
+    keep = pq.read_table(Path(keep_dir) / Path(docs_shard).name)
+    docs = pq.read_table(docs_shard, columns=["doc_key", "text"])
+    return docs.take(keep.column("row")).append_column("cluster_key", keep.column("cluster_key"))
+
+
+def _load_kept(batch: dict, keep_dir: str):
+    import pyarrow as pa
+
+    return pa.concat_tables([read_kept(str(p), keep_dir) for p in batch["path"]])
+
+
+def read_kept_shards(paths: list[str], keep_dir: Path):
+    """A dataset over the kept documents (doc_key, text, cluster_key), one task per shard."""
+    return task_per_item([{"path": p} for p in paths], _load_kept, keep_dir=str(keep_dir))
+
+
+def split_thresholds(cluster_keys: list[str], data: DataConfig) -> tuple[float, float]:
+    """(val, val + test) bounds on split keys, nudged so that every requested split is non-empty."""
+    u = np.sort([transforms.split_key(k, data.split_seed) for k in cluster_keys])
+    wanted = 2 + (data.test_fraction > 0)
+    if len(u) < wanted:
+        raise PrepareError(f"{len(u)} distinct document(s) after dedup; at least {wanted} are needed for "
+                           "train and held-out splits: add documents")
+    val_t = max(data.val_fraction, float(np.nextafter(u[0], 1)))
+    test_t = val_t + data.test_fraction
+    if data.test_fraction > 0 and not np.any((u >= val_t) & (u < test_t)):
+        above = u[u >= val_t]
+        test_t = float(np.nextafter(above[0], 1)) if len(above) else test_t
+    if not np.any(u >= test_t):
+        raise PrepareError(f"every one of the {len(u)} distinct documents fell into a held-out split: lower "
+                           f"data.val_fraction ({data.val_fraction}) or data.test_fraction ({data.test_fraction}), "
+                           "or add documents")
+    return val_t, test_t
+
+
+def assign_splits(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
+    u = np.array([transforms.split_key(k, seed) for k in batch["cluster_key"]])
+    batch["split"] = np.where(u < val_t, "val", np.where(u < test_t, "test", "train")).astype(object)
+    return batch
