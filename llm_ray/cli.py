@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 disables (default: 0.95)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
 
+    p = sub.add_parser("eval", help="score a checkpoint on held-out documents: loss, perplexity, bits per byte, "
+                       "BLEU/ROUGE, contamination",
+                       description="Score a checkpoint on the held-out split of the data it was trained on (or on "
+                                   "--eval-data) with bootstrap intervals, continue held-out documents for BLEU and "
+                                   "ROUGE, check n-gram contamination, and write eval.json, eval.md and eval.png "
+                                   "into <run>/eval.")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="checkpoint folder (or its model/ subfolder)")
+    p.add_argument("--split", choices=("auto", "val", "test"), default=None,
+                   help="held-out split (default: eval.split, auto = test when there is one, else val)")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="prepared data folder (default: the checkpoint's run's data)")
+    p.add_argument("--eval-data", default=None, metavar="PATH",
+                   help="score these files or folder instead (any prepare format: .txt, .jsonl, .parquet, gzip)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a field of the checkpoint's config, e.g. --set eval.stride=64 (repeatable)")
+
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
     _add_config_args(p, "demo")
@@ -76,6 +93,8 @@ def _run(args) -> int:
 
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
     cfg = load_config(args.config, args.overrides)
     from llm_ray.data.sources import check_uri
 
@@ -126,6 +145,21 @@ def unwritable(folder: Path) -> str | None:
     except OSError as e:
         return e.strerror or type(e).__name__
     return None
+
+
+def _eval(args) -> int:
+    from llm_ray.data.corpus import CorpusError
+    from llm_ray.eval.report import table
+    from llm_ray.eval.run import EvalError, evaluate
+
+    try:
+        results = evaluate(args.checkpoint, args.overrides, args.split, args.data, args.eval_data)
+    except (EvalError, CorpusError) as e:
+        print(f"llm-ray eval: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(table(results))
+    print(f"report: {results['report']}")
+    return 0
 
 
 def _generate(args) -> int:

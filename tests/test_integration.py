@@ -392,3 +392,41 @@ def test_bf16_at_zero_0_resumes_under_another_worker_count(prepared, tmp_path):
     # Training went on from the trained weights (an untrained model's loss is about 6.2 here).
     assert abs(losses[9] - losses[8]) < 0.3 and losses[9] < losses[1] - 0.5, losses
     assert state["history"][-1]["val_loss"] < first.val_loss + 0.05
+
+
+def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(short_run, capsys):
+    """`llm-ray eval` on the run's validation split and on --eval-data files: the report is written
+    into <run>/eval, and Ray Data batch inference gives the in-process numbers."""
+    run, result = short_run
+    common = ["eval", "--checkpoint", result.checkpoint, "--set", "eval.bootstrap_samples=100"]
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "bits per byte" in out and "perplexity" in out and "contamination" in out
+    report = json.loads((run.run_dir / "eval" / "eval.json").read_text())
+    assert report["split"] == "val" and report["documents"] >= 1
+    assert report["loss"]["value"] == pytest.approx(result.val_loss, abs=0.5)  # all val documents vs a sample
+    assert {"eval.md", "eval.png"} <= {p.name for p in (run.run_dir / "eval").iterdir()}
+
+    files = str(Path(__file__).parent / "data" / "corpus" / "more.jsonl")
+    figures = {}
+    for backend in ("local", "ray"):
+        assert main([*common, "--eval-data", files, "--set", f"eval.backend={backend}"]) == 0
+        figures[backend] = json.loads((run.run_dir / "eval" / "eval.json").read_text())
+    local, ray_data = figures["local"], figures["ray"]
+    assert local["backend"] == "local" and ray_data["backend"] == "ray" and local["documents"] == 3
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert ray_data[key]["value"] == pytest.approx(local[key]["value"], rel=1e-6)
+        assert ray_data[key]["ci95"] == pytest.approx(local[key]["ci95"], rel=1e-6)
+    # more.jsonl was part of the training corpus: its documents that landed in train are flagged.
+    assert local["contamination"]["contaminated"] >= 1
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run.run_dir)]) == 1  # no weights there
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main([*common, "--split", "test"]) == 1
+    assert "data.test_fraction" in capsys.readouterr().err
+    assert main([*common, "--eval-data", str(Path(__file__))]) == 1  # a .py file: no known format
+    err = capsys.readouterr().err
+    assert "holds no" in err and "Traceback" not in err
+    assert main([*common, "--set", "eval.prompt_tokens=60"]) == 2
+    assert "eval.prompt_tokens" in capsys.readouterr().err

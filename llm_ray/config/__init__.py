@@ -7,7 +7,14 @@ anything wrong raises ``ConfigError`` with a short message meant for the user.
 """
 
 from llm_ray.config.base import ConfigError, Section
-from llm_ray.config.data import CleaningConfig, DataConfig, DedupConfig, S3Config, TokenizerConfig
+from llm_ray.config.data import (
+    CleaningConfig,
+    DataConfig,
+    DedupConfig,
+    S3Config,
+    TokenizerConfig,
+)
+from llm_ray.config.eval import EvalConfig
 from llm_ray.config.loading import (
     PRESETS,
     apply_override,
@@ -23,6 +30,6 @@ from llm_ray.config.root import Config
 from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig
 
 __all__ = ["Config", "ConfigError", "Section", "S3Config", "DataConfig", "DedupConfig", "CleaningConfig",
-           "TokenizerConfig", "ModelConfig", "TrainConfig", "TrackingConfig", "SampleConfig", "PRESETS",
+           "TokenizerConfig", "EvalConfig", "ModelConfig", "TrainConfig", "TrackingConfig", "SampleConfig", "PRESETS",
            "apply_override", "dump_config", "format_validation_error", "load_config", "model_spec",
            "preset_path", "validate"]

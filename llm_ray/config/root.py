@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from llm_ray.config.base import Section
 from llm_ray.config.data import CleaningConfig, DataConfig, DedupConfig, TokenizerConfig
+from llm_ray.config.eval import EvalConfig
 from llm_ray.config.model import ModelConfig
 from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig
 
@@ -25,6 +26,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Distributed training.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics tracking.")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Sampling after training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation of held-out documents.")
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -341,6 +341,8 @@ def prepare(cfg: Config, log=print) -> dict:
         "documents": {s: split_counts.get(s, 0) for s in SPLITS},
         "splits": pack_record["splits"],
         "unigram_val_loss": pack_record["unigram_val_loss"],
+        "split_seed": cfg.data.split_seed,
+        "split_thresholds": list(thresholds),  # val, val + test: what split_documents reads
         "unigram_val_perplexity": math.exp(pack_record["unigram_val_loss"]),
         "stage_keys": {"documents": docs_record["key"], "dedup": dedup_record["key"],
                        "tokenizer": tok_record["key"], "pack": pack_record["key"]},

@@ -6,7 +6,9 @@ A document's split is a function of its duplicate cluster's key (content only, s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -59,3 +61,22 @@ def assign_splits(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
     u = np.array([transforms.split_key(k, seed) for k in batch["cluster_key"]])
     batch["split"] = np.where(u < val_t, "val", np.where(u < test_t, "test", "train")).astype(object)
     return batch
+
+
+def split_documents(data_path: Path, data: DataConfig, split: str) -> Iterator[list[tuple[str, str]]]:
+    """The kept documents of one split of a prepared data folder, as (doc_key, text) lists, one
+    list per documents shard (plain pyarrow, no Ray). data: the DataConfig it was prepared with."""
+    data_path = Path(data_path)
+    manifest = json.loads((data_path / "manifest.json").read_text(encoding="utf-8"))
+    thresholds = manifest.get("split_thresholds")
+    if thresholds is None:  # prepared before the manifest recorded them
+        record = json.loads((data_path / "dedup" / "_stage.json").read_text(encoding="utf-8"))
+        thresholds = split_thresholds(record["cluster_keys"], data)
+    seed = manifest.get("split_seed", data.split_seed)
+    docs = json.loads((data_path / "documents" / "_stage.json").read_text(encoding="utf-8"))
+    for shard in docs["shards"]:
+        table = read_kept(str(data_path / "documents" / shard), str(data_path / "dedup"))
+        keys = np.array(table.column("cluster_key").to_pylist(), dtype=object)
+        splits = assign_splits({"cluster_key": keys}, seed, *thresholds)["split"]
+        yield [(k, t) for k, t, s in zip(table.column("doc_key").to_pylist(), table.column("text").to_pylist(),
+                                         splits) if s == split]

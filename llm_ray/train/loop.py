@@ -29,6 +29,7 @@ class TrainState:
     samples: int = 0  # position in the global block stream: blocks consumed by all workers (see train.data)
     world_size: int = 0  # workers of the run that wrote this state
     data_key: str | None = None  # the prepared data's pack-stage key: the stream positions refer to it
+    data_path: str | None = None  # the prepared data folder trained on (evaluation reads its held-out split)
     history: list[dict] = field(default_factory=list)  # logged and evaluation metrics, one dict per event
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from

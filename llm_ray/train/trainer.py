@@ -103,6 +103,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
             "train_shards": shards["train"],
             "val_shards": shards["val"],
             "data_key": data_key,
+            "data_path": str(path.resolve()),
             "resume_from": point.path,  # the newest complete checkpoint, if Ray's latest is damaged
             "damaged_checkpoints": [p for p, _ in point.skipped],
             **(test_hooks or {}),

@@ -133,7 +133,7 @@ def restore(cfg: Config, model, payload: dict, ctx):
         _, client_state = engine.load_checkpoint(ds_dir, tag=DS_TAG)
     state = TrainState(**client_state["train_state"])
     state.resumed_from.append(state.step)
-    state.world_size, state.data_key = world, payload["data_key"]
+    state.world_size, state.data_key, state.data_path = world, payload["data_key"], payload.get("data_path")
     if state.step and not state.samples:  # written before the data position was recorded
         state.samples = state.step * cfg.train.total_batch_tokens // cfg.data.block_size
     if rank == 0:
@@ -166,7 +166,7 @@ def train_loop_per_worker(payload: dict) -> None:
     engine, state = restore(cfg, model, payload, ctx)
     if engine is None:
         engine = build_engine(model, cfg)
-        state = TrainState(world_size=world, data_key=payload["data_key"])
+        state = TrainState(world_size=world, data_key=payload["data_key"], data_path=payload.get("data_path"))
     if cfg.train.compile:
         engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
 

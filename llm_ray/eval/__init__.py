@@ -1,0 +1,1 @@
+"""Evaluation: metrics as plain functions, a document scorer, tasks, the report and `llm-ray eval`."""

@@ -1,0 +1,117 @@
+"""Evaluation metrics and the document scorer on small hand-checked cases (no Ray)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llm_ray.config import EvalConfig, load_config, model_spec
+from llm_ray.data.tokenizer import train_bpe
+from llm_ray.eval import metrics, tasks
+from llm_ray.eval.scoring import DocumentScorer, windows
+from llm_ray.model import GPT
+from tests.conftest import CORPUS
+
+TEXTS = [p.read_text() for p in sorted(CORPUS.glob("play_*.txt"))]
+
+
+def test_loss_perplexity_and_bits_per_byte_by_hand():
+    nll, tokens, n_bytes = np.array([2.0, 4.0]), np.array([1, 3]), np.array([2, 4])
+    assert metrics.mean_loss(nll, tokens) == 1.5  # (2 + 4) nats over 4 tokens
+    assert metrics.bits_per_byte(nll, n_bytes) == pytest.approx(6 / math.log(2) / 6)
+    s = metrics.summarize(nll, tokens, n_bytes, samples=200, seed=0)
+    assert s["perplexity"]["value"] == pytest.approx(math.exp(1.5))
+    lo, hi = s["loss"]["ci95"]
+    assert 1.0 <= lo <= 1.5 <= hi <= 2.0  # every resample's ratio lies between the documents' own losses
+
+
+def test_bootstrap_interval_covers_the_true_ratio_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    true_loss, covered, trials = 3.0, 0, 300
+    for trial in range(trials):
+        tokens = rng.integers(20, 400, size=40)
+        nll = rng.gamma(shape=tokens * 4.0, scale=true_loss / 4.0)  # mean true_loss per token, noisy per document
+        lo, hi = metrics.bootstrap_ratio_ci(nll, tokens, samples=400, seed=trial)
+        covered += lo <= true_loss <= hi
+    assert 0.90 <= covered / trials <= 0.99, covered / trials
+
+
+def test_bleu_and_rouge_match_the_libraries_documented_values():
+    # sacrebleu's README: BLEU = 48.53 for these three sentences against two reference streams.
+    hyps = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
+    refs = [["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
+            ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]]
+    assert metrics.bleu(hyps, refs) == pytest.approx(48.53, abs=0.01)
+    assert metrics.bleu(hyps, hyps) == pytest.approx(100.0)
+    # rouge-score's README (with stemming): ROUGE-1 F 0.70588, ROUGE-L F 0.58823; ROUGE-2 by hand:
+    # 2 shared bigrams of 7 predicted and 8 reference ones, F = 4/15.
+    r = metrics.rouge(["The quick brown dog jumps on the log."], ["The quick brown fox jumps over the lazy dog"])
+    assert r["rouge1"] == pytest.approx(0.70588, abs=1e-4)
+    assert r["rougeL"] == pytest.approx(0.58823, abs=1e-4)
+    assert r["rouge2"] == pytest.approx(4 / 15, abs=1e-4)
+
+
+@pytest.mark.parametrize("n, context, stride", [(1, 8, 4), (8, 8, 4), (9, 8, 4), (100, 8, 3), (57, 16, 16),
+                                                (40, 8, 1)])
+def test_every_token_is_scored_exactly_once_with_enough_context(n, context, stride):
+    scored = np.zeros(n, dtype=int)
+    for begin, end, first in windows(n, context, stride):
+        assert end - begin <= context and begin <= first <= end
+        scored[first:end] += 1
+        if begin > 0:  # tokens scored in later windows have at least context - stride tokens before them
+            assert first - begin >= context - stride
+    assert (scored == 1).all()
+    with pytest.raises(ValueError, match="stride"):
+        windows(n, context, context + 1)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    cfg = load_config("debug", ["tokenizer.vocab_size=300"])
+    tokenizer = train_bpe(TEXTS, vocab_size=300, min_frequency=2, sample_bytes=100_000)
+    torch.manual_seed(0)
+    return GPT(model_spec(cfg)).eval(), tokenizer
+
+
+def full_context_nll(model, tokenizer, text):
+    from llm_ray.data.tokenizer import eot_id
+
+    seq = torch.tensor([[eot_id(tokenizer)] + tokenizer.encode(text, add_special_tokens=False).ids])
+    with torch.no_grad():
+        logits, _ = model(seq[:, :-1])
+    return torch.nn.functional.cross_entropy(logits[0].double(), seq[0, 1:], reduction="sum").item()
+
+
+def test_sliding_window_equals_full_context_when_the_text_fits(small_model):
+    model, tokenizer = small_model
+    texts = ["To be, or not to be.", "Shall I compare thee to a summer's day? Thou art more lovely."]
+    assert all(len(tokenizer.encode(t).ids) < model.spec.context_length for t in texts)
+    out = DocumentScorer(model, tokenizer, stride=8, batch_size=4).score(texts)
+    for i, text in enumerate(texts):
+        assert out["nll_sum"][i] == pytest.approx(full_context_nll(model, tokenizer, text), rel=1e-5)
+        assert out["tokens"][i] == len(tokenizer.encode(text).ids) and out["bytes"][i] == len(text.encode())
+        assert out["position_count"][i].sum() == out["tokens"][i]
+
+
+def test_long_documents_score_every_token_and_batching_changes_nothing(small_model):
+    model, tokenizer = small_model
+    texts = [TEXTS[0][:3000], TEXTS[1][:500], "Short."]
+    together = DocumentScorer(model, tokenizer, stride=16, batch_size=5).score(texts)
+    assert (together["position_count"].sum(axis=1) == together["tokens"]).all()
+    assert together["tokens"][0] > 2 * model.spec.context_length
+    for i, text in enumerate(texts):
+        alone = DocumentScorer(model, tokenizer, stride=16, batch_size=1).score([text])
+        assert alone["nll_sum"][0] == pytest.approx(together["nll_sum"][i], rel=1e-6)
+    # A window as wide as the context and no overlap scores the same tokens, with less context.
+    disjoint = DocumentScorer(model, tokenizer, stride=model.spec.context_length).score(texts)
+    assert (disjoint["tokens"] == together["tokens"]).all()
+
+
+def test_contamination_finds_copied_documents():
+    index = tasks.ngram_index(TEXTS[:5], 13)
+    docs = [("copied", TEXTS[2]), ("fresh", TEXTS[9]), ("half", TEXTS[3][: len(TEXTS[3]) // 2] + TEXTS[10])]
+    result = tasks.contamination(docs, index, EvalConfig(contamination_threshold=0.1))
+    assert result["contaminated"] == 2 and result["share"] == pytest.approx(2 / 3)
+    assert [d["document"] for d in result["listed"]] == ["copied", "half"]
+    assert result["listed"][0]["overlap"] == 1.0
