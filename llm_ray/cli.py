@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field of the checkpoint's config, e.g. --set eval.stride=64 (repeatable)")
 
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder",
+                       description="Write the checkpoint's weights, config and tokenizer as a folder that "
+                                   "transformers' AutoModelForCausalLM and AutoTokenizer load: GPT-2 for learned "
+                                   "positions, LayerNorm and GELU; Llama for RoPE, RMSNorm and SwiGLU.")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="checkpoint folder (or its model/ subfolder)")
+    p.add_argument("--format", choices=("hf",), default="hf", help="export format (default: hf, Hugging Face)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
+
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
     _add_config_args(p, "demo")
@@ -95,6 +104,8 @@ def _run(args) -> int:
         return _generate(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "export":
+        return _export(args)
     cfg = load_config(args.config, args.overrides)
     from llm_ray.data.sources import check_uri
 
@@ -159,6 +170,21 @@ def _eval(args) -> int:
         return EXIT_FAILURE
     print(table(results))
     print(f"report: {results['report']}")
+    return 0
+
+
+def _export(args) -> int:
+    from llm_ray.export.hf import ExportError, export_hf
+
+    try:
+        out = export_hf(args.checkpoint, args.out)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        print(f"llm-ray export: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    import json
+
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {arch} to {out}")
     return 0
 
 

@@ -1,0 +1,129 @@
+"""Export a checkpoint to a Hugging Face folder that `transformers` loads as is.
+
+Learned positions, LayerNorm and GELU (tanh) are GPT-2 (`GPT2LMHeadModel`); RoPE, RMSNorm and
+SwiGLU are Llama (`LlamaForCausalLM`). Other combinations have no standard architecture and
+are refused, naming the option. The weights are renamed and reshaped here, nowhere else:
+
+- GPT-2 keeps llm-ray's parameter names but stores its linear layers as Conv1D, (in, out):
+  every c_attn, c_proj and c_fc matrix is transposed. A model without biases gets zero ones.
+- Llama splits the fused q/k/v projection and the fused SwiGLU gate/value layer. llm-ray's
+  RoPE rotates the two halves of each head, as Hugging Face's Llama does, so q and k need no
+  permutation.
+
+`transformers` is an optional dependency: `pip install -e .[hf]`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llm_ray.data.tokenizer import EOT, PAD
+
+
+class ExportError(Exception):
+    """The checkpoint cannot be exported as asked, described for the user."""
+
+
+def architecture(spec) -> str:
+    """'gpt2' or 'llama' for a model spec; ExportError naming the options otherwise."""
+    if (spec.pos_encoding, spec.norm, spec.mlp) == ("learned", "layernorm", "gelu"):
+        return "gpt2"
+    if (spec.pos_encoding, spec.norm, spec.mlp) == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    raise ExportError(
+        f"model.pos_encoding={spec.pos_encoding}, model.norm={spec.norm}, model.mlp={spec.mlp} is no Hugging Face "
+        "architecture: train with learned, layernorm, gelu (GPT-2) or rope, rmsnorm, swiglu (Llama)")
+
+
+def gpt2_state(model) -> tuple[dict, dict]:
+    """(GPT2Config kwargs, GPT2LMHeadModel state dict) of an llm-ray GPT-2-shaped model."""
+    s = model.spec
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor = tensor.t()  # nn.Linear (out, in) -> Conv1D (in, out)
+        state[name] = tensor.contiguous()
+    if not s.bias:  # GPT-2 always has biases: zeros are the same function
+        for i in range(s.n_layer):
+            p = f"transformer.h.{i}."
+            for name, size in (("ln_1", s.n_embd), ("ln_2", s.n_embd), ("attn.c_attn", 3 * s.n_embd),
+                               ("attn.c_proj", s.n_embd), ("mlp.c_fc", 4 * s.n_embd), ("mlp.c_proj", s.n_embd)):
+                state[f"{p}{name}.bias"] = torch.zeros(size)
+        state["transformer.ln_f.bias"] = torch.zeros(s.n_embd)
+    config = dict(vocab_size=s.vocab_size, n_positions=s.context_length, n_embd=s.n_embd, n_layer=s.n_layer,
+                  n_head=s.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    return config, state
+
+
+def llama_state(model) -> tuple[dict, dict]:
+    """(LlamaConfig kwargs, LlamaForCausalLM state dict) of an llm-ray Llama-shaped model."""
+    s = model.spec
+    C = s.n_embd
+    src = model.state_dict()
+    hidden = src["transformer.h.0.mlp.c_proj.weight"].shape[1]
+    state = {"model.embed_tokens.weight": src["transformer.wte.weight"],
+             "model.norm.weight": src["transformer.ln_f.weight"]}
+    for i in range(s.n_layer):
+        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        q, k, v = src[ours + "attn.c_attn.weight"].split(C, dim=0)
+        gate, up = src[ours + "mlp.c_fc.weight"].split(hidden, dim=0)
+        state.update({
+            hf + "input_layernorm.weight": src[ours + "ln_1.weight"],
+            hf + "post_attention_layernorm.weight": src[ours + "ln_2.weight"],
+            hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k, hf + "self_attn.v_proj.weight": v,
+            hf + "self_attn.o_proj.weight": src[ours + "attn.c_proj.weight"],
+            hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up,
+            hf + "mlp.down_proj.weight": src[ours + "mlp.c_proj.weight"],
+        })
+        if s.bias:
+            qb, kb, vb = src[ours + "attn.c_attn.bias"].split(C)
+            gb, ub = src[ours + "mlp.c_fc.bias"].split(hidden)
+            state.update({hf + "self_attn.q_proj.bias": qb, hf + "self_attn.k_proj.bias": kb,
+                          hf + "self_attn.v_proj.bias": vb, hf + "self_attn.o_proj.bias": src[ours + "attn.c_proj.bias"],
+                          hf + "mlp.gate_proj.bias": gb, hf + "mlp.up_proj.bias": ub,
+                          hf + "mlp.down_proj.bias": src[ours + "mlp.c_proj.bias"]})
+    config = dict(vocab_size=s.vocab_size, hidden_size=C, intermediate_size=hidden, num_hidden_layers=s.n_layer,
+                  num_attention_heads=s.n_head, num_key_value_heads=s.n_head, head_dim=C // s.n_head,
+                  max_position_embeddings=s.context_length, rms_norm_eps=1e-6, hidden_act="silu",
+                  rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, attention_bias=s.bias,
+                  mlp_bias=s.bias, attention_dropout=0.0, tie_word_embeddings=True)
+    return config, {k: v.contiguous() for k, v in state.items()}
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write checkpoint as a Hugging Face model and tokenizer folder; return the folder."""
+    try:
+        import transformers
+    except ImportError:
+        raise ExportError("exporting to Hugging Face needs transformers: pip install -e '.[hf]'") from None
+    from llm_ray.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(checkpoint)
+    arch = architecture(model.spec)
+    config_kwargs, state = gpt2_state(model) if arch == "gpt2" else llama_state(model)
+    eot = tokenizer.token_to_id(EOT)
+    pad = tokenizer.token_to_id(PAD)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(**config_kwargs, bos_token_id=eot, eos_token_id=eot, pad_token_id=pad)
+        hf_model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(**config_kwargs, bos_token_id=eot, eos_token_id=eot, pad_token_id=pad)
+        hf_model = transformers.LlamaForCausalLM(config)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(".attn.bias")]  # tied; causal mask
+    if missing or unexpected:
+        raise ExportError(f"weights do not map onto {type(hf_model).__name__}: missing {missing}, "
+                          f"unexpected {unexpected}")
+    hf_model.tie_weights()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out, safe_serialization=True)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT,
+                                                pad_token=PAD, model_max_length=model.spec.context_length)
+    fast.save_pretrained(out)
+    return out
