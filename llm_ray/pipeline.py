@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from llm_ray.config import Config, dump_config
 from llm_ray.data.prepare import data_dir, prepare
+from llm_ray.eval.report import table
+from llm_ray.eval.run import evaluate
 from llm_ray.sample import sample_checkpoint
 from llm_ray.train.trainer import TrainResult, train
 
@@ -15,6 +17,7 @@ class PipelineResult:
     manifest: dict
     train: TrainResult
     samples: list[tuple[str, str]]
+    evaluation: dict
 
 
 def run_pipeline(cfg: Config, log=print) -> PipelineResult:
@@ -24,7 +27,8 @@ def run_pipeline(cfg: Config, log=print) -> PipelineResult:
     s = cfg.sample
     texts = sample_checkpoint(result.checkpoint, s.prompts, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
                               s.seed)
-    return PipelineResult(manifest, result, list(zip(s.prompts, texts)))
+    evaluation = evaluate(result.checkpoint, data_path=data_dir(cfg), log=log)
+    return PipelineResult(manifest, result, list(zip(s.prompts, texts)), evaluation)
 
 
 def summary(cfg: Config, r: PipelineResult) -> str:
@@ -44,4 +48,5 @@ def summary(cfg: Config, r: PipelineResult) -> str:
         lines.append(f"validation loss:   {r.train.val_loss:.3f} nats/token "
                      f"(unigram baseline {baseline:.3f}; {baseline - r.train.val_loss:+.3f} better)")
     lines.append(f"generate more:     llm-ray generate --checkpoint {r.train.checkpoint} --prompt '...'")
+    lines += ["=" * 72, table(r.evaluation), f"report:            {r.evaluation['report']}"]
     return "\n".join(lines)

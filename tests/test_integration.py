@@ -120,6 +120,7 @@ def test_pipeline_runs_end_to_end(ray_session, tmp_path, corpus_dir, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "checkpoint:" in out and "unigram baseline" in out and "ROMEO:" in out
+    assert "bits per byte" in out and (tmp_path / "debug" / "eval" / "eval.json").is_file()  # ends with eval
     resolved = json.loads(json.dumps(load_config(str(tmp_path / "debug" / "config.yaml")).model_dump()))
     assert resolved["train"]["max_steps"] == 10
 
@@ -406,6 +407,16 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(sh
     assert report["split"] == "val" and report["documents"] >= 1
     assert report["loss"]["value"] == pytest.approx(result.val_loss, abs=0.5)  # all val documents vs a sample
     assert {"eval.md", "eval.png"} <= {p.name for p in (run.run_dir / "eval").iterdir()}
+    # The run tracks with W&B: the figures join its W&B run (read with W&B's own reader).
+    # Offline, the reopened run is a second log file with the same run id; a sync merges them.
+    state = read_train_state(result.checkpoint)
+    rows = []
+    for log_file in (run.run_dir / "wandb" / "wandb").glob(f"offline-run-*-{state['tracker_run_id']}/*.wandb"):
+        records = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json",
+                                  str(log_file)], capture_output=True, text=True, check=True, timeout=120).stdout
+        rows += [json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line]
+    [row] = [r for r in rows if "eval/loss" in r]
+    assert row["eval/loss"] == pytest.approx(report["loss"]["value"]) and row["_step"] == 6
 
     files = str(Path(__file__).parent / "data" / "corpus" / "more.jsonl")
     figures = {}

@@ -131,9 +131,30 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | Non
         results["contamination"] = tasks.contamination(docs, tasks.ngram_index(train, e.contamination_ngram), e)
     results["seconds"] = time.time() - started
     out = eval_folder(cfg, model_dir)
-    write_report(results, sums, saved_state(model_dir).get("history", []), out)
+    state = saved_state(model_dir)
+    write_report(results, sums, state.get("history", []), out)
     results["report"] = str(out)
+    track(cfg, results, state)
     return results
+
+
+def track(cfg: Config, results: dict, state: dict) -> None:
+    """With tracking on, the figures go to the training run's W&B run, at its last step."""
+    if cfg.tracking.backend == "none":
+        return
+    from llm_ray.tracking import make_tracker
+
+    tracker = make_tracker(cfg, 0, cfg.run_dir / "wandb", state.get("tracker_run_id"))
+    row = {f"eval/{k}": results[k]["value"] for k in ("loss", "perplexity", "bits_per_byte")}
+    row.update({f"eval/{k}_ci95_{end}": results[k]["ci95"][i] for k in ("loss", "bits_per_byte")
+                for i, end in enumerate(("low", "high"))})
+    for k in ("bleu", "rouge1", "rouge2", "rougeL"):
+        if k in results.get("continuation", {}):
+            row[f"eval/{k}"] = results["continuation"][k]
+    if "contamination" in results:
+        row["eval/contaminated_share"] = results["contamination"]["share"]
+    tracker.log(row, step=state.get("step", 0))
+    tracker.finish()
 
 
 def _train_documents(cfg: Config, data_path: Path):
