@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("hf",), default="hf", help="export format (default: hf, Hugging Face)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
 
+    p = sub.add_parser("explain", help="attention maps and token attributions for the next-token prediction",
+                       description="Write attention heatmaps per layer and head, and attributions of the predicted "
+                                   "next token to each input token (gradient x input, integrated gradients, "
+                                   "KernelSHAP, LIME; Captum) with their rank agreement, into <run>/explain/<slug>/.")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="checkpoint folder (or its model/ subfolder)")
+    p.add_argument("--text", required=True, help="the input text; its next token is explained")
+    p.add_argument("--target", default=None,
+                   help="explain this next token (its first token) instead of the most likely one")
+    p.add_argument("--samples", type=int, default=200, help="perturbation samples for KernelSHAP and LIME")
+
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
     _add_config_args(p, "demo")
@@ -106,6 +117,8 @@ def _run(args) -> int:
         return _eval(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "explain":
+        return _explain(args)
     cfg = load_config(args.config, args.overrides)
     from llm_ray.data.sources import check_uri
 
@@ -185,6 +198,25 @@ def _export(args) -> int:
 
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"exported {arch} to {out}")
+    return 0
+
+
+def _explain(args) -> int:
+    try:
+        from llm_ray.eval.explain import explain
+
+        r = explain(args.checkpoint, args.text, args.target, samples=args.samples)
+    except ImportError as e:
+        print(f"llm-ray explain: {e.name} is missing: pip install -e '.[explain]'", file=sys.stderr)
+        return EXIT_FAILURE
+    except (FileNotFoundError, ValueError) as e:
+        print(f"llm-ray explain: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"next token {r['target']!r} (p = {r['target_probability']:.3f}); attributions of each input token:")
+    for i, token in enumerate(r["tokens"]):
+        print(f"  {token!r:>16} " + " ".join(f"{m[:12]:>12} {r['attributions'][m][i]:+.4f}" for m in r["attributions"]))
+    print("rank agreement: " + ", ".join(f"{k} {v:+.2f}" for k, v in r["rank_correlation"].items()))
+    print(f"written to {r['folder']}")
     return 0
 
 

@@ -162,3 +162,23 @@ def test_model_package_imports_only_torch():
             "bad = [m for m in ('ray', 'deepspeed', 'wandb') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kept_attention_weights_give_the_fused_output_and_are_causal():
+    """The opt-in attention path (for llm-ray explain) computes what the fused kernel does."""
+    from llm_ray.config import load_config, model_spec
+    from llm_ray.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(model_spec(load_config("debug", ["model.pos_encoding=rope"]))).eval()
+    x = torch.randint(0, model.spec.vocab_size, (2, 20))
+    with torch.no_grad():
+        fused = model(x)[0]
+        for block in model.transformer.h:
+            block.attn.keep_attention = True
+        explicit = model(x)[0]
+    torch.testing.assert_close(explicit, fused, rtol=0, atol=1e-5)
+    att = model.transformer.h[1].attn.last_attention  # (B, nh, T, T)
+    assert att.shape == (2, model.spec.n_head, 20, 20)
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, model.spec.n_head, 20))
+    assert float(att.triu(diagonal=1).abs().max()) == 0.0  # no position sees the future

@@ -109,6 +109,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=spec.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias)
         self.resid_dropout = nn.Dropout(spec.dropout)
+        # Opt-in, for interpretability: compute attention explicitly and keep its weights
+        # (B, nh, T, T) in last_attention. Off, attention runs fused (SDPA) and keeps nothing.
+        self.keep_attention = False
+        self.last_attention: torch.Tensor | None = None
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
@@ -124,7 +128,13 @@ class CausalSelfAttention(nn.Module):
             past = cache.length
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if self.keep_attention and past == 0:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            self.last_attention = att.detach()
+            y = F.dropout(att, dropout_p, self.training) @ v
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             # Query i sits at absolute position past + i and sees keys 0 .. past + i.
