@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explain this next token (its first token) instead of the most likely one")
     p.add_argument("--samples", type=int, default=200, help="perturbation samples for KernelSHAP and LIME")
 
+    p = sub.add_parser("cv", help="k-fold cross-validation over document clusters",
+                       description="Prepare the corpus, deal its documents (outside the test split) into k folds by "
+                                   "duplicate cluster, train one model per fold (concurrently when the cluster has "
+                                   "room), score each on its fold, and write <run>/cv/cv.json and cv.md.")
+    _add_config_args(p, "debug")
+    p.add_argument("--folds", type=int, default=3, help="number of folds (default: 3)")
+
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
     _add_config_args(p, "demo")
@@ -147,6 +154,11 @@ def _run(args) -> int:
 
             r = train(cfg, args.data)
             print(f"checkpoint: {r.checkpoint}\nvalidation loss: {r.val_loss}")
+        elif args.command == "cv":
+            init_ray()
+            from llm_ray.eval.cv import cross_validate, cv_table
+
+            print(cv_table(cross_validate(cfg, args.folds)))
         elif args.command == "pipeline":
             init_ray()
             from llm_ray.pipeline import run_pipeline, summary

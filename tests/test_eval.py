@@ -115,3 +115,13 @@ def test_contamination_finds_copied_documents():
     assert result["contaminated"] == 2 and result["share"] == pytest.approx(2 / 3)
     assert [d["document"] for d in result["listed"]] == ["copied", "half"]
     assert result["listed"][0]["overlap"] == 1.0
+
+
+def test_folds_are_balanced_and_keep_clusters_whole():
+    from llm_ray.eval.cv import assign_folds
+
+    clusters = [f"c{i}" for i in range(10)] * 3  # each cluster appears three times (copies)
+    folds = assign_folds(clusters, 3, seed=0)
+    assert sorted(folds) == sorted(set(clusters))  # one fold per cluster, so copies never straddle
+    assert sorted(np.bincount(list(folds.values()))) == [3, 3, 4]
+    assert assign_folds(clusters, 3, seed=0) == folds and assign_folds(clusters, 3, seed=1) != folds

@@ -441,3 +441,19 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(sh
     assert "holds no" in err and "Traceback" not in err
     assert main([*common, "--set", "eval.prompt_tokens=60"]) == 2
     assert "eval.prompt_tokens" in capsys.readouterr().err
+
+
+def test_cross_validation_trains_and_scores_each_fold(ray_session, tmp_path, corpus_dir, capsys):
+    """`llm-ray cv`: folds by cluster, one short training per fold, each scored on its own fold."""
+    assert main(["cv", "--config", "debug", "--folds", "2", "--set", f"output_dir={tmp_path}",
+                 "--set", f"data.sources=[{corpus_dir}]", "--set", "data.max_files=null",
+                 "--set", "train.max_steps=6", "--set", "train.eval_every=6", "--set", "train.checkpoint_every=6",
+                 "--set", "eval.bootstrap_samples=50"]) == 0
+    assert "mean ± std" in capsys.readouterr().out
+    cv = json.loads((tmp_path / "debug" / "cv" / "cv.json").read_text())
+    assert [f["fold"] for f in cv["per_fold"]] == [0, 1]
+    assert sum(f["documents"] for f in cv["per_fold"]) == 16  # every document outside the test split, once
+    assert all(math.isfinite(f["loss"]["value"]) for f in cv["per_fold"]) and cv["loss"]["std"] >= 0
+    for fold in (0, 1):  # each fold's tokenizer learned on the other fold only
+        manifest = json.loads((tmp_path / "debug" / "cv" / f"fold-{fold}" / "data" / "manifest.json").read_text())
+        assert manifest["splits"]["val"]["blocks"] > 0

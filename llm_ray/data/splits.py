@@ -63,6 +63,16 @@ def assign_splits(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
     return batch
 
 
+def kept_documents(data_path: Path) -> Iterator[tuple[list[str], list[str], list[str]]]:
+    """(doc keys, texts, cluster keys) of the kept documents of a prepared data folder, per documents shard."""
+    data_path = Path(data_path)
+    docs = json.loads((data_path / "documents" / "_stage.json").read_text(encoding="utf-8"))
+    for shard in docs["shards"]:
+        table = read_kept(str(data_path / "documents" / shard), str(data_path / "dedup"))
+        yield (table.column("doc_key").to_pylist(), table.column("text").to_pylist(),
+               table.column("cluster_key").to_pylist())
+
+
 def split_documents(data_path: Path, data: DataConfig, split: str) -> Iterator[list[tuple[str, str]]]:
     """The kept documents of one split of a prepared data folder, as (doc_key, text) lists, one
     list per documents shard (plain pyarrow, no Ray). data: the DataConfig it was prepared with."""
@@ -73,10 +83,6 @@ def split_documents(data_path: Path, data: DataConfig, split: str) -> Iterator[l
         record = json.loads((data_path / "dedup" / "_stage.json").read_text(encoding="utf-8"))
         thresholds = split_thresholds(record["cluster_keys"], data)
     seed = manifest.get("split_seed", data.split_seed)
-    docs = json.loads((data_path / "documents" / "_stage.json").read_text(encoding="utf-8"))
-    for shard in docs["shards"]:
-        table = read_kept(str(data_path / "documents" / shard), str(data_path / "dedup"))
-        keys = np.array(table.column("cluster_key").to_pylist(), dtype=object)
-        splits = assign_splits({"cluster_key": keys}, seed, *thresholds)["split"]
-        yield [(k, t) for k, t, s in zip(table.column("doc_key").to_pylist(), table.column("text").to_pylist(),
-                                         splits) if s == split]
+    for keys, texts, clusters in kept_documents(data_path):
+        splits = assign_splits({"cluster_key": np.array(clusters, dtype=object)}, seed, *thresholds)["split"]
+        yield [(k, t) for k, t, s in zip(keys, texts, splits) if s == split]
