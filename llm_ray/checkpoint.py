@@ -50,17 +50,27 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, "object", Co
     from tokenizers import Tokenizer
 
     model_dir = find_model_dir(path)
-    saved = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
-    for section, key in RETIRED_FIELDS:  # checkpoints of older versions still load
-        saved.get(section, {}).pop(key, None)
-    cfg = Config.model_validate(saved)
+    try:
+        saved = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
+        for section, key in RETIRED_FIELDS:  # checkpoints of older versions still load
+            saved.get(section, {}).pop(key, None)
+        cfg = Config.model_validate(saved)
+    except (OSError, yaml.YAMLError, ValueError, AttributeError) as e:
+        raise ValueError(f"{model_dir / 'config.yaml'} is missing or not an llm-ray config: "
+                         f"{str(e).splitlines()[0]}") from None
     model = GPT(model_spec(cfg))
-    state = load_file(str(model_dir / WEIGHTS), device=device)
+    try:
+        state = load_file(str(model_dir / WEIGHTS), device=device)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{model_dir / WEIGHTS} is not a readable safetensors file: {e}") from None
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if set(missing) - set(TIED) or unexpected:
         raise ValueError(f"{model_dir / WEIGHTS} does not fit the model in its config.yaml: "
                          f"missing {sorted(set(missing) - set(TIED))}, unexpected {sorted(unexpected)}")
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    try:
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a plain Exception for a missing or bad file
+        raise ValueError(f"{model_dir / 'tokenizer.json'} is missing or not a tokenizer: {e}") from None
     return model.to(device).eval(), tokenizer, cfg
 
 

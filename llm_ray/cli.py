@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared data folder (default: the checkpoint's run's data)")
     p.add_argument("--eval-data", default=None, metavar="PATH",
                    help="score these files or folder instead (any prepare format: .txt, .jsonl, .parquet, gzip)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a YAML file whose fields override the checkpoint's config (e.g. an eval: section)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field of the checkpoint's config, e.g. --set eval.stride=64 (repeatable)")
 
@@ -183,13 +185,30 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def config_file_overrides(path: str) -> list[str]:
+    """A YAML file's fields as dotted overrides (path=value, values as JSON, which YAML reads back)."""
+    import json
+
+    from llm_ray.config.loading import _read_yaml
+
+    def flatten(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}={json.dumps(value)}"
+
+    return list(flatten(_read_yaml(Path(path))))
+
+
 def _eval(args) -> int:
     from llm_ray.data.corpus import CorpusError
     from llm_ray.eval.report import table
     from llm_ray.eval.run import EvalError, evaluate
 
     try:
-        results = evaluate(args.checkpoint, args.overrides, args.split, args.data, args.eval_data)
+        overrides = config_file_overrides(args.config) + args.overrides if args.config else args.overrides
+        results = evaluate(args.checkpoint, overrides, args.split, args.data, args.eval_data)
     except (EvalError, CorpusError) as e:
         print(f"llm-ray eval: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -64,6 +64,11 @@ def test_other_architectures_are_refused_naming_the_option(tmp_path, tokenizer, 
     assert not (tmp_path / "hf").exists()
     assert main(["export", "--checkpoint", str(tmp_path / "nothing"), "--format", "hf", "--out", str(tmp_path)]) == 1
     assert "not an llm-ray checkpoint" in capsys.readouterr().err
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged
+    assert main(["export", "--checkpoint", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert "not a readable safetensors file" in err and "Traceback" not in err
 
 
 def test_export_cli(tmp_path, tokenizer, capsys):

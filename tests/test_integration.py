@@ -149,7 +149,8 @@ def test_zero_stages_agree_on_the_first_step(prepared, tmp_path):
     cfg, _ = prepared
     data = tiny_dataset(prepared, tmp_path / "data", blocks_per_split=2 * cfg.train.micro_batch_size)
     results = {}
-    for stage, compile in ((0, False), (1, False), (2, False), (3, False), (2, True)):
+    # ZeRO-1's engine is exercised in-process by tests/test_loop.py; here 0, 2, 3 and compile.
+    for stage, compile in ((0, False), (2, False), (3, False), (2, True)):
         run = cfg.model_copy(update={"name": f"first-step-{stage}-{compile}", "output_dir": str(tmp_path)},
                              deep=True)
         run.train.zero_stage, run.train.compile = stage, compile
@@ -159,7 +160,7 @@ def test_zero_stages_agree_on_the_first_step(prepared, tmp_path):
         results[stage, compile] = ([h["train_loss"] for h in history if "train_loss" in h][0],
                                    [h["val_loss"] for h in history if "val_loss" in h])
     reference = results[0, False]
-    for stage in (1, 2, 3):
+    for stage in (2, 3):
         assert results[stage, False][0] == pytest.approx(reference[0], abs=1e-5), results
         assert results[stage, False][1] == pytest.approx(reference[1], abs=1e-4), results
     # torch.compile (inductor) fuses kernels: the same numbers up to float rounding.
@@ -283,17 +284,17 @@ def test_rerunning_a_run_name_resumes_its_latest_checkpoint(prepared, tmp_path):
 
     cfg, _ = prepared
     run = cfg.model_copy(update={"name": "resumed", "output_dir": str(tmp_path)}, deep=True)
-    run.train.max_steps, run.train.checkpoint_every, run.train.log_every = 20, 10, 10
+    run.train.max_steps, run.train.checkpoint_every, run.train.log_every, run.train.eval_every = 10, 5, 5, 10
     first = train(run, data_dir(cfg), log=lambda *_: None)
-    run.train.max_steps = 40
+    run.train.max_steps = 20
     second = train(run, data_dir(cfg), log=lambda *_: None)
     state = read_train_state(second.checkpoint)
-    assert first.step == 20 and state["step"] == 40 and state["resumed_from"] == [20]
+    assert first.step == 10 and state["step"] == 20 and state["resumed_from"] == [10]
     rows = {h["step"]: h for h in state["history"] if "train_loss" in h}
-    assert sorted(rows) == [10, 20, 30, 40]  # the first run's history carried over, nothing redone
-    # The LR schedule continued from step 20 (DeepSpeed restored the scheduler with the optimizer):
-    # step 30 is the schedule's step 29 (0-based), and its row shows the LR it used.
-    assert rows[30]["lr"] == pytest.approx(lr_at(29, run.train))
+    assert sorted(rows) == [5, 10, 15, 20]  # the first run's history carried over, nothing redone
+    # The LR schedule continued from step 10 (DeepSpeed restored the scheduler with the optimizer):
+    # step 15 is the schedule's step 14 (0-based), and its row shows the LR it used.
+    assert rows[15]["lr"] == pytest.approx(lr_at(14, run.train))
 
 
 def test_checkpoints_on_s3_resume_and_hold_no_secret(prepared, s3_server, tmp_path):
@@ -441,6 +442,11 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(sh
     assert "holds no" in err and "Traceback" not in err
     assert main([*common, "--set", "eval.prompt_tokens=60"]) == 2
     assert "eval.prompt_tokens" in capsys.readouterr().err
+    settings = run.run_dir / "eval-settings.yaml"
+    settings.write_text("eval:\n  max_documents: 1\n  continuation_documents: 0\n")
+    assert main(["eval", "--checkpoint", result.checkpoint, "--config", str(settings)]) == 0
+    report = json.loads((run.run_dir / "eval" / "eval.json").read_text())
+    assert report["documents"] == 1 and "continuation" not in report
 
 
 def test_cross_validation_trains_and_scores_each_fold(ray_session, tmp_path, corpus_dir, capsys):
