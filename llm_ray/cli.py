@@ -20,6 +20,11 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
                         "values are parsed as YAML: 6, 0.1, true, [a, b])")
 
 
+def _add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="checkpoint folder (or its model/ subfolder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-ray",
@@ -42,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint",
                        description="Load a checkpoint's safetensors weights and print a continuation.")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="checkpoint folder (or its model/ subfolder)")
+    _add_checkpoint_arg(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
@@ -57,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--eval-data) with bootstrap intervals, continue held-out documents for BLEU and "
                                    "ROUGE, check n-gram contamination, and write eval.json, eval.md and eval.png "
                                    "into <run>/eval.")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="checkpoint folder (or its model/ subfolder)")
+    _add_checkpoint_arg(p)
     p.add_argument("--split", choices=("auto", "val", "test"), default=None,
                    help="held-out split (default: eval.split, auto = test when there is one, else val)")
     p.add_argument("--data", type=Path, default=None, metavar="DIR",
@@ -74,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write the checkpoint's weights, config and tokenizer as a folder that "
                                    "transformers' AutoModelForCausalLM and AutoTokenizer load: GPT-2 for learned "
                                    "positions, LayerNorm and GELU; Llama for RoPE, RMSNorm and SwiGLU.")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="checkpoint folder (or its model/ subfolder)")
+    _add_checkpoint_arg(p)
     p.add_argument("--format", choices=("hf",), default="hf", help="export format (default: hf, Hugging Face)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
 
@@ -83,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write attention heatmaps per layer and head, and attributions of the predicted "
                                    "next token to each input token (gradient x input, integrated gradients, "
                                    "KernelSHAP, LIME; Captum) with their rank agreement, into <run>/explain/<slug>/.")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="checkpoint folder (or its model/ subfolder)")
+    _add_checkpoint_arg(p)
     p.add_argument("--text", required=True, help="the input text; its next token is explained")
     p.add_argument("--target", default=None,
                    help="explain this next token (its first token) instead of the most likely one")

@@ -54,14 +54,18 @@ def test_prepare_writes_shards_manifest_and_tokenizer(prepared):
     assert prepare(cfg, log=lambda *_: None)["documents"] == manifest["documents"]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_train_two_workers_loss_falls_and_checkpoint_reloads(prepared, stage):
-    cfg, manifest = prepared
-    data = data_dir(cfg)
-    cfg = cfg.model_copy(update={"name": f"zero{stage}"}, deep=True)
-    cfg.train.zero_stage = stage
-    result = train(cfg, data, log=lambda *_: None)
+@pytest.fixture(scope="module")
+def default_run(prepared, tmp_path_factory):
+    """The debug preset as users run it (2 workers, ZeRO-2, 60 steps), tracked by W&B offline:
+    (config, result). Several tests read it; it is built here, whichever runs first."""
+    cfg, _ = prepared
+    run = cfg.model_copy(update={"name": "default", "output_dir": str(tmp_path_factory.mktemp("default"))},
+                         deep=True)
+    run.tracking.backend = "wandb"
+    return run, train(run, data_dir(cfg), log=lambda *_: None)
 
+
+def check_loss_falls_and_checkpoint_reloads(cfg, result, vocab_size: int) -> None:
     assert result.step == cfg.train.max_steps
     evals = [h["val_loss"] for h in result.history if "val_loss" in h]
     assert [h["step"] for h in result.history if "val_loss" in h] == [0, 20, 40, 60]
@@ -85,23 +89,25 @@ def test_train_two_workers_loss_falls_and_checkpoint_reloads(prepared, stage):
     missing, unexpected = reference.load_state_dict(ds_state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is wte, tied
     assert set(ds_state) | {"lm_head.weight"} == set(reference.state_dict())
-    probe = torch.randint(0, manifest["vocab_size"], (2, 32))
+    probe = torch.randint(0, vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(model(probe)[0], reference(probe)[0], rtol=0, atol=0)
 
 
-@pytest.fixture(scope="module")
-def short_run(prepared, tmp_path_factory):
-    """A 6-step run of the defaults (2 workers, ZeRO-2) tracked by W&B offline: (config, result)."""
-    cfg, _ = prepared
-    run = cfg.model_copy(update={"name": "wandb", "output_dir": str(tmp_path_factory.mktemp("short"))}, deep=True)
-    run.tracking.backend = "wandb"
-    run.train.max_steps, run.train.log_every, run.train.eval_every, run.train.checkpoint_every = 6, 2, 3, 6
-    return run, train(run, data_dir(cfg), log=lambda *_: None)
+def test_two_workers_zero2_loss_falls_and_checkpoint_reloads(prepared, default_run):
+    check_loss_falls_and_checkpoint_reloads(*default_run, prepared[1]["vocab_size"])
 
 
-def test_generate_cli_prints_a_continuation(short_run, capsys):
-    run, result = short_run
+def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path):
+    cfg, manifest = prepared
+    run = cfg.model_copy(update={"name": "zero3", "output_dir": str(tmp_path)}, deep=True)
+    run.train.zero_stage = 3
+    check_loss_falls_and_checkpoint_reloads(run, train(run, data_dir(cfg), log=lambda *_: None),
+                                            manifest["vocab_size"])
+
+
+def test_generate_cli_prints_a_continuation(default_run, capsys):
+    run, result = default_run
     checkpoint = result.checkpoint
     capsys.readouterr()  # what the training workers printed
     args = ["generate", "--checkpoint", checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3"]
@@ -168,10 +174,10 @@ def test_zero_stages_agree_on_the_first_step(prepared, tmp_path):
     assert results[2, True][1] == pytest.approx(reference[1], abs=1e-3), results
 
 
-def test_wandb_offline_run_holds_metrics_and_no_secret(short_run):
+def test_wandb_offline_run_holds_metrics_and_no_secret(default_run):
     from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
-    run, result = short_run
+    run, result = default_run
     state = read_train_state(result.checkpoint)
     wandb_dir = run.run_dir / "wandb"
     [run_dir] = list((wandb_dir / "wandb").glob(f"offline-run-*-{state['tracker_run_id']}"))
@@ -183,7 +189,7 @@ def test_wandb_offline_run_holds_metrics_and_no_secret(short_run):
     history = [json.loads(line)["history"]["item"] for line in records if '"type":"history"' in line]
     logged = {row["_step"]: row for row in history if "train_loss" in row}
     ours = {h["step"]: h for h in state["history"] if "train_loss" in h}
-    assert sorted(logged) == sorted(ours) == [2, 4, 6]
+    assert sorted(logged) == sorted(ours) == [10, 20, 30, 40, 50, 60]
     for step, row in ours.items():
         for key in ("train_loss", "lr", "tokens_per_sec", "grad_norm", "train_seconds"):
             assert logged[step][key] == pytest.approx(row[key]), (step, key)
@@ -279,21 +285,31 @@ def test_resume_with_fewer_workers_reproduces_the_uninterrupted_losses(prepared,
     assert resumed["history"][-1]["val_loss"] == pytest.approx(straight.val_loss, abs=2e-4)
 
 
-def test_rerunning_a_run_name_resumes_its_latest_checkpoint(prepared, tmp_path):
+def test_rerunning_a_run_name_resumes_its_newest_complete_checkpoint(prepared, tmp_path):
+    """A rerun under the same name resumes: its history carries over and the LR schedule goes on.
+    The newest checkpoint has a truncated optimizer shard (a full disk, a node lost mid-save): the
+    rerun says so and resumes from the one before."""
     from llm_ray.train.schedule import lr_at
 
     cfg, _ = prepared
     run = cfg.model_copy(update={"name": "resumed", "output_dir": str(tmp_path)}, deep=True)
     run.train.max_steps, run.train.checkpoint_every, run.train.log_every, run.train.eval_every = 10, 5, 5, 10
     first = train(run, data_dir(cfg), log=lambda *_: None)
+    checkpoints = sorted(p for p in (run.run_dir / "checkpoints" / run.name).glob("checkpoint_*") if p.is_dir())
+    assert first.step == 10 and len(checkpoints) == 2
+    [shard] = list(checkpoints[-1].glob("deepspeed/state/*rank_1*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+
     run.train.max_steps = 20
-    second = train(run, data_dir(cfg), log=lambda *_: None)
-    state = read_train_state(second.checkpoint)
-    assert first.step == 10 and state["step"] == 20 and state["resumed_from"] == [10]
+    lines = []
+    state = read_train_state(train(run, data_dir(cfg), log=lines.append).checkpoint)
+    assert any("skipping the damaged checkpoint" in line and checkpoints[-1].name in line
+               and "100 bytes" in line for line in lines), lines
+    assert state["step"] == 20 and state["resumed_from"] == [5]
     rows = {h["step"]: h for h in state["history"] if "train_loss" in h}
-    assert sorted(rows) == [5, 10, 15, 20]  # the first run's history carried over, nothing redone
-    # The LR schedule continued from step 10 (DeepSpeed restored the scheduler with the optimizer):
-    # step 15 is the schedule's step 14 (0-based), and its row shows the LR it used.
+    assert sorted(rows) == [5, 10, 15, 20]  # step 5's row carried over; 10 redone after the damaged checkpoint
+    # The LR schedule continued (DeepSpeed restored the scheduler with the optimizer): step 15 is
+    # the schedule's step 14 (0-based), and its row shows the LR it used.
     assert rows[15]["lr"] == pytest.approx(lr_at(14, run.train))
 
 
@@ -359,26 +375,6 @@ def test_two_worker_zero2_l1_shrinks_the_matrices_and_a_nan_on_one_worker_is_ski
     assert end < 0.7 * start, (start, end)
 
 
-def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(prepared, tmp_path):
-    """A truncated optimizer shard in the latest checkpoint (a full disk, a node lost mid-save):
-    the rerun says so, resumes from the checkpoint before, and finishes."""
-    cfg, _ = prepared
-    run = cfg.model_copy(update={"name": "damaged", "output_dir": str(tmp_path)}, deep=True)
-    run.train.max_steps, run.train.checkpoint_every, run.train.log_every, run.train.eval_every = 6, 3, 3, 6
-    train(run, data_dir(cfg), log=lambda *_: None)
-    checkpoints = sorted(p for p in (run.run_dir / "checkpoints" / run.name).glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2
-    [shard] = list(checkpoints[-1].glob("deepspeed/state/*rank_1*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:100])
-
-    run.train.max_steps = 9
-    lines = []
-    state = read_train_state(train(run, data_dir(cfg), log=lines.append).checkpoint)
-    assert state["step"] == 9 and state["resumed_from"] == [3]
-    assert any("skipping the damaged checkpoint" in line and checkpoints[-1].name in line
-               and "100 bytes" in line for line in lines), lines
-
-
 def test_bf16_at_zero_0_resumes_under_another_worker_count(prepared, tmp_path):
     """bf16 at ZeRO-0: a 2-worker checkpoint resumes on 1 worker with its fp32 master weights
     (DeepSpeed 0.19 keeps them whole at ZeRO-0; partitioned shards would be re-partitioned)."""
@@ -396,10 +392,10 @@ def test_bf16_at_zero_0_resumes_under_another_worker_count(prepared, tmp_path):
     assert state["history"][-1]["val_loss"] < first.val_loss + 0.05
 
 
-def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(short_run, capsys):
+def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(default_run, capsys):
     """`llm-ray eval` on the run's validation split and on --eval-data files: the report is written
     into <run>/eval, and Ray Data batch inference gives the in-process numbers."""
-    run, result = short_run
+    run, result = default_run
     common = ["eval", "--checkpoint", result.checkpoint, "--set", "eval.bootstrap_samples=100"]
     assert main(common) == 0
     out = capsys.readouterr().out
@@ -417,7 +413,7 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(sh
                                   str(log_file)], capture_output=True, text=True, check=True, timeout=120).stdout
         rows += [json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line]
     [row] = [r for r in rows if "eval/loss" in r]
-    assert row["eval/loss"] == pytest.approx(report["loss"]["value"]) and row["_step"] == 6
+    assert row["eval/loss"] == pytest.approx(report["loss"]["value"]) and row["_step"] == 60
 
     files = str(Path(__file__).parent / "data" / "corpus" / "more.jsonl")
     figures = {}
