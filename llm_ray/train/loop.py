@@ -191,6 +191,23 @@ def log_row(cfg: Config, engine, state: TrainState, train_loss: float, lr: float
     return row
 
 
+def progress_line(row: dict, max_steps: int, eta: float) -> str:
+    mfu = f" | mfu {row['mfu']:.1%}" if "mfu" in row else ""
+    return (f"step {row['step']:>6}/{max_steps} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
+            f"{row['tokens_per_sec']:,.0f} tok/s{mfu} | eta {eta:,.0f}s")
+
+
+def record_validation(metrics: dict, val_loss: float, state: TrainState, rank: int, log, tracker,
+                      note: str = "") -> None:
+    """Add the validation loss and perplexity to metrics and the history; print and track them on rank 0."""
+    metrics.update(val_loss=val_loss, val_perplexity=math.exp(val_loss))
+    state.history.append(metrics)
+    if rank == 0:
+        log(f"step {metrics['step']:>6} | val loss {val_loss:.4f} | val ppl {metrics['val_perplexity']:.1f}{note}")
+        if tracker is not None:
+            tracker.log({"val_loss": val_loss, "val_perplexity": metrics["val_perplexity"]}, step=metrics["step"])
+
+
 def run_training(
     cfg: Config,
     engine,
@@ -232,11 +249,7 @@ def run_training(
         return loss
 
     if state.step == 0:  # the untrained model's loss: the reference every later evaluation improves on
-        val_loss = validate()
-        state.history.append({"step": 0, "epoch": 0, "tokens": 0, "val_loss": val_loss,
-                              "val_perplexity": math.exp(val_loss)})
-        if rank == 0:
-            log(f"step {0:>6} | val loss {val_loss:.4f} (untrained)")
+        record_validation({"step": 0, "epoch": 0, "tokens": 0}, validate(), state, rank, log, None, " (untrained)")
 
     while state.step < t.max_steps:
         began = clock()
@@ -255,9 +268,7 @@ def run_training(
             state.history.append(row)
             if rank == 0:
                 eta = (clock() - run_start) / (state.step - start_step) * (t.max_steps - state.step)
-                mfu = f" | mfu {row['mfu']:.1%}" if "mfu" in row else ""
-                log(f"step {state.step:>6}/{t.max_steps} | loss {train_loss:.4f} | lr {lr_used:.2e} | "
-                    f"{row['tokens_per_sec']:,.0f} tok/s{mfu} | eta {eta:,.0f}s")
+                log(progress_line(row, t.max_steps, eta))
                 if tracker is not None:
                     tracker.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
             loss_sum.zero_()
@@ -268,15 +279,7 @@ def run_training(
         if is_eval or is_ckpt:
             metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens}
             if is_eval:
-                metrics["val_loss"] = validate()
-                metrics["val_perplexity"] = math.exp(metrics["val_loss"])
-                state.history.append(metrics)
-                if rank == 0:
-                    log(f"step {state.step:>6} | val loss {metrics['val_loss']:.4f} | "
-                        f"val ppl {metrics['val_perplexity']:.1f}")
-                    if tracker is not None:
-                        tracker.log({"val_loss": metrics["val_loss"], "val_perplexity": metrics["val_perplexity"]},
-                                    step=state.step)
+                record_validation(metrics, validate(), state, rank, log, tracker)
             if is_ckpt:
                 began = clock()
                 save(state, metrics)
