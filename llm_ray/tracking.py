@@ -47,14 +47,19 @@ class MemoryTracker:
         pass
 
 
+def wandb_mode(setting: str) -> str:
+    """tracking.wandb_mode resolved: auto is online when WANDB_API_KEY is set, offline otherwise."""
+    if setting == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return setting
+
+
 class WandbTracker:
     def __init__(self, cfg: Config, directory: Path, run_id: str | None):
         import wandb
 
         t = cfg.tracking
-        mode = t.wandb_mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        mode = wandb_mode(t.wandb_mode)
         directory.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id or secrets.token_hex(4)
         self._run = wandb.init(

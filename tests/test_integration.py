@@ -102,8 +102,10 @@ def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path)
     cfg, manifest = prepared
     run = cfg.model_copy(update={"name": "zero3", "output_dir": str(tmp_path)}, deep=True)
     run.train.zero_stage = 3
+    run.train.checkpoint_every, run.train.num_checkpoints_to_keep = 10, 1  # 6 checkpoints written, 1 kept
     check_loss_falls_and_checkpoint_reloads(run, train(run, data_dir(cfg), log=lambda *_: None),
                                             manifest["vocab_size"])
+    assert len([p for p in (run.run_dir / "checkpoints" / run.name).glob("checkpoint_*") if p.is_dir()]) == 1
 
 
 def test_generate_cli_prints_a_continuation(default_run, capsys):
@@ -122,10 +124,11 @@ def test_generate_cli_prints_a_continuation(default_run, capsys):
 def test_pipeline_runs_end_to_end(ray_session, tmp_path, corpus_dir, capsys):
     code = main(["pipeline", "--config", "debug", "--set", f"output_dir={tmp_path}",
                  "--set", f"data.sources=[{corpus_dir}]", "--set", "data.max_files=null",
-                 "--set", "train.max_steps=10"])
+                 "--set", "train.max_steps=10", "--set", "sample.prompts=['JULIET:']"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "checkpoint:" in out and "unigram baseline" in out and "ROMEO:" in out
+    assert "checkpoint:" in out and "unigram baseline" in out
+    assert "--- 'JULIET:'" in out and "--- 'ROMEO:'" not in out  # sample.prompts replaced the preset's
     assert "bits per byte" in out and (tmp_path / "debug" / "eval" / "eval.json").is_file()  # ends with eval
     resolved = json.loads(json.dumps(load_config(str(tmp_path / "debug" / "config.yaml")).model_dump()))
     assert resolved["train"]["max_steps"] == 10
@@ -418,8 +421,13 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(de
     files = str(Path(__file__).parent / "data" / "corpus" / "more.jsonl")
     figures = {}
     for backend in ("local", "ray"):
-        assert main([*common, "--eval-data", files, "--set", f"eval.backend={backend}"]) == 0
+        assert main([*common, "--eval-data", files, "--set", f"eval.backend={backend}", "--set", "eval.concurrency=1",
+                     "--set", "eval.cpus_per_actor=0.5"]) == 0
         figures[backend] = json.loads((run.run_dir / "eval" / "eval.json").read_text())
+    from ray.util.state import list_actors
+
+    scorers = [a for a in list_actors(detail=True, limit=1000) if "CheckpointScorer" in a.class_name]
+    assert len(scorers) == 1 and scorers[0].required_resources["CPU"] == 0.5  # eval.concurrency, cpus_per_actor
     local, ray_data = figures["local"], figures["ray"]
     assert local["backend"] == "local" and ray_data["backend"] == "ray" and local["documents"] == 3
     for key in ("loss", "perplexity", "bits_per_byte"):

@@ -39,7 +39,7 @@ def one_worker(*overrides):
     return load_config("debug", ["train.num_workers=1", "train.total_batch_tokens=512", *overrides])
 
 
-def run(cfg, tmp_path, clock=None, save=None, log=None):
+def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0):
     """run_training on random tokens: (final state, engine)."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -54,7 +54,8 @@ def run(cfg, tmp_path, clock=None, save=None, log=None):
            validation_batches(PackedBlocks([tmp_path / "val.npy"]), 2 * micro, cfg.seed, 0, 1, micro)]
     kwargs = {"clock": clock} if clock else {}
     state = run_training(cfg, engine, batches, val, TrainState(world_size=1), save or (lambda s, m: None),
-                         lambda m: None, 0, torch.device("cpu"), log=log or (lambda line: None), **kwargs)
+                         lambda m: None, 0, torch.device("cpu"), log=log or (lambda line: None),
+                         flops_per_token=flops_per_token, **kwargs)
     return state, engine
 
 
@@ -103,6 +104,14 @@ def test_throughput_counts_training_time_only(process_group, tmp_path):
         assert row["train_seconds"] == pytest.approx(3.0)
         assert row["tokens_per_sec"] == pytest.approx(3 * cfg.train.total_batch_tokens / 3.0)
     assert rows[1]["checkpoint_seconds"] >= 1000 and rows[1]["eval_seconds"] > 0
+    assert "mfu" not in rows[0]  # no peak given
+
+
+def test_mfu_is_reported_against_peak_tflops_per_worker(process_group, tmp_path):
+    cfg = one_worker("train.max_steps=2", "train.log_every=1", "train.peak_tflops_per_worker=0.5")
+    state, _ = run(cfg, tmp_path, flops_per_token=10**6)
+    for row in (h for h in state.history if "train_loss" in h):
+        assert row["mfu"] == pytest.approx(10**6 * row["tokens_per_sec"] / (0.5e12 * 1))
 
 
 def test_a_nan_on_either_worker_reaches_both(tmp_path):

@@ -24,6 +24,13 @@ class EvalError(Exception):
     """The evaluation cannot run on what it was given, described for the user."""
 
 
+def choose_backend(e, documents: int) -> str:
+    """eval.backend resolved: auto is Ray Data from eval.ray_min_documents documents on."""
+    if e.backend != "auto":
+        return e.backend
+    return "ray" if documents >= e.ray_min_documents else "local"
+
+
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     tree = cfg.model_dump(mode="json")
     for assignment in overrides:
@@ -116,7 +123,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | Non
                                                                                                   e.split)
     except PrepareError as err:
         raise EvalError(str(err)) from None
-    backend = e.backend if e.backend != "auto" else ("ray" if len(docs) >= e.ray_min_documents else "local")
+    backend = choose_backend(e, len(docs))
     texts = [t for _, t in docs]
     log(f"eval: {len(docs)} documents from {eval_data or f'{data_path} ({split})'}, scored {backend}")
     sums = score(model_dir, model, tokenizer, texts, cfg, backend, log)

@@ -84,6 +84,12 @@ def nan_loss_hook(spec: dict | None, rank: int):
     return hook
 
 
+def apply_torch_threads(threads: int | None) -> None:
+    """train.torch_threads: torch's intra-op threads in this worker (None keeps Ray's setting)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def quiet_deprecated_collectives() -> None:
     """DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecated, at every step (ZeRO-3:
     reduce_scatter_tensor too): without this, a warning line per step."""
@@ -153,8 +159,7 @@ def train_loop_per_worker(payload: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
+    apply_torch_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     from llm_ray.train.engine import UNIVERSAL_INFO, build_engine
 
