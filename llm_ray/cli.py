@@ -1,4 +1,4 @@
-"""The `llm-ray` command: prepare, train, generate, pipeline."""
+"""The `llm-ray` command: prepare, train, generate, eval, export, explain, cv, tune, pipeline."""
 
 from __future__ import annotations
 
@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "debug")
     p.add_argument("--folds", type=int, default=3, help="number of folds (default: 3)")
 
+    p = sub.add_parser("tune", help="hyperparameter search with Ray Tune (Bayesian by default)",
+                       description="Run the sweep a sweep file describes (see tuning/): every trial is a "
+                                   "`llm-ray train` run of the base config with searched values. Results, "
+                                   "best_config.yaml and plots go to <output_dir>/<sweep name>/.")
+    p.add_argument("--sweep", required=True, type=Path, metavar="FILE", help="sweep file, e.g. tuning/debug.yaml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, unfinished ones resume "
+                        "from their checkpoints, the searcher continues where it was")
+
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
     _add_config_args(p, "demo")
@@ -129,6 +138,8 @@ def _run(args) -> int:
         return _export(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "tune":
+        return _tune(args)
     cfg = load_config(args.config, args.overrides)
     from llm_ray.data.sources import check_uri
 
@@ -169,6 +180,21 @@ def _run(args) -> int:
             print(summary(cfg, run_pipeline(cfg)))
     except (CorpusError, PrepareError, ResumeError) as e:
         print(f"llm-ray {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _tune(args) -> int:
+    from llm_ray.config.sweep import load_sweep
+    from llm_ray.data.corpus import CorpusError
+    from llm_ray.data.prepare import PrepareError
+    from llm_ray.sweep.runner import run_sweep
+
+    sweep, folder = load_sweep(args.sweep)
+    try:
+        run_sweep(sweep, folder, resume=args.resume)
+    except (CorpusError, PrepareError) as e:
+        print(f"llm-ray tune: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 

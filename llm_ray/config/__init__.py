@@ -23,6 +23,8 @@ from llm_ray.config.loading import (
     load_config,
     model_spec,
     preset_path,
+    read_source,
+    set_path,
     validate,
 )
 from llm_ray.config.model import ModelConfig
@@ -32,4 +34,4 @@ from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig
 __all__ = ["Config", "ConfigError", "Section", "S3Config", "DataConfig", "DedupConfig", "CleaningConfig",
            "TokenizerConfig", "EvalConfig", "ModelConfig", "TrainConfig", "TrackingConfig", "SampleConfig", "PRESETS",
            "apply_override", "dump_config", "format_validation_error", "load_config", "model_spec",
-           "preset_path", "validate"]
+           "preset_path", "read_source", "set_path", "validate"]

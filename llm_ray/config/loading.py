@@ -35,7 +35,8 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("llm_ray") / "presets" / f"{name}.yaml"))
 
 
-def _resolve_source(name_or_path: str) -> dict[str, Any]:
+def read_source(name_or_path: str) -> dict[str, Any]:
+    """The raw tree of a preset or YAML file, before overrides and validation."""
     if name_or_path in PRESETS:
         return _read_yaml(preset_path(name_or_path))
     path = Path(name_or_path).expanduser()
@@ -73,19 +74,25 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
             value = yaml.safe_load(raw) if raw.strip() else None
         except (yaml.YAMLError, RecursionError):
             value = raw
+    set_path(tree, key, value, f"override {key}")
+
+
+def set_path(tree: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """tree[a][b][c] = value for key 'a.b.c', creating sections on the way."""
     node: Any = tree
+    parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         child = node.get(part) if isinstance(node, dict) else None
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"{where or key}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
 
-def _field_names(loc: tuple) -> list[str]:
-    model: Any = Config
+def _field_names(loc: tuple, root: type[BaseModel] = Config) -> list[str]:
+    model: Any = root
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
@@ -94,12 +101,12 @@ def _field_names(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, root: type[BaseModel] = Config) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            allowed = _field_names(e["loc"])
+            allowed = _field_names(e["loc"], root)
             lines.append(f"{path}: unknown field; allowed here: {', '.join(allowed)}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
@@ -120,7 +127,7 @@ def validate(tree: dict[str, Any]) -> Config:
 
 def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A preset name or YAML path, plus dotted overrides, validated into a Config."""
-    tree = _resolve_source(name_or_path)
+    tree = read_source(name_or_path)
     for assignment in overrides:
         apply_override(tree, assignment)
     return validate(tree)

@@ -68,8 +68,10 @@ def choose_checkpoint(cfg: Config, storage: str, filesystem, data_key: str | Non
     return point
 
 
-def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dict | None = None) -> TrainResult:
-    """Train on the prepared data at data_path (default: the run's own). test_hooks is a testing
+def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dict | None = None,
+          callbacks: tuple = ()) -> TrainResult:
+    """Train on the prepared data at data_path (default: the run's own). callbacks are Ray Train
+    callbacks (a sweep's trial passes one that reports to Ray Tune). test_hooks is a testing
     seam passed to the workers (see worker.nan_loss_hook); users never set it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -118,6 +120,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     log(f"train: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, "

@@ -1,0 +1,140 @@
+"""Memory pre-flight: what one training worker will need, estimated from its config alone.
+
+A sweep checks every trial against the worker's memory before it launches any worker, so a
+trial that cannot fit is skipped in milliseconds instead of failing after minutes of set-up.
+
+Per worker, with N workers, P parameters and ZeRO stage s (DeepSpeed's partitioning):
+
+    weights      4 bytes/param (bf16: 2), divided by N at stage 3
+    gradients    4 bytes/param (bf16: 2), divided by N at stage >= 2
+    optimizer    Adam: m and v, 8 bytes/param; SGD: momentum, 4 (0 without momentum); bf16 adds
+                 fp32 master weights and fp32 gradients (8 more); divided by N at stage >= 1
+    buckets      ZeRO-2/3 gradient reduction buffers: 2 x reduce_bucket_size elements
+    transients   the gradients flattened once more for the all-reduce and clipping, and fp32
+                 temporaries of the optimizer step (1 x gradients + 4 bytes/param, partitioned
+                 like them)
+    activations  per token of the micro-batch, per layer, the tensors autograd keeps for the
+                 backward pass of our GPT block (see ``layer_elements``), plus one block's worth
+                 of gradients alive during its backward pass; with activation checkpointing only
+                 each block's input is kept, and three blocks' worth are alive while one block is
+                 recomputed and back-propagated. Plus the final norm, the logits, their
+                 log-softmax and their gradient.
+    runtime      the process itself: torch, DeepSpeed and Ray on a CPU worker, the CUDA context,
+                 cuBLAS workspace and NCCL buffers on a GPU (RUNTIME_BYTES, a measured allowance)
+
+Offloaded optimizer state (and parameters) leave the GPU for host memory; on a CPU-only worker
+host memory is the worker's memory, so they still count. Attention uses PyTorch's fused
+scaled-dot-product kernels, which keep no T x T matrix; with dropout > 0 on a CPU the math
+kernel may run instead, which this estimate does not model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from llm_ray.config import Config, model_spec
+
+GIB = 1024**3
+RUNTIME_BYTES = {"cpu": int(1.0 * GIB), "gpu": int(1.5 * GIB)}
+
+
+@dataclass
+class MemoryEstimate:
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    buckets: int
+    transients: int
+    activations: int
+    runtime: int
+    offloaded: int  # bytes of the above held in host memory instead of the GPU (GPU runs only)
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.buckets + self.transients
+
+    @property
+    def total(self) -> int:
+        """Bytes on the worker's device (its GPU, or the host for a CPU worker)."""
+        return self.model_states + self.activations + self.runtime - self.offloaded
+
+    def describe(self) -> str:
+        gib = lambda n: f"{n / GIB:.2f}"  # noqa: E731
+        return (f"{gib(self.total)} GiB per worker ({self.parameters / 1e6:.1f}M parameters: weights "
+                f"{gib(self.weights)}, gradients {gib(self.gradients)}, optimizer {gib(self.optimizer)}, "
+                f"activations {gib(self.activations)}, runtime {gib(self.runtime)}"
+                + (f", {gib(self.offloaded)} offloaded to the host" if self.offloaded else "") + ")")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def count_parameters(cfg: Config) -> int:
+    """Parameters of the configured model, built on the meta device (no memory, no init cost)."""
+    import torch
+
+    from llm_ray.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(model_spec(cfg))
+    return sum(p.numel() for p in model.parameters())  # a tied weight is listed once
+
+
+def layer_elements(cfg: Config) -> tuple[int, int]:
+    """Activation elements autograd keeps per token of one block: (kept at 4 bytes under autocast,
+    the rest). Norm inputs 2d; attention: QKV input d, q, k, v 3d, attention output and its
+    projection's input 2d; rotary embeddings copy q and k (2d); MLP: its input d, then GELU's input
+    and output 2 x 4d, or SwiGLU's gate and value, activation and product 4 x hidden."""
+    d = cfg.model.n_embd
+    spec = model_spec(cfg)
+    attention = 6 * d + (2 * d if spec.pos_encoding == "rope" else 0)
+    if spec.mlp == "swiglu":
+        hidden = 8 * ((int(8 * d / 3) + 7) // 8)
+        mlp = d + 4 * hidden
+    else:
+        mlp = d + 8 * d
+    return 2 * d, attention + mlp
+
+
+def activation_bytes(cfg: Config) -> int:
+    t, d = cfg.train, cfg.model.n_embd
+    tokens = t.micro_batch_size * cfg.data.block_size
+    wide, narrow = layer_elements(cfg)
+    element = 2 if t.precision in ("bf16", "fp16") or t.autocast_bf16 else 4
+    wide_element = 4 if t.autocast_bf16 else element  # autocast keeps norms in fp32
+    per_layer = wide * wide_element + narrow * element
+    if t.activation_checkpointing:  # each block's input is kept; one block at a time is recomputed
+        layers = cfg.model.n_layer * d * element + 3 * per_layer
+    else:
+        layers = (cfg.model.n_layer + 1) * per_layer
+    head = 2 * d * element + 3 * cfg.vocab_size * 4  # final norm, logits, log-softmax, their gradient (fp32)
+    return tokens * (layers + head)
+
+
+def estimate_memory(cfg: Config) -> MemoryEstimate:
+    t = cfg.train
+    params = count_parameters(cfg)
+    n, stage = t.num_workers, t.zero_stage
+    half = t.precision in ("bf16", "fp16")
+    weights = params * (2 if half else 4) // (n if stage == 3 else 1)
+    gradients = params * (2 if half else 4) // (n if stage >= 2 else 1)
+    if t.optimizer == "sgd":
+        state_per_param = 4 if t.momentum > 0 else 0
+    else:
+        state_per_param = 8
+    if half:
+        state_per_param += 8  # fp32 master weights and fp32 gradients
+    optimizer = params * state_per_param // (n if stage >= 1 else 1)
+    buckets = 2 * cfg.model.n_embd**2 * (2 if half else 4) if stage >= 2 else 0
+    transients = gradients + params * 4 // (n if stage >= 1 else 1)
+    offloaded = 0
+    if t.use_gpu and t.offload_optimizer:
+        offloaded += optimizer
+    if t.use_gpu and t.offload_params:
+        offloaded += weights
+    return MemoryEstimate(
+        parameters=params, weights=weights, gradients=gradients, optimizer=optimizer, buckets=buckets, transients=transients,
+        activations=activation_bytes(cfg), runtime=RUNTIME_BYTES["gpu" if t.use_gpu else "cpu"],
+        offloaded=offloaded,
+    )

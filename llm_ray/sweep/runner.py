@@ -1,0 +1,207 @@
+"""`llm-ray tune`: a sweep file turned into a Ray Tune experiment, started or restored.
+
+Layout of <output_dir>/<sweep name>/:
+
+    sweep.yaml        the sweep file as run (a --resume must match it)
+    tune/             Ray Tune's experiment state: trials, searcher state, results
+    trials/<trial>/   each trial's training run: checkpoints, W&B, trial.json (its status)
+    data/<key>/       prepared data variants, when the space searches data settings
+    results.csv, best_config.yaml, history.png, importance.png (see sweep.results)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from llm_ray.config import Config, ConfigError, apply_override, read_source, validate
+from llm_ray.config.sweep import Dimension, SweepConfig
+from llm_ray.sweep.trial import DATA_SECTIONS, data_variant, run_trial
+
+EXPERIMENT = "tune"
+# Tune snapshots its experiment (trials, searcher) at most this often; a driver killed with
+# SIGKILL loses what happened since the last snapshot. Its default is 10 s or more.
+SNAPSHOT_SECONDS = "2"
+
+
+def base_tree(sweep: SweepConfig, sweep_folder: Path) -> dict:
+    """The base config's raw tree with the fixed overrides; a relative base path is read next
+    to the sweep file."""
+    from llm_ray.config.loading import PRESETS
+
+    source = sweep.base
+    if source not in PRESETS and not Path(source).expanduser().is_absolute():
+        source = str(sweep_folder / source)
+    tree = read_source(source)
+    for assignment in sweep.overrides:
+        apply_override(tree, assignment)
+    try:
+        validate(tree)
+    except ConfigError as e:
+        raise ConfigError(f"the sweep's base config ({sweep.base} with its overrides): {e}") from None
+    return tree
+
+
+def sweep_dir(sweep: SweepConfig, base: Config) -> Path:
+    return Path(sweep.output_dir or base.output_dir).expanduser().resolve() / sweep.name
+
+
+def tune_space(dims: list[Dimension], grid: bool) -> dict:
+    from ray import tune
+
+    space = {}
+    for d in dims:
+        if d.kind == "choice":
+            space[d.path] = tune.grid_search(list(d.values)) if grid else tune.choice(list(d.values))
+        elif d.kind == "uniform":
+            space[d.path] = tune.uniform(d.low, d.high)
+        elif d.kind == "loguniform":
+            space[d.path] = tune.loguniform(d.low, d.high)
+        elif d.kind == "randint":
+            space[d.path] = tune.randint(d.low, d.high + 1)  # Tune's upper end is excluded; ours is not
+        else:
+            space[d.path] = tune.lograndint(d.low, d.high + 1)
+    return space
+
+
+def make_sampler(algorithm: str, seed: int | None, startup_trials: int):
+    """The Optuna sampler behind each searcher (also used by benchmarks/tune_efficiency.py)."""
+    import optuna
+
+    if algorithm == "bayes":  # Gaussian process; integers and categories handled natively
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
+    if algorithm == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"no Optuna sampler for search.algorithm {algorithm!r}")
+
+
+def make_searcher(sweep: SweepConfig):
+    """OptunaSearch for bayes, tpe and random; None (Tune's grid and variant generator) for grid."""
+    if sweep.search.algorithm == "grid":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = sweep.search
+    return OptunaSearch(sampler=make_sampler(s.algorithm, s.seed, s.startup_trials))  # metric: TuneConfig
+
+
+def make_scheduler(sweep: SweepConfig, base: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sc = sweep.scheduler
+    if sc.kind == "none":
+        return FIFOScheduler()
+    max_t = base.train.max_steps * (base.train.total_batch_tokens if sc.time_attr == "tokens" else 1)
+    if sc.grace_period >= max_t:
+        raise ConfigError(f"scheduler.grace_period ({sc.grace_period}) must be below the trials' length in "
+                          f"{sc.time_attr} ({max_t}), or ASHA never stops anything")
+    return ASHAScheduler(time_attr=sc.time_attr, max_t=max_t, grace_period=sc.grace_period,
+                         reduction_factor=sc.reduction_factor)  # metric and mode: from TuneConfig
+
+
+def cluster_memory(sweep: SweepConfig, may_use_gpu: bool) -> dict:
+    """What the memory pre-flight compares against: the sweep's setting, or the cluster's."""
+    import ray
+
+    if sweep.memory_per_worker_gb:
+        return {"per_worker": int(sweep.memory_per_worker_gb * 1024**3)}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, key=lambda n: n["Resources"].get("memory", 0), default=None)
+    memory = {"node": int(largest["Resources"].get("memory", 0)) if largest else None,
+              "node_cpus": largest["Resources"].get("CPU", 1) if largest else 1}
+    if may_use_gpu and ray.cluster_resources().get("GPU"):
+
+        @ray.remote(num_gpus=1)
+        def gpu_memory() -> int:
+            import torch
+
+            return torch.cuda.mem_get_info()[1]
+
+        memory["gpu"] = ray.get(gpu_memory.remote(), timeout=300)
+    return memory
+
+
+def prepare_base_data(sweep: SweepConfig, base: Config, dims: list[Dimension], log) -> dict:
+    """Prepare the base config's data once, where `llm-ray prepare` would put it, unless the
+    space searches data settings (then each variant is prepared by the first trial needing it)."""
+    from llm_ray.data.prepare import data_dir, prepare
+
+    searched = [d.path for d in dims if d.path.split(".")[0] in DATA_SECTIONS]
+    if not searched:
+        prepare(base, log=log)
+    else:
+        log(f"tune: the space searches data settings ({', '.join(searched)}): each variant is prepared once")
+    return {"variant": data_variant(base), "path": str(data_dir(base))}
+
+
+def check_resume(folder: Path, sweep: SweepConfig, resume: bool) -> None:
+    """--resume needs the same sweep; a new start must not overwrite an earlier sweep's results."""
+    from ray import tune
+
+    saved = folder / "sweep.yaml"
+    exists = tune.Tuner.can_restore(str(folder / EXPERIMENT))
+    current = sweep.model_dump(mode="json")
+    if resume:
+        if not exists:
+            raise ConfigError(f"--resume: there is no sweep to continue at {folder}")
+        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+        if previous != current:
+            raise ConfigError(f"--resume: {folder / 'sweep.yaml'} differs from the sweep file given; a sweep "
+                              "continues with the search it started (rename the sweep to start a new one)")
+    elif exists:
+        raise ConfigError(f"sweep {sweep.name!r} already ran at {folder}: add --resume to continue it, or "
+                          "give the sweep another name")
+    folder.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
+
+
+def run_sweep(sweep: SweepConfig, sweep_folder: Path, resume: bool = False, log=print) -> dict:
+    """Run (or continue) the sweep; write its results; return the summary (see sweep.results)."""
+    from ray import tune
+
+    from llm_ray.ray_utils import init_ray
+    from llm_ray.sweep.results import summarize, write_results
+
+    tree = base_tree(sweep, sweep_folder)
+    base = validate(tree)
+    dims = sweep.dimensions()
+    folder = sweep_dir(sweep, base)
+    scheduler = make_scheduler(sweep, base)
+    check_resume(folder, sweep, resume)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_SECONDS)
+    init_ray()
+    may_use_gpu = base.train.use_gpu or any(d.path == "train.use_gpu" for d in dims)
+    plan = {
+        "sweep": sweep.name, "objective": sweep.objective, "base_tree": tree, "sweep_dir": str(folder),
+        "trials_dir": str(folder / "trials"), "concurrent_trials": sweep.search.max_concurrent_trials,
+        "memory": cluster_memory(sweep, may_use_gpu), "base_data": prepare_base_data(sweep, base, dims, log),
+    }
+    # The trial function only coordinates (its workers reserve their own CPUs and GPUs): a token
+    # reservation, as Tune refuses an empty one.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    if resume:
+        log(f"tune: continuing the sweep at {folder / EXPERIMENT}")
+        tuner = tune.Tuner.restore(str(folder / EXPERIMENT), trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        s = sweep.search
+        log(f"tune: sweep {sweep.name}: {s.algorithm} search, {s.num_samples} trial(s), "
+            f"{s.max_concurrent_trials} at a time, scheduler {sweep.scheduler.kind}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(dims, grid=s.algorithm == "grid"),
+            tune_config=tune.TuneConfig(search_alg=make_searcher(sweep), scheduler=scheduler,
+                                        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials,
+                                        metric=sweep.objective, mode="min", reuse_actors=False),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder),
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                      verbose=1),
+        )
+    tuner.fit()
+    summary = summarize(sweep, folder, dims)
+    write_results(summary, sweep, base, folder, log)
+    return summary

@@ -1,0 +1,174 @@
+"""One trial of a sweep, run by Ray Tune as a function trainable.
+
+The trial merges its searched values into the base config and validates the result (an invalid
+combination fails this trial with its reason, never the sweep), checks the memory estimate
+against the worker's memory (a trial that cannot fit is skipped before any worker starts), finds
+or prepares its data, and then runs exactly what `llm-ray train` runs, with one Ray Train
+callback that forwards the workers' reports to Tune. Its checkpoints, metrics, resume and W&B
+run are a normal training run's, in <sweep>/trials/<trial name>/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import math
+from pathlib import Path
+
+from llm_ray.config import Config, ConfigError, set_path, validate
+from llm_ray.data.stages import stage_key, write_json_atomic
+
+STATUS_FILE = "trial.json"
+DATA_SECTIONS = ("data", "cleaning", "dedup", "tokenizer")  # what the prepared data depends on
+
+
+class TrialNotRun(Exception):
+    """The trial was not launched; the message says why."""
+
+
+class InvalidTrial(TrialNotRun):
+    pass
+
+
+class SkippedTrial(TrialNotRun):
+    pass
+
+
+def trial_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
+def trial_config(plan: dict, values: dict, trial_id: str) -> Config:
+    """The base config with the searched values, named and placed for this trial."""
+    tree = copy.deepcopy(plan["base_tree"])
+    for path, value in values.items():
+        set_path(tree, path, value)
+    tree["name"] = trial_name(trial_id)
+    tree["output_dir"] = plan["trials_dir"]
+    set_path(tree, "tracking.group", plan["sweep"])
+    return validate(tree)
+
+
+def data_variant(cfg: Config) -> dict:
+    return {s: getattr(cfg, s).model_dump(mode="json") for s in DATA_SECTIONS}
+
+
+def worker_budget(plan: dict, cfg: Config) -> int | None:
+    """Bytes one worker of this trial may use: the sweep's setting, else the GPU's memory, else
+    the largest node's memory shared by the workers that can run on it at once."""
+    memory = plan["memory"]
+    if memory.get("per_worker"):
+        return memory["per_worker"]
+    t = cfg.train
+    if t.use_gpu:
+        return memory.get("gpu")
+    if not memory.get("node"):
+        return None
+    fit_by_cpus = max(1, math.floor(memory["node_cpus"] / t.cpus_per_worker))
+    sharing = max(1, min(t.num_workers * plan["concurrent_trials"], fit_by_cpus))
+    return memory["node"] // sharing
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """One holder at a time across the trials on this machine (they prepare the same variant)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def trial_data(plan: dict, cfg: Config, log=print) -> Path:
+    """The prepared data for this trial's data settings: the base config's (prepared once by the
+    sweep), or a variant prepared once under <sweep>/data/<key> by whichever trial needs it first.
+    The prepare stages are resumable and keyed, so a second trial finds it complete."""
+    from llm_ray.data.prepare import data_dir, prepare
+
+    variant = data_variant(cfg)
+    if variant == plan["base_data"]["variant"]:
+        return Path(plan["base_data"]["path"])
+    key = stage_key("sweep-data", variant)
+    where = cfg.model_copy(update={"output_dir": str(Path(plan["sweep_dir"]) / "data"), "name": key})
+    with file_lock(Path(plan["sweep_dir"]) / "data" / f"{key}.lock"):
+        log(f"tune: preparing the data variant {key} for {cfg.name}")
+        prepare(where, log=log)
+    return data_dir(where)
+
+
+def objective_callback(objective: str):
+    """TuneReportCallback, forwarding only the reports that carry the objective (a checkpoint
+    between evaluations has none, and Tune's searchers and schedulers need it in every result)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if objective in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ObjectiveReport()
+
+
+def write_status(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / STATUS_FILE, record)
+
+
+def read_status(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_trial(plan: dict, values: dict, trial_id: str) -> tuple[Config, dict]:
+    """(config, memory estimate) of a trial that can run; InvalidTrial or SkippedTrial otherwise,
+    with its status written for the results table."""
+    from llm_ray.sweep.memory import GIB, estimate_memory
+
+    folder = Path(plan["trials_dir"]) / trial_name(trial_id)
+    try:
+        cfg = trial_config(plan, values, trial_id)
+    except ConfigError as e:
+        reason = str(e).replace("invalid configuration:\n  ", "").replace("\n  ", "; ")
+        write_status(folder, {"status": "invalid", "reason": reason, "values": values})
+        raise InvalidTrial(f"invalid combination: {reason}") from None
+    estimate = estimate_memory(cfg)
+    budget = worker_budget(plan, cfg)
+    record = {"values": values, "memory_estimate_gib": round(estimate.total / GIB, 3),
+              "memory_budget_gib": round(budget / GIB, 3) if budget else None}
+    if budget is not None and estimate.total > budget:
+        reason = f"needs about {estimate.describe()}; a worker has {budget / GIB:.2f} GiB"
+        write_status(folder, {**record, "status": "skipped", "reason": reason})
+        raise SkippedTrial(f"not launched: {reason}")
+    return cfg, record
+
+
+def run_trial(values: dict, plan: dict) -> None:
+    """The Tune function trainable (plan comes through tune.with_parameters)."""
+    from ray import tune
+
+    from llm_ray.train.trainer import train
+
+    trial_id = tune.get_context().get_trial_id()
+    folder = Path(plan["trials_dir"]) / trial_name(trial_id)
+    status = read_status(folder)
+    if status and status.get("status") == "finished":  # a restored sweep whose snapshot predates the end
+        tune.report(status["result"])
+        return
+    cfg, record = check_trial(plan, values, trial_id)
+    write_status(folder, {**record, "status": "running"})
+    result = train(cfg, trial_data(plan, cfg), callbacks=(objective_callback(plan["objective"]),))
+    final = {"step": result.step, "tokens": result.step * cfg.train.total_batch_tokens,
+             "val_loss": result.val_loss, "checkpoint_dir": result.checkpoint}
+    if plan["objective"] == "bits_per_byte":
+        from llm_ray.eval.run import evaluate
+
+        report = evaluate(result.checkpoint, data_path=trial_data(plan, cfg))
+        final["bits_per_byte"] = report["bits_per_byte"]["value"]
+    write_status(folder, {**record, "status": "finished", "result": final})
+    tune.report(final)
