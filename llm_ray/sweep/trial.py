@@ -83,21 +83,25 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def trial_data(plan: dict, cfg: Config, log=print) -> Path:
-    """The prepared data for this trial's data settings: the base config's (prepared once by the
-    sweep), or a variant prepared once under <sweep>/data/<key> by whichever trial needs it first.
-    The prepare stages are resumable and keyed, so a second trial finds it complete."""
-    from llm_ray.data.prepare import data_dir, prepare
+def trial_data(plan: dict, cfg: Config, log=print) -> tuple[Path, str]:
+    """(prepared data folder, "base" | "prepared" | "reused") for this trial's data settings.
+
+    The base config's data is prepared once by the sweep itself; a variant (the space searches
+    data settings) is prepared under <sweep>/data/<key of its settings> by the first trial that
+    needs it, under a lock, and reused by every later trial with the same settings."""
+    from llm_ray.data.prepare import MANIFEST, data_dir, prepare
 
     variant = data_variant(cfg)
     if variant == plan["base_data"]["variant"]:
-        return Path(plan["base_data"]["path"])
+        return Path(plan["base_data"]["path"]), "base"
     key = stage_key("sweep-data", variant)
     where = cfg.model_copy(update={"output_dir": str(Path(plan["sweep_dir"]) / "data"), "name": key})
     with file_lock(Path(plan["sweep_dir"]) / "data" / f"{key}.lock"):
+        if (data_dir(where) / MANIFEST).is_file():  # written last, once every stage is complete
+            return data_dir(where), "reused"
         log(f"tune: preparing the data variant {key} for {cfg.name}")
         prepare(where, log=log)
-    return data_dir(where)
+    return data_dir(where), "prepared"
 
 
 def objective_callback(objective: str):
@@ -161,14 +165,16 @@ def run_trial(values: dict, plan: dict) -> None:
         tune.report(status["result"])
         return
     cfg, record = check_trial(plan, values, trial_id)
+    data_path, record["data"] = trial_data(plan, cfg)
+    record["data_path"] = str(data_path)
     write_status(folder, {**record, "status": "running"})
-    result = train(cfg, trial_data(plan, cfg), callbacks=(objective_callback(plan["objective"]),))
+    result = train(cfg, data_path, callbacks=(objective_callback(plan["objective"]),))
     final = {"step": result.step, "tokens": result.step * cfg.train.total_batch_tokens,
              "val_loss": result.val_loss, "checkpoint_dir": result.checkpoint}
     if plan["objective"] == "bits_per_byte":
         from llm_ray.eval.run import evaluate
 
-        report = evaluate(result.checkpoint, data_path=trial_data(plan, cfg))
+        report = evaluate(result.checkpoint, data_path=data_path)
         final["bits_per_byte"] = report["bits_per_byte"]["value"]
     write_status(folder, {**record, "status": "finished", "result": final})
     tune.report(final)
