@@ -110,12 +110,19 @@ class SearchConfig(Section):
         "and choices); tpe: Optuna's tree-structured Parzen estimator; random; grid: every combination of "
         "the choice([...]) values (ranges are not allowed)."
     )
-    num_samples: int = Field(8, ge=1, description="Trials to run; with grid, how many times to run the whole grid.")
+    num_samples: int | None = Field(
+        None, ge=1, description="Trials to run (null: 8); with grid, how many times to run the whole grid (null: once)."
+    )
     max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once, each with its own workers.")
     startup_trials: int = Field(
         3, ge=1, description="Random trials before bayes and tpe start modelling the objective."
     )
     seed: int | None = Field(0, description="Seed of the searcher; null draws a fresh one.")
+
+
+    @property
+    def trials(self) -> int:
+        return self.num_samples or (1 if self.algorithm == "grid" else 8)
 
 
 class SchedulerConfig(Section):

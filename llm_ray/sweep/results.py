@@ -17,9 +17,10 @@ from llm_ray.config.sweep import Dimension, SweepConfig
 from llm_ray.sweep.trial import read_status, trial_config, trial_name
 
 
-def _order(trial_id: str) -> int:
-    tail = trial_id.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+def _order(trial) -> int:
+    """Launch order: Tune's experiment tag starts with the trial's counter ("3_train.lr=...")."""
+    head = (trial.experiment_tag or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def _error_line(trial) -> str:
@@ -39,7 +40,7 @@ def summarize(sweep: SweepConfig, folder: Path, dims: list[Dimension]) -> dict:
 
     analysis = ExperimentAnalysis(str(folder / EXPERIMENT))
     rows = []
-    for trial in sorted(analysis.trials, key=lambda t: _order(t.trial_id)):
+    for trial in sorted(analysis.trials, key=_order):
         record = read_status(folder / "trials" / trial_name(trial.trial_id)) or {}
         last = trial.last_result or {}
         mine = record.get("status")

@@ -99,7 +99,9 @@ def make_scheduler(sweep: SweepConfig, base: Config):
     if sc.grace_period >= max_t:
         raise ConfigError(f"scheduler.grace_period ({sc.grace_period}) must be below the trials' length in "
                           f"{sc.time_attr} ({max_t}), or ASHA never stops anything")
-    return ASHAScheduler(time_attr=sc.time_attr, max_t=max_t, grace_period=sc.grace_period,
+    # ASHA stops every trial that reaches max_t; one past the end lets a trial finish its own way
+    # (final checkpoint, evaluation, status) rather than be cut at its last report.
+    return ASHAScheduler(time_attr=sc.time_attr, max_t=max_t + 1, grace_period=sc.grace_period,
                          reduction_factor=sc.reduction_factor)  # metric and mode: from TuneConfig
 
 
@@ -189,13 +191,14 @@ def run_sweep(sweep: SweepConfig, sweep_folder: Path, resume: bool = False, log=
                                    resume_errored=False)
     else:
         s = sweep.search
-        log(f"tune: sweep {sweep.name}: {s.algorithm} search, {s.num_samples} trial(s), "
+        log(f"tune: sweep {sweep.name}: {s.algorithm} search, "
+            f"{f'the grid {s.trials} time(s)' if s.algorithm == 'grid' else f'{s.trials} trial(s)'}, "
             f"{s.max_concurrent_trials} at a time, scheduler {sweep.scheduler.kind}")
         tuner = tune.Tuner(
             trainable,
             param_space=tune_space(dims, grid=s.algorithm == "grid"),
             tune_config=tune.TuneConfig(search_alg=make_searcher(sweep), scheduler=scheduler,
-                                        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials,
+                                        num_samples=s.trials, max_concurrent_trials=s.max_concurrent_trials,
                                         metric=sweep.objective, mode="min", reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder),
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
