@@ -84,7 +84,7 @@ def test_bayesian_sweep_of_the_ready_debug_file_promotes_a_config_that_trains(sw
         assert state["step"] == 20 and state["tracker_run_id"]
         wandb_runs = list((folder / "trials" / r["trial"] / "wandb" / "wandb").glob("offline-run-*"))
         assert len(wandb_runs) == 1
-        assert trial_record(folder, r["trial"])["data"] == "base"  # one prepared dataset for all
+        assert trial_record(folder, r["trial"])["data"] == "reused"  # prepared once, by the sweep
 
     best_config = load_config(str(folder / "best_config.yaml"))
     assert best_config.train.lr == pytest.approx(float(best["train.lr"]))
@@ -115,7 +115,8 @@ def test_tpe_sweep_over_tokenizer_sizes_prepares_each_variant_once_and_minimizes
         by_variant.setdefault(r["tokenizer.vocab_size"], []).append(record["data"])
         manifest = json.loads((Path(record["data_path"]) / "manifest.json").read_text())
         assert manifest["vocab_size"] <= r["tokenizer.vocab_size"]
-        assert (Path(record["result"]["checkpoint_dir"]) / "model" / "eval" / "eval.json").is_file()
+        report = json.loads((sweeps / "tpe-data" / "trials" / r["trial"] / "eval" / "eval.json").read_text())
+        assert report["bits_per_byte"]["value"] == pytest.approx(r["bits_per_byte"])
     for vocab, how in by_variant.items():  # 3 trials, 2 sizes: some variant is shared
         assert sorted(how) == ["prepared"] + ["reused"] * (len(how) - 1), (vocab, how)
     assert len(by_variant) == 2 or max(len(h) for h in by_variant.values()) == 3

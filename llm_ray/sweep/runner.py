@@ -137,7 +137,8 @@ def prepare_base_data(sweep: SweepConfig, base: Config, dims: list[Dimension], l
         prepare(base, log=log)
     else:
         log(f"tune: the space searches data settings ({', '.join(searched)}): each variant is prepared once")
-    return {"variant": data_variant(base), "path": str(data_dir(base))}
+    return {"variant": data_variant(base), "path": str(data_dir(base)), "output_dir": base.output_dir,
+            "name": base.name}
 
 
 def check_resume(folder: Path, sweep: SweepConfig, resume: bool) -> None:

@@ -84,18 +84,21 @@ def file_lock(path: Path):
 
 
 def trial_data(plan: dict, cfg: Config, log=print) -> tuple[Path, str]:
-    """(prepared data folder, "base" | "prepared" | "reused") for this trial's data settings.
+    """(prepared data folder, "prepared" | "reused") for this trial's data settings.
 
-    The base config's data is prepared once by the sweep itself; a variant (the space searches
-    data settings) is prepared under <sweep>/data/<key of its settings> by the first trial that
-    needs it, under a lock, and reused by every later trial with the same settings."""
+    The base config's data goes where `llm-ray prepare` puts it (the sweep prepares it up front
+    unless the space searches data settings); any other variant under <sweep>/data/<key of its
+    settings>. The first trial that needs a variant prepares it, under a lock; every later
+    trial with the same settings reuses it."""
     from llm_ray.data.prepare import MANIFEST, data_dir, prepare
 
     variant = data_variant(cfg)
-    if variant == plan["base_data"]["variant"]:
-        return Path(plan["base_data"]["path"]), "base"
-    key = stage_key("sweep-data", variant)
-    where = cfg.model_copy(update={"output_dir": str(Path(plan["sweep_dir"]) / "data"), "name": key})
+    base = plan["base_data"]
+    if variant == base["variant"]:
+        key, where = "base", cfg.model_copy(update={"output_dir": base["output_dir"], "name": base["name"]})
+    else:
+        key = stage_key("sweep-data", variant)
+        where = cfg.model_copy(update={"output_dir": str(Path(plan["sweep_dir"]) / "data"), "name": key})
     with file_lock(Path(plan["sweep_dir"]) / "data" / f"{key}.lock"):
         if (data_dir(where) / MANIFEST).is_file():  # written last, once every stage is complete
             return data_dir(where), "reused"
