@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch installs from local wheels in seconds; GPU clusters bring their own CUDA torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-sweeps test-fast install clean
 
 $(BIN)/llm-ray: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ demo: install
 	$(BIN)/llm-ray pipeline --config demo
 
 test: install
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -m "not sweep"
+
+# Ray Tune sweeps of the debug model (several minutes); CI runs them after `make test`.
+test-sweeps: install
+	$(BIN)/python -m pytest -q --durations=5 -m sweep
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"

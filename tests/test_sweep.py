@@ -137,3 +137,16 @@ def test_the_estimate_follows_zero_stage_precision_checkpointing_and_offload():
     gpu = estimate("train.use_gpu=true", "train.offload_optimizer=true")
     assert gpu.offloaded == gpu.optimizer and gpu.total < estimate("train.use_gpu=true").total
     assert estimate("train.offload_optimizer=true").offloaded == 0  # a CPU worker's host memory is its memory
+
+
+def test_tune_space_includes_both_ends_of_integer_ranges_and_grids_choices():
+    from ray import tune
+
+    from llm_ray.sweep.runner import tune_space
+
+    dims = [parse_dimension("train.warmup_steps", "randint(0, 2)"), parse_dimension("train.lr", "loguniform(1e-4, 1e-2)"),
+            parse_dimension("model.n_layer", "choice([1, 2])")]
+    space = tune_space(dims, grid=False)
+    assert {space["train.warmup_steps"].sample() for _ in range(300)} == {0, 1, 2}
+    assert all(1e-4 <= space["train.lr"].sample() <= 1e-2 for _ in range(100))
+    assert tune_space(dims[2:], grid=True)["model.n_layer"] == tune.grid_search([1, 2])

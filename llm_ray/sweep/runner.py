@@ -205,7 +205,20 @@ def run_sweep(sweep: SweepConfig, sweep_folder: Path, resume: bool = False, log=
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                       verbose=1),
         )
-    tuner.fit()
+    tuner.fit()  # Ctrl-C stops the trials and saves the experiment; the results so far follow
     summary = summarize(sweep, folder, dims)
     write_results(summary, sweep, base, folder, log)
+    unfinished = [r["trial"] for r in summary["rows"] if r["status"] in ("pending", "running", "paused")]
+    if unfinished or len(summary["rows"]) < expected_trials(sweep, dims):
+        log(f"tune: the sweep stopped before all its trials ran; continue it with "
+            f"`llm-ray tune --sweep <file> --resume`")
     return summary
+
+
+def expected_trials(sweep: SweepConfig, dims: list[Dimension]) -> int:
+    if sweep.search.algorithm != "grid":
+        return sweep.search.trials
+    combinations = 1
+    for d in dims:
+        combinations *= len(d.values)
+    return combinations * sweep.search.trials
