@@ -4,7 +4,6 @@ before the model is built, the peak during a few real DeepSpeed steps, and the e
 
 import json
 import os
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ def main(preset: str, overrides: list[str]) -> dict:
     from llm_ray.sweep.memory import estimate_memory
     from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
     from llm_ray.train.engine import build_engine
-    from llm_ray.train.loop import TrainState, run_training
+    from llm_ray.train.loop import TrainState, peak_rss_bytes, run_training
 
     cfg = load_config(preset, ["train.num_workers=1", *overrides])
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -45,15 +44,14 @@ def main(preset: str, overrides: list[str]) -> dict:
     baseline = rss_bytes()
     engine = build_engine(GPT(model_spec(cfg)), cfg)
     engine.module.activation_checkpointing = cfg.train.activation_checkpointing
-    after_build = (rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     run_training(cfg, engine, batches, val, TrainState(world_size=1), lambda s, m: None, lambda m: None, 0,
                  torch.device("cpu"), log=lambda line: None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     estimate = estimate_memory(cfg)
     dist.destroy_process_group()
     return {"baseline": baseline, "peak": peak, "measured": peak - baseline,
             "estimated": estimate.total - estimate.runtime,
-            "after_build": after_build, "end_rss": rss_bytes(), "estimate": estimate.as_dict()}
+ "estimate": estimate.as_dict()}
 
 
 if __name__ == "__main__":
