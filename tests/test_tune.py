@@ -118,7 +118,9 @@ def test_tpe_sweep_over_tokenizer_sizes_prepares_each_variant_once_and_minimizes
         report = json.loads((sweeps / "tpe-data" / "trials" / r["trial"] / "eval" / "eval.json").read_text())
         assert report["bits_per_byte"]["value"] == pytest.approx(r["bits_per_byte"])
     for vocab, how in by_variant.items():  # 3 trials, 2 sizes: some variant is shared
-        assert sorted(how) == ["prepared"] + ["reused"] * (len(how) - 1), (vocab, how)
+        assert set(how) <= {"prepared", "reused"} and how.count("prepared") <= 1, (vocab, how)
+        if vocab == 384:  # no other sweep prepares it (512 is the base's: an earlier sweep may have)
+            assert how.count("prepared") == 1, how
     assert len(by_variant) == 2 or max(len(h) for h in by_variant.values()) == 3
 
 
