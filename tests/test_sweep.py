@@ -150,3 +150,36 @@ def test_tune_space_includes_both_ends_of_integer_ranges_and_grids_choices():
     assert {space["train.warmup_steps"].sample() for _ in range(300)} == {0, 1, 2}
     assert all(1e-4 <= space["train.lr"].sample() <= 1e-2 for _ in range(100))
     assert tune_space(dims[2:], grid=True)["model.n_layer"] == tune.grid_search([1, 2])
+
+
+def test_results_table_csv_and_plots_from_mixed_trial_statuses(tmp_path):
+    import csv
+
+    from llm_ray.sweep.results import plot_history, plot_parallel, table, write_csv
+
+    dims = [parse_dimension("train.lr", "loguniform(1e-4, 1e-2)"), parse_dimension("train.optimizer",
+                                                                                   "choice([adamw, sgd])")]
+    rows = [
+        {"trial": "trial-a", "status": "finished", "train.lr": 1e-3, "train.optimizer": "adamw", "val_loss": 5.2,
+         "step": 40, "memory_gib": 1.01, "reason": ""},
+        {"trial": "trial-b", "status": "stopped early", "train.lr": 1e-4, "train.optimizer": "sgd", "val_loss": 6.1,
+         "step": 10, "memory_gib": 1.01, "reason": ""},
+        {"trial": "trial-c", "status": "skipped", "train.lr": 5e-3, "train.optimizer": "sgd", "val_loss": None,
+         "step": None, "memory_gib": 9.5, "reason": "needs about 9.50 GiB per worker; a worker has 2.00 GiB"},
+    ]
+    summary = {"rows": rows, "best": rows[0], "objective": "val_loss"}
+    text = table(summary, dims).splitlines()
+    assert text[0].split() == ["trial", "status", "train.lr", "train.optimizer", "val_loss", "step", "memory_gib",
+                               "reason"]
+    assert text[1].split()[:5] == ["trial-a", "finished", "0.001", "adamw", "5.2"]
+    assert "skipped" in text[3] and "needs about 9.50 GiB" in text[3]
+    write_csv(summary, dims, tmp_path / "results.csv")
+    with (tmp_path / "results.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["finished", "stopped early", "skipped"]
+    plot_history(summary, tmp_path / "history.png")
+    plot_parallel(summary, dims, tmp_path / "parallel.png")
+    assert (tmp_path / "history.png").stat().st_size > 5000 and (tmp_path / "parallel.png").stat().st_size > 5000
+    empty = {"rows": rows[2:], "best": None, "objective": "val_loss"}  # nothing scored yet: still a plot
+    plot_history(empty, tmp_path / "h.png")
+    plot_parallel(empty, dims, tmp_path / "p.png")
+    assert (tmp_path / "h.png").is_file() and (tmp_path / "p.png").is_file()

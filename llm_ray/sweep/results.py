@@ -117,13 +117,15 @@ def plot_history(summary: dict, path: Path) -> None:
     if points:
         xs, ys, statuses = zip(*points)
         colors = ["tab:blue" if s == "finished" else "tab:gray" for s in statuses]
-        ax.scatter(xs, ys, c=colors, zorder=3, label="trial (gray: stopped early)")
+        ax.scatter(xs, ys, c=colors, zorder=3, label="trial (gray: stopped early, at fewer steps)")
         best, running = [], math.inf
-        for y in ys:
-            running = min(running, y)
+        for y, status in zip(ys, statuses):  # an early-stopped value is not comparable with a finished one
+            running = min(running, y) if status == "finished" else running
             best.append(running)
-        ax.step(xs, best, where="post", color="tab:orange", label="best so far")
+        if any(math.isfinite(b) for b in best):
+            ax.step(xs, best, where="post", color="tab:orange", label="best finished so far")
         ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("trial")
     ax.set_ylabel(objective)
     ax.grid(alpha=0.3)
@@ -156,7 +158,7 @@ def plot_parallel(summary: dict, dims: list[Dimension], path: Path) -> None:
     if rows:
         values = [r[objective] for r in rows]
         low, high = min(values), max(values)
-        cmap = plt.get_cmap("viridis_r")
+        cmap = plt.get_cmap("viridis")  # the lowest objective darkest
         for r in rows:
             shade = (r[objective] - low) / (high - low) if high > low else 0.0
             ax.plot(range(len(dims)), [position(d, r[d.path]) for d in dims], color=cmap(shade), marker="o",
