@@ -99,9 +99,9 @@ def make_scheduler(sweep: SweepConfig, base: Config):
     if sc.grace_period >= max_t:
         raise ConfigError(f"scheduler.grace_period ({sc.grace_period}) must be below the trials' length in "
                           f"{sc.time_attr} ({max_t}), or ASHA never stops anything")
-    # ASHA stops every trial that reaches max_t; one past the end lets a trial finish its own way
-    # (final checkpoint, evaluation, status) rather than be cut at its last report.
-    return ASHAScheduler(time_attr=sc.time_attr, max_t=max_t + 1, grace_period=sc.grace_period,
+    # Rungs sit at grace_period x reduction_factor^k below max_t; a trial's final result (at
+    # max_t) comes from the trial itself, after its training wrapped up (see trial.objective_callback).
+    return ASHAScheduler(time_attr=sc.time_attr, max_t=max_t, grace_period=sc.grace_period,
                          reduction_factor=sc.reduction_factor)  # metric and mode: from TuneConfig
 
 

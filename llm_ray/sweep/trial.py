@@ -107,14 +107,16 @@ def trial_data(plan: dict, cfg: Config, log=print) -> tuple[Path, str]:
     return data_dir(where), "prepared"
 
 
-def objective_callback(objective: str):
-    """TuneReportCallback, forwarding only the reports that carry the objective (a checkpoint
-    between evaluations has none, and Tune's searchers and schedulers need it in every result)."""
+def objective_callback(objective: str, max_steps: int):
+    """TuneReportCallback, forwarding the workers' reports that carry the objective (a checkpoint
+    between evaluations has none, and Tune's searchers and schedulers need it in every result),
+    except the last: the trial reports its final result itself once training has wrapped up, so
+    a scheduler's stop at that point cannot cut the wrap-up short."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ObjectiveReport(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if objective in metrics[0]:
+            if objective in metrics[0] and metrics[0].get("step", 0) < max_steps:
                 super().after_report(run_context, metrics, checkpoint)
 
     return ObjectiveReport()
@@ -171,7 +173,7 @@ def run_trial(values: dict, plan: dict) -> None:
     data_path, record["data"] = trial_data(plan, cfg)
     record["data_path"] = str(data_path)
     write_status(folder, {**record, "status": "running"})
-    result = train(cfg, data_path, callbacks=(objective_callback(plan["objective"]),))
+    result = train(cfg, data_path, callbacks=(objective_callback(plan["objective"], cfg.train.max_steps),))
     final = {"step": result.step, "tokens": result.step * cfg.train.total_batch_tokens,
              "val_loss": result.val_loss, "checkpoint_dir": result.checkpoint}
     if plan["objective"] == "bits_per_byte":
