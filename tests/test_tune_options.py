@@ -102,3 +102,16 @@ def test_the_sweep_folder_follows_output_dir(tmp_path):
     base = load_config("debug", [f"output_dir={tmp_path / 'base'}"])
     assert sweep_dir(sweep_of(), base) == (tmp_path / "base" / "toy").resolve()
     assert sweep_dir(sweep_of(output_dir=str(tmp_path / "elsewhere")), base) == (tmp_path / "elsewhere" / "toy")
+
+
+def test_the_base_data_folder_is_absolute_for_trials_running_in_other_folders(tmp_path, monkeypatch):
+    """Trials run in Ray's worker folders: a relative output_dir there would prepare the data again
+    somewhere else."""
+    from pathlib import Path
+
+    from llm_ray.sweep.runner import prepare_base_data
+
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_of(space={"tokenizer.vocab_size": "choice([256, 512])"})  # data searched: nothing prepared here
+    data = prepare_base_data(sweep, load_config("debug", ["output_dir=runs"]), sweep.dimensions(), lambda *_: None)
+    assert data["output_dir"] == str(tmp_path / "runs") and Path(data["path"]) == tmp_path / "runs" / "debug" / "data"

@@ -137,8 +137,9 @@ def prepare_base_data(sweep: SweepConfig, base: Config, dims: list[Dimension], l
         prepare(base, log=log)
     else:
         log(f"tune: the space searches data settings ({', '.join(searched)}): each variant is prepared once")
-    return {"variant": data_variant(base), "path": str(data_dir(base)), "output_dir": base.output_dir,
-            "name": base.name}
+    # Absolute: trials run in Ray's worker folders, where a relative output_dir means elsewhere.
+    return {"variant": data_variant(base), "path": str(data_dir(base)),
+            "output_dir": str(Path(base.output_dir).expanduser().resolve()), "name": base.name}
 
 
 def check_resume(folder: Path, sweep: SweepConfig, resume: bool) -> None:
