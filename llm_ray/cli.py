@@ -216,7 +216,7 @@ def config_file_overrides(path: str) -> list[str]:
     """A YAML file's fields as dotted overrides (path=value, values as JSON, which YAML reads back)."""
     import json
 
-    from llm_ray.config.loading import _read_yaml
+    from llm_ray.config.loading import read_yaml
 
     def flatten(tree, prefix=""):
         for key, value in tree.items():
@@ -225,7 +225,7 @@ def config_file_overrides(path: str) -> list[str]:
             else:
                 yield f"{prefix}{key}={json.dumps(value)}"
 
-    return list(flatten(_read_yaml(Path(path))))
+    return list(flatten(read_yaml(Path(path))))
 
 
 def _eval(args) -> int:

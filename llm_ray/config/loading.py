@@ -15,7 +15,8 @@ from llm_ray.config.root import Config
 PRESETS = ("debug", "demo", "gpt2-124m")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping, with errors that name the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -38,12 +39,12 @@ def preset_path(name: str) -> Path:
 def read_source(name_or_path: str) -> dict[str, Any]:
     """The raw tree of a preset or YAML file, before overrides and validation."""
     if name_or_path in PRESETS:
-        return _read_yaml(preset_path(name_or_path))
+        return read_yaml(preset_path(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        return _read_yaml(path)
+        return read_yaml(path)
     raise ConfigError(f"unknown config {name_or_path!r}: give a preset ({', '.join(PRESETS)}) or a .yaml file")
 
 

@@ -185,12 +185,12 @@ class SweepConfig(Section):
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
     """The sweep file, validated, and the folder its relative base path is read from."""
-    from llm_ray.config.loading import _read_yaml, format_validation_error
+    from llm_ray.config.loading import format_validation_error, read_yaml
 
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"sweep file {file} does not exist")
-    tree = _read_yaml(file)
+    tree = read_yaml(file)
     try:
         sweep = SweepConfig.model_validate(tree)
     except ValidationError as e:

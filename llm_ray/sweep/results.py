@@ -12,9 +12,9 @@ import csv
 import math
 from pathlib import Path
 
-from llm_ray.config import Config, dump_config, validate
+from llm_ray.config import Config, dump_config
 from llm_ray.config.sweep import Dimension, SweepConfig
-from llm_ray.sweep.trial import read_status, trial_config, trial_name
+from llm_ray.sweep.trial import read_status, trial_name, with_values
 
 
 def _order(trial) -> int:
@@ -54,7 +54,7 @@ def summarize(sweep: SweepConfig, folder: Path, dims: list[Dimension]) -> dict:
             status = trial.status.lower()
         value = last.get(sweep.objective)
         rows.append({
-            "trial": trial_name(trial.trial_id), "trial_id": trial.trial_id, "status": status,
+            "trial": trial_name(trial.trial_id), "status": status,
             **{d.path: trial.config.get(d.path) for d in dims},
             sweep.objective: value if value is None or math.isfinite(value) else None,
             "step": last.get("step"), "tokens": last.get("tokens"),
@@ -68,13 +68,10 @@ def summarize(sweep: SweepConfig, folder: Path, dims: list[Dimension]) -> dict:
     return {"rows": rows, "best": best, "objective": sweep.objective}
 
 
-def best_config(sweep: SweepConfig, base: Config, folder: Path, best: dict, dims: list[Dimension]) -> Config:
+def best_config(sweep: SweepConfig, base: Config, best: dict, dims: list[Dimension]) -> Config:
     """The winning trial's config, as a fresh run named <sweep>-best in the base's output folder."""
-    plan = {"base_tree": base.model_dump(mode="json"), "trials_dir": str(folder / "trials"), "sweep": sweep.name}
-    cfg = trial_config(plan, {d.path: best[d.path] for d in dims}, best["trial_id"])
-    tree = cfg.model_dump(mode="json")
-    tree.update(name=f"{sweep.name}-best", output_dir=base.output_dir)
-    return validate(tree)
+    return with_values(base.model_dump(mode="json"), {d.path: best[d.path] for d in dims}, f"{sweep.name}-best",
+                       base.output_dir, sweep.name)
 
 
 def _cell(value) -> str:
@@ -183,7 +180,7 @@ def write_results(summary: dict, sweep: SweepConfig, base: Config, folder: Path,
     if best is None:
         log(f"tune: no trial reported {summary['objective']}; see {folder / 'results.csv'}")
         return
-    cfg = best_config(sweep, base, folder, best, dims)
+    cfg = best_config(sweep, base, best, dims)
     dump_config(cfg, folder / "best_config.yaml")
     summary["best_config"] = str(folder / "best_config.yaml")
     log(f"tune: best {best['trial']}: {summary['objective']} {best[summary['objective']]:.4f}")

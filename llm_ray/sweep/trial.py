@@ -40,15 +40,19 @@ def trial_name(trial_id: str) -> str:
     return f"trial-{trial_id}"
 
 
-def trial_config(plan: dict, values: dict, trial_id: str) -> Config:
-    """The base config with the searched values, named and placed for this trial."""
-    tree = copy.deepcopy(plan["base_tree"])
+def with_values(base_tree: dict, values: dict, name: str, output_dir: str, group: str) -> Config:
+    """The base config with the searched values, as a run named name in output_dir, W&B group group."""
+    tree = copy.deepcopy(base_tree)
     for path, value in values.items():
         set_path(tree, path, value)
-    tree["name"] = trial_name(trial_id)
-    tree["output_dir"] = plan["trials_dir"]
-    set_path(tree, "tracking.group", plan["sweep"])
+    tree["name"], tree["output_dir"] = name, output_dir
+    set_path(tree, "tracking.group", group)
     return validate(tree)
+
+
+def trial_config(plan: dict, values: dict, trial_id: str) -> Config:
+    """The base config with the searched values, named and placed for this trial."""
+    return with_values(plan["base_tree"], values, trial_name(trial_id), plan["trials_dir"], plan["sweep"])
 
 
 def data_variant(cfg: Config) -> dict:
