@@ -182,3 +182,20 @@ def test_kept_attention_weights_give_the_fused_output_and_are_causal():
     assert att.shape == (2, model.spec.n_head, 20, 20)
     torch.testing.assert_close(att.sum(-1), torch.ones(2, model.spec.n_head, 20))
     assert float(att.triu(diagonal=1).abs().max()) == 0.0  # no position sees the future
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_cache_rows_at_different_lengths_decode_together(kw):
+    """Continuous batching: rows of one cache at different positions extend in one forward pass,
+    each matching a full forward over its own sequence."""
+    model = tiny(**kw)
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 4))
+    cache = KVCache(model.spec, 3, a.device, torch.float32)
+    model(a[:, :8], cache=cache, rows=torch.tensor([2]))  # row 2 holds a's first 8 tokens
+    model(b[:, :3], cache=cache, rows=torch.tensor([0]))  # row 0 holds b's first 3; row 1 stays empty
+    step, _ = model(torch.cat([b[:, 3:], a[:, 8:]]), cache=cache, rows=torch.tensor([0, 2]))
+    torch.testing.assert_close(step[0, -1], model(b)[0][0, -1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step[1, -1], model(a)[0][0, -1], rtol=0, atol=1e-5)
+    assert cache.lengths.tolist() == [4, 0, 9]
+    cache.copy_row(2, 1)
+    assert cache.lengths.tolist() == [4, 9, 9] and torch.equal(cache.k[0][1], cache.k[0][2])

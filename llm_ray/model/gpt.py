@@ -85,20 +85,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of past positions for every layer, preallocated to the model's context."""
+    """Keys and values of past positions for every layer, preallocated to the model's context.
+
+    Each row is one sequence with its own length, so rows at different positions can decode
+    in one forward pass (continuous batching): a pass names the rows it extends (default all).
+    """
 
     def __init__(self, spec: GPTSpec, batch_size: int, device: torch.device, dtype: torch.dtype):
         shape = (batch_size, spec.n_head, spec.context_length, spec.n_embd // spec.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layer)]
-        self.length = 0  # positions already cached
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions cached, per row
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v (B, nh, T, hs) at the current length; return all cached keys and values."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def positions(self, rows: torch.Tensor | None, T: int) -> torch.Tensor:
+        """Absolute positions (B, T) of T new tokens appended to each of rows."""
+        start = self.lengths if rows is None else self.lengths[rows]
+        return start[:, None] + torch.arange(T, device=start.device)
+
+    def update(self, layer: int, rows: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at positions (B, T) of rows; return the rows' keys and values
+        up to the longest row, (B, nh, L, hs). Entries past a row's own length are masked by the caller."""
+        index = torch.arange(len(self.lengths), device=k.device) if rows is None else rows
+        self.k[layer][index[:, None], :, positions] = k.transpose(1, 2)  # (B, T, nh, hs) at [row, :, pos]
+        self.v[layer][index[:, None], :, positions] = v.transpose(1, 2)
+        end = int(positions.max()) + 1
+        if rows is None:
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self.k[layer][rows, :, :end], self.v[layer][rows, :, :end]
+
+    def advance(self, rows: torch.Tensor | None, T: int) -> None:
+        if rows is None:
+            self.lengths += T
+        else:
+            self.lengths[rows] += T
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make row target a copy of row source (a shared prompt, prefilled once)."""
+        for layer in range(len(self.k)):
+            self.k[layer][target] = self.k[layer][source]
+            self.v[layer][target] = self.v[layer][source]
+        self.lengths[target] = self.lengths[source]
 
 
 class CausalSelfAttention(nn.Module):
@@ -114,7 +141,9 @@ class CausalSelfAttention(nn.Module):
         self.keep_attention = False
         self.last_attention: torch.Tensor | None = None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0,
+                rows: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+        """With a cache: positions (B, T) are the new tokens' absolute positions in cache rows."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -123,23 +152,23 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, rows, positions, k, v)  # (B, nh, L, hs): past and new keys
         dropout_p = self.dropout if self.training else 0.0
-        if self.keep_attention and past == 0:
+        fresh = k.size(2) == T  # every row starts at position 0: plain causal attention
+        if self.keep_attention and fresh:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
             self.last_attention = att.detach()
             y = F.dropout(att, dropout_p, self.training) @ v
-        elif past == 0:
+        elif fresh:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            # Query i sits at absolute position past + i and sees keys 0 .. past + i.
-            keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+            # Query t of row b sits at positions[b, t] and sees that row's keys 0 .. positions[b, t];
+            # keys past a shorter row's length are masked out.
+            keep = torch.arange(k.size(2), device=x.device) <= positions[:, :, None]  # (B, T, L)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -176,8 +205,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(spec)
         self.mlp = MLP(spec)
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)  # pre-norm residual
+    def forward(self, x, rope=None, cache=None, layer=0, rows=None, positions=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, rows, positions)  # pre-norm residual
         return x + self.mlp(self.ln_2(x))
 
 
@@ -239,28 +268,37 @@ class GPT(nn.Module):
         T = seq_len or s.context_length
         return 6 * self.num_params() + 12 * s.n_layer * s.n_head * (s.n_embd // s.n_head) * T
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), also the mean cross-entropy."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                rows: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), also the mean cross-entropy.
+
+        With a cache, idx continues the cached rows (all, or the B row indices in rows), each from
+        its own length, and the cache grows by T positions in those rows.
+        """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.spec.context_length:
-            raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.spec.context_length}")
+        if cache is None:
+            positions = torch.arange(T, device=idx.device)[None]  # (1, T)
+        else:
+            positions = cache.positions(rows, T)  # (B, T)
+        end = int(positions[:, -1].max()) + 1
+        if end > self.spec.context_length:
+            raise ValueError(f"sequence of {end} tokens exceeds context_length {self.spec.context_length}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.spec.pos_encoding == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         elif self.spec.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[start : start + T].to(x.dtype)
+            x = x + self.pos_table[positions].to(x.dtype)
         rope = None
         if self.spec.pos_encoding == "rope":
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B, 1, T, hs/2)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, layer, use_reentrant=False)
             else:
-                x = block(x, rope, cache, layer)
+                x = block(x, rope, cache, layer, rows, positions)
         if cache is not None:
-            cache.length += T
+            cache.advance(rows, T)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None

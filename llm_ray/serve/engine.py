@@ -1,0 +1,242 @@
+"""The built-in generator: many requests at once over one KV cache, with continuous batching.
+
+Plain PyTorch and the tokenizer; Ray Serve wraps it from the outside (``serve.app``).
+
+Each choice of a request (a *sequence*) owns one row of a preallocated KV cache. At every
+decoding step the engine admits waiting requests into free rows (one prefill pass over the
+prompt, copied to the rows of the request's other choices), then runs one forward pass over
+all running rows, each at its own position (``KVCache`` keeps a length per row), and samples
+one token per row with that sequence's own settings and random generator. A sequence leaves
+at end-of-text, at a stop string or at ``max_tokens``, and its row is free for the next
+request at the following step: requests join and leave the batch at every step.
+
+Sampling is per row, from per-sequence generators, so a request's output does not depend on
+what else is in the batch: batched output equals unbatched output for the same seeds.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from llm_ray.model import GPT, KVCache, filter_logits
+from llm_ray.serve.text import TextStream
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's settings (OpenAI's names). temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+
+
+# on_event(choice index, new text, finish reason or None): called from the engine's thread.
+OnEvent = Callable[[int, str, "str | None"], None]
+
+
+@dataclass
+class Sequence:
+    index: int  # the choice's index within its request
+    generator: torch.Generator
+    stream: TextStream
+    row: int = -1
+    last: int = 0  # the latest token, the next step's input
+    generated: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: Sampling
+    on_event: OnEvent
+    sequences: list[Sequence] = field(default_factory=list)
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating (a client gone, a timeout): the engine frees the rows at its next step."""
+        self.cancelled = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.generated for s in self.sequences)
+
+
+@dataclass
+class Completion:
+    """What a request produced, for callers without streaming."""
+
+    texts: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer, eos_id: int | None, max_batch_size: int = 16):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.max_batch_size = max_batch_size
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache(model.spec, max_batch_size, param.device, param.dtype)
+        self.free = list(range(max_batch_size))
+        self.running: dict[int, tuple[Request, Sequence]] = {}  # row -> its sequence
+        self.waiting: deque[Request] = deque()
+        self.inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()  # from other threads
+        self.thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- submitting
+
+    def submit(self, prompt: list[int], sampling: Sampling, on_event: OnEvent) -> Request:
+        """Queue a request (from any thread); on_event receives its text as it is generated."""
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt) + sampling.max_tokens > self.model.spec.context_length:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
+                             f"model's context ({self.model.spec.context_length})")
+        if sampling.n > self.max_batch_size:
+            raise ValueError(f"n ({sampling.n}) exceeds the engine's batch size ({self.max_batch_size})")
+        request = Request(list(prompt), sampling, on_event)
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
+        for i in range(sampling.n):  # choice i draws from its own generator: seed + i
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed + i)
+            request.sequences.append(Sequence(i, generator, TextStream(self.tokenizer, sampling.stop)))
+        self.inbox.put(request)
+        return request
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling]) -> list[Completion]:
+        """Run requests to the end in this thread (tests, benchmarks; not with a running loop)."""
+        if self.thread is not None:
+            raise RuntimeError("the engine runs in its own thread: submit requests instead")
+        settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        texts: list[list[list[str]]] = [[[] for _ in range(s.n)] for s in settings]
+        reasons: list[list[str]] = [[""] * s.n for s in settings]
+
+        def collect(i: int):
+            def on_event(choice: int, text: str, finish: str | None) -> None:
+                texts[i][choice].append(text)
+                if finish:
+                    reasons[i][choice] = finish
+            return on_event
+
+        requests = [self.submit(p, s, collect(i)) for i, (p, s) in enumerate(zip(prompts, settings))]
+        while not all(r.done.is_set() for r in requests):
+            self.step()
+        return [Completion(["".join(t) for t in texts[i]], reasons[i], len(r.prompt), r.completion_tokens)
+                for i, r in enumerate(requests)]
+
+    # ---------------------------------------------------------------- the loop
+
+    def start(self) -> None:
+        """Generate in a background thread until stop()."""
+        self.thread = threading.Thread(target=self._loop, name="llm-ray-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.inbox.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def _loop(self) -> None:
+        while True:
+            if not self.running and not self.waiting:
+                request = self.inbox.get()  # idle: block until work arrives
+                if request is None:
+                    return
+                self.waiting.append(request)
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests into free rows, then decode one token in every running row."""
+        while True:
+            try:
+                request = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if request is None:  # stop() while busy: put it back for the loop to see
+                self.inbox.put(None)
+                break
+            self.waiting.append(request)
+        for row, (request, _) in list(self.running.items()):
+            if request.cancelled:
+                self._release(row)
+        while self.waiting and (self.waiting[0].cancelled or len(self.free) >= self.waiting[0].sampling.n):
+            request = self.waiting.popleft()
+            if request.cancelled:
+                request.done.set()
+            else:
+                self._admit(request)
+        if not self.running:
+            return
+        rows = sorted(self.running)
+        inputs = torch.tensor([[self.running[r][1].last] for r in rows], device=self.device)
+        logits, _ = self.model(inputs, cache=self.cache, rows=torch.tensor(rows, device=self.device))
+        for i, row in enumerate(rows):
+            self._accept(row, logits[i, -1])
+
+    def _admit(self, request: Request) -> None:
+        """Prefill the prompt once, in the first row; the request's other choices copy that row."""
+        rows = [self.free.pop(0) for _ in request.sequences]
+        for row in rows:
+            self.cache.lengths[row] = 0
+        logits, _ = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache,
+                               rows=torch.tensor(rows[:1], device=self.device))
+        for row, sequence in zip(rows, request.sequences):
+            if row != rows[0]:
+                self.cache.copy_row(rows[0], row)
+            sequence.row = row
+            self.running[row] = (request, sequence)
+            self._accept(row, logits[0, -1])
+
+    def _accept(self, row: int, logits: torch.Tensor) -> None:
+        """Sample the row's next token from logits (V,) and hand out the text it completes."""
+        request, sequence = self.running[row]
+        s = request.sampling
+        token = sample(logits, s.temperature, s.top_k, s.top_p, sequence.generator)
+        sequence.generated += 1
+        sequence.last = token
+        finish = None
+        if token == self.eos_id:
+            text, finish = sequence.stream.flush(), "stop"
+        else:
+            text = sequence.stream.add(token)
+            if sequence.stream.stopped:
+                finish = "stop"
+            elif sequence.generated >= s.max_tokens:
+                text, finish = text + sequence.stream.flush(), "length"
+        if text or finish:
+            request.on_event(sequence.index, text, finish)
+        if finish:
+            self._release(row)
+
+    def _release(self, row: int) -> None:
+        request, _ = self.running.pop(row)
+        self.free.append(row)
+        if not any(r is request for r, _ in self.running.values()):
+            request.done.set()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
+           generator: torch.Generator) -> int:
+    """One token id from logits (V,): the argmax at temperature 0, else a draw from the filtered softmax."""
+    if temperature == 0:
+        return int(logits.argmax())
+    filtered = filter_logits(logits.float()[None] / temperature, top_k, top_p)
+    return int(torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator))

@@ -1,0 +1,138 @@
+"""The built-in generator without Ray: continuous batching, seeds, stops, n, limits."""
+
+import pytest
+import torch
+
+from llm_ray.data.tokenizer import EOT, train_bpe
+from llm_ray.model import GPT, GPTSpec
+from llm_ray.serve.engine import Engine, Sampling
+from llm_ray.serve.text import TextStream
+
+TEXT = ["the quick brown fox jumps over the lazy dog. " * 3, "to be, or not to be: that is the question. " * 3,
+        "a stitch in time saves nine; all that glitters is not gold. " * 3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(TEXT, vocab_size=300, min_frequency=1, sample_bytes=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    spec = GPTSpec(vocab_size=tokenizer.get_vocab_size(), context_length=64, n_layer=2, n_head=4, n_embd=32,
+                   pos_encoding="rope")
+    return GPT(spec).eval()
+
+
+def engine(model, tokenizer, batch=4, eos=None):
+    return Engine(model, tokenizer, eos_id=tokenizer.token_to_id(EOT) if eos is None else eos, max_batch_size=batch)
+
+
+def ids(tokenizer, text):
+    return tokenizer.encode(text).ids
+
+
+SETTINGS = [Sampling(max_tokens=12, temperature=0), Sampling(max_tokens=20, temperature=0.9, seed=1),
+            Sampling(max_tokens=7, temperature=1.0, top_k=20, seed=2), Sampling(max_tokens=15, top_p=0.8, seed=3),
+            Sampling(max_tokens=9, temperature=0.7, top_k=50, top_p=0.9, seed=4, n=2),
+            Sampling(max_tokens=25, temperature=0, n=1)]
+PROMPTS = ["the quick", "to be, or not to be", "a", "all that glitters is", "the lazy dog. the", "question"]
+
+
+def test_batched_output_equals_unbatched(model, tokenizer):
+    """Six requests (seven sequences) through four rows, joining as rows free up, give what each
+    request gives alone."""
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    together = engine(model, tokenizer, batch=4).generate(prompts, SETTINGS)
+    alone = [engine(model, tokenizer, batch=2).generate([p], s)[0] for p, s in zip(prompts, SETTINGS)]
+    assert [c.texts for c in together] == [c.texts for c in alone]
+    assert [c.finish_reasons for c in together] == [c.finish_reasons for c in alone]
+    assert [c.completion_tokens for c in together] == [c.completion_tokens for c in alone]
+    assert together[0].finish_reasons == ["length"] and together[0].completion_tokens == 12
+    assert together[4].texts[0] != together[4].texts[1]  # n = 2: two different samples
+
+
+def test_requests_join_and_leave_at_every_step(model, tokenizer):
+    """Two rows: the third request starts as soon as the short one ends, while the long one runs."""
+    events = []
+    e = engine(model, tokenizer, batch=2, eos=-1)
+    for name, n in (("long", 12), ("short", 2), ("late", 3)):
+        e.submit(ids(tokenizer, "to be"), Sampling(max_tokens=n, temperature=0),
+                 lambda i, text, finish, name=name: events.append((name, finish)))
+    while e.running or e.waiting or not e.inbox.empty():
+        e.step()
+    order = [name for name, finish in events if finish]
+    assert order == ["short", "late", "long"]
+    assert sorted(e.free) == [0, 1]
+
+
+def test_seeds_and_n(model, tokenizer):
+    prompt = ids(tokenizer, "the quick")
+    e = engine(model, tokenizer)
+    three = e.generate([prompt], Sampling(max_tokens=10, seed=5, n=3))[0]
+    singles = [e.generate([prompt], Sampling(max_tokens=10, seed=5 + i))[0].texts[0] for i in range(3)]
+    assert three.texts == singles  # choice i draws with seed + i
+    assert len(set(three.texts)) == 3
+    assert e.generate([prompt], Sampling(max_tokens=10, seed=6))[0].texts[0] != singles[0]
+
+
+def test_stop_sequences_cut_the_text(model, tokenizer):
+    prompt = ids(tokenizer, "to be")
+    e = engine(model, tokenizer, eos=-1)
+    full = e.generate([prompt], Sampling(max_tokens=40, temperature=0))[0].texts[0]
+    stop = full[10:13]
+    cut = e.generate([prompt], Sampling(max_tokens=40, temperature=0, stop=("@@@", stop)))[0]
+    assert cut.texts[0] == full[: full.index(stop)] and cut.finish_reasons == ["stop"]
+    assert cut.completion_tokens < 40
+
+
+def test_end_of_text_finishes(model, tokenizer):
+    prompt = ids(tokenizer, "to be")
+    first = engine(model, tokenizer, eos=-1).generate([prompt], Sampling(max_tokens=1, temperature=0))[0]
+    token = ids(tokenizer, first.texts[0])[0]
+    out = engine(model, tokenizer, eos=token).generate([prompt], Sampling(max_tokens=20, temperature=0))[0]
+    assert out.finish_reasons == ["stop"] and out.texts == [""] and out.completion_tokens == 1
+
+
+def test_context_and_batch_limits(model, tokenizer):
+    e = engine(model, tokenizer, batch=2)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        e.submit([1] * 60, Sampling(max_tokens=5), lambda *a: None)
+    with pytest.raises(ValueError, match="batch size"):
+        e.submit([1], Sampling(n=3), lambda *a: None)
+
+
+def test_cancelled_requests_free_their_rows(model, tokenizer):
+    e = engine(model, tokenizer, batch=2, eos=-1)
+    got = []
+    r = e.submit(ids(tokenizer, "to be"), Sampling(max_tokens=30, n=2), lambda *a: got.append(a))
+    e.step()
+    assert len(e.running) == 2
+    r.cancel()
+    e.step()
+    assert not e.running and sorted(e.free) == [0, 1] and r.done.is_set()
+
+
+def test_engine_thread_serves_submissions(model, tokenizer):
+    e = engine(model, tokenizer)
+    e.start()
+    try:
+        pieces = []
+        r = e.submit(ids(tokenizer, "a stitch"), Sampling(max_tokens=8, temperature=0),
+                     lambda i, text, finish: pieces.append(text))
+        assert r.done.wait(30)
+    finally:
+        e.stop()
+    assert "".join(pieces) == e.generate([ids(tokenizer, "a stitch")], Sampling(max_tokens=8, temperature=0))[0].texts[0]
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer):
+    text = "héllo wörld 你好 and then END of it"
+    stream = TextStream(tokenizer, stop=("END",))
+    pieces = [stream.add(t) for t in ids(tokenizer, text)]
+    assert "".join(pieces) == "héllo wörld 你好 and then "
+    assert stream.stopped and all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # the bytes of 你 and 好 arrive over several tokens
+    plain = TextStream(tokenizer)
+    assert "".join(plain.add(t) for t in ids(tokenizer, text)) + plain.flush() == text
