@@ -1,4 +1,4 @@
-"""The `llm-ray` command: prepare, train, generate, eval, export, explain, cv, tune, pipeline."""
+"""The `llm-ray` command: prepare, train, generate, eval, export, explain, cv, tune, serve, pipeline."""
 
 from __future__ import annotations
 
@@ -107,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones resume "
                         "from their checkpoints, the searcher continues where it was")
 
+    p = sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API (Ray Serve)",
+                       description="Start Ray Serve with the checkpoint (or the best by validation loss of a run "
+                                   "or sweep): POST /v1/completions, GET /v1/models, GET /health and a playground "
+                                   "page at /. Binds 127.0.0.1 unless host says otherwise. Ctrl-C stops it.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (or its model/ subfolder); with "
+                       "--engine vllm, a Hugging Face export folder or s3:// URI")
+    which.add_argument("--run", metavar="NAME|DIR", help="serve the run's best checkpoint by validation loss")
+    which.add_argument("--sweep", metavar="NAME|DIR", help="serve the sweep's best checkpoint by validation loss")
+    p.add_argument("--config", default=None, metavar="FILE", help="serve config YAML (see jobs/serve_config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a serve config field, e.g. --set max_batch_size=8")
+    p.add_argument("--engine", choices=["builtin", "vllm"], default=None, help="builtin (default) or vllm")
+    p.add_argument("--output-dir", default="runs", metavar="DIR",
+                   help="where --run and --sweep names are looked up (default: runs)")
+
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
     _add_config_args(p, "demo")
@@ -140,6 +156,8 @@ def _run(args) -> int:
         return _explain(args)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "serve":
+        return _serve(args)
     cfg = load_config(args.config, args.overrides)
     from llm_ray.data.sources import check_uri
 
@@ -293,3 +311,27 @@ def _generate(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _serve(args) -> int:
+    import time
+
+    from llm_ray.config.serve import load_serve_config
+    from llm_ray.ray_utils import init_ray
+    from llm_ray.serve.launch import check_port_free, choose_checkpoint, start
+
+    overrides = list(args.overrides) + ([f"engine={args.engine}"] if args.engine else [])
+    cfg = load_serve_config(args.config, overrides)
+    checkpoint = choose_checkpoint(args.checkpoint, args.run, args.sweep, args.output_dir)
+    cfg = cfg.model_copy(update={"checkpoint": checkpoint})
+    check_port_free(cfg.host, cfg.port)
+    init_ray()
+    from ray import serve
+
+    url = start(cfg)
+    print(f"serving {checkpoint} at {url} (OpenAI base_url {url}/v1; playground {url}/); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()

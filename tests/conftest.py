@@ -10,6 +10,14 @@ SECRET_ACCESS_KEY = "SENTINEL-secret-key-do-not-log-9f3b"
 ACCESS_KEY_ID = "SENTINELKEYID0000000"
 
 
+def debug_config(tmp: Path, corpus_dir: Path, *overrides: str):
+    """The debug preset on the tests' corpus, writing under tmp."""
+    from llm_ray.config import load_config
+
+    return load_config("debug", [f"output_dir={tmp}", f"data.sources=[{corpus_dir}]", "data.max_files=null",
+                                 *overrides])
+
+
 @pytest.fixture(scope="session")
 def aws_env():
     """Credentials for the moto server through the standard AWS environment variables."""

@@ -16,13 +16,9 @@ from llm_ray.cli import main
 from llm_ray.config import ConfigError, load_config
 from llm_ray.data.prepare import data_dir, load_manifest, prepare
 from llm_ray.train.trainer import train
+from tests.conftest import debug_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def debug_config(tmp: Path, corpus_dir: Path, *overrides: str):
-    return load_config("debug", [f"output_dir={tmp}", f"data.sources=[{corpus_dir}]", "data.max_files=null",
-                                 *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,9 @@ def read_source(name_or_path: str) -> dict[str, Any]:
     raise ConfigError(f"unknown config {name_or_path!r}: give a preset ({', '.join(PRESETS)}) or a .yaml file")
 
 
-def _is_text_field(parts: list[str]) -> bool:
-    """Whether the dotted path names a string field (str or str | None) of Config."""
-    model: Any = Config
+def _is_text_field(parts: list[str], root: type[BaseModel]) -> bool:
+    """Whether the dotted path names a string field (str or str | None) of root."""
+    model: Any = root
     for part in parts[:-1]:
         field = model.model_fields.get(part)
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
@@ -60,7 +60,7 @@ def _is_text_field(parts: list[str]) -> bool:
     return field is not None and field.annotation in (str, str | None)
 
 
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
+def apply_override(tree: dict[str, Any], assignment: str, root: type[BaseModel] = Config) -> None:
     """Apply one 'dotted.path=value' override in place. The value is parsed as YAML, except for
     string fields, which take the text as written (``name=2024`` is the name "2024", not a number)."""
     key, sep, raw = assignment.partition("=")
@@ -68,7 +68,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {assignment!r} must look like section.field=value")
     parts = key.split(".")
-    if _is_text_field(parts) and raw.strip() not in ("", "null", "~"):
+    if _is_text_field(parts, root) and raw.strip() not in ("", "null", "~"):
         value: Any = raw.strip()
     else:
         try:

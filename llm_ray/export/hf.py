@@ -103,7 +103,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         raise ExportError("exporting to Hugging Face needs transformers: pip install -e '.[hf]'") from None
     from llm_ray.checkpoint import load_model
 
-    model, tokenizer, _ = load_model(checkpoint)
+    model, tokenizer, cfg = load_model(checkpoint)
     arch = architecture(model.spec)
     config_kwargs, state = gpt2_state(model) if arch == "gpt2" else llama_state(model)
     eot = tokenizer.token_to_id(EOT)
@@ -126,4 +126,18 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT,
                                                 pad_token=PAD, model_max_length=model.spec.context_length)
     fast.save_pretrained(out)
+    write_provenance(checkpoint, cfg, model, out)
     return out
+
+
+def write_provenance(checkpoint, cfg, model, out: Path) -> None:
+    """What the export was made from (run, config hash, step, data, scores), for serving it."""
+    import json
+
+    from llm_ray.checkpoint import find_model_dir, read_train_state
+    from llm_ray.serve.checkpoints import provenance
+    from llm_ray.serve.vllm import PROVENANCE
+
+    model_dir = find_model_dir(checkpoint).resolve()
+    record = provenance(model_dir, cfg, read_train_state(model_dir), model.num_params(non_embedding=False))
+    (out / PROVENANCE).write_text(json.dumps(record, indent=2), encoding="utf-8")

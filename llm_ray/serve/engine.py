@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -160,7 +161,25 @@ class Engine:
                 if request is None:
                     return
                 self.waiting.append(request)
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a failed step must not leave requests waiting forever
+                traceback.print_exc()
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        """End every running and waiting request with finish reason "error"."""
+        requests = list({id(r): r for r in [r for r, _ in self.running.values()] + list(self.waiting)}.values())
+        self.running.clear()
+        self.waiting.clear()
+        self.free = list(range(self.max_batch_size))
+        for request in requests:
+            for sequence in request.sequences:
+                try:
+                    request.on_event(sequence.index, "", "error")
+                except Exception:
+                    pass
+            request.done.set()
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -222,7 +241,10 @@ class Engine:
             elif sequence.generated >= s.max_tokens:
                 text, finish = text + sequence.stream.flush(), "length"
         if text or finish:
-            request.on_event(sequence.index, text, finish)
+            try:
+                request.on_event(sequence.index, text, finish)
+            except Exception:  # the caller is gone (its event loop closed): stop generating for it
+                request.cancel()
         if finish:
             self._release(row)
 

@@ -1,0 +1,199 @@
+"""The Ray Serve app: the built-in generator behind an OpenAI-compatible HTTP API.
+
+Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``), ``GET
+/v1/models`` (with the model's provenance), ``GET /health`` and the playground page at ``/``.
+Overload is Serve's job: past ``max_ongoing_requests`` per replica requests queue, past
+``max_queued_requests`` they get 503 at once. The replica's own deadline gives 408.
+
+``build_app(args)`` is the application builder for ``serve run`` / ``serve deploy`` config
+files (``args`` are a ServeConfig's fields); ``llm-ray serve`` calls it too.
+"""
+
+
+import asyncio
+import time
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+
+from llm_ray.config.serve import ServeConfig
+from llm_ray.serve import api
+
+http = FastAPI(title="llm-ray", docs_url=None, redoc_url=None)
+
+
+class Deadline(Exception):
+    pass
+
+
+@serve.deployment
+@serve.ingress(http)
+class CompletionServer:
+    def __init__(self, config: dict):
+        import torch
+
+        from llm_ray.checkpoint import find_model_dir, load_model, read_train_state
+        from llm_ray.data.tokenizer import eot_id
+        from llm_ray.serve.checkpoints import provenance
+        from llm_ray.serve.engine import Engine
+
+        self.cfg = cfg = ServeConfig.model_validate(config)
+        torch.set_num_threads(cfg.torch_threads or max(1, int(-(-cfg.cpus_per_replica // 1))))
+        model_dir = find_model_dir(cfg.checkpoint).resolve()
+        device = "cuda" if cfg.gpus_per_replica > 0 else "cpu"
+        model, self.tokenizer, train_cfg = load_model(model_dir, device=device)
+        self.eos = eot_id(self.tokenizer)
+        self.context = model.spec.context_length
+        self.model_id = cfg.model_id or train_cfg.name
+        self.card = {"id": self.model_id, "object": "model", "created": int(model_dir.stat().st_mtime),
+                     "owned_by": "llm-ray", "engine": "builtin",
+                     "provenance": provenance(model_dir, train_cfg, read_train_state(model_dir),
+                                              model.num_params(non_embedding=False))}
+        self.engine = Engine(model, self.tokenizer, self.eos, cfg.max_batch_size)
+        self.engine.start()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+    # ------------------------------------------------------------------ routes
+
+    @http.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_id, "running": len(self.engine.running),
+                "waiting": len(self.engine.waiting)}
+
+    @http.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self.card]}
+
+    @http.get("/", response_class=HTMLResponse)
+    async def playground(self) -> str:
+        return resources.files("llm_ray.serve").joinpath("playground.html").read_text(encoding="utf-8")
+
+    @http.post("/v1/completions")
+    async def completions(self, request: Request):
+        started = time.monotonic()
+        try:
+            body = await request.body()
+            req = api.parse_request(body, self.cfg.limits)
+            if req.model not in (None, self.model_id):
+                raise api.APIError(404, f"model: {req.model!r} is not served here; this server has "
+                                        f"{self.model_id!r}", "model")
+            sampling = api.sampling(req, self.cfg.limits)
+            prompts = [self.encode(p) for p in (req.prompt if isinstance(req.prompt, list) else [req.prompt])]
+            for ids in prompts:
+                api.check_context(len(ids), sampling.max_tokens, self.context)
+        except api.APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        submitted = []
+        for p, ids in enumerate(prompts):  # choice index = prompt index * n + choice (OpenAI's order)
+            def on_event(i, text, finish, base=p * req.n):
+                loop.call_soon_threadsafe(events.put_nowait, (base + i, text, finish))
+            submitted.append(self.engine.submit(ids, sampling, on_event))
+        deadline = started + self.cfg.request_timeout_s
+        cid = api.completion_id()
+        total = len(prompts) * req.n
+        if req.stream:
+            return StreamingResponse(self.stream(cid, events, submitted, total, deadline, req),
+                                     media_type="text/event-stream")
+        texts, reasons = [[] for _ in range(total)], [None] * total
+        try:
+            async for index, text, finish in self.collect(events, total, deadline):
+                texts[index].append(text)
+                reasons[index] = finish or reasons[index]
+        except Deadline:
+            return JSONResponse(self.timeout().body(), status_code=408)
+        finally:
+            for r in submitted:
+                r.cancel()  # no-op for finished requests; frees the rows of abandoned ones
+        choices = [api.choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
+        return api.completion(cid, self.model_id, choices, self.usage(submitted))
+
+    # ------------------------------------------------------------------ helpers
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt; an empty prompt starts a new document."""
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids or [self.eos]
+
+    def usage(self, submitted) -> dict:
+        return api.usage(sum(len(r.prompt) for r in submitted) * submitted[0].sampling.n,
+                         sum(r.completion_tokens for r in submitted))
+
+    def timeout(self) -> api.APIError:
+        return api.APIError(408, f"the request took longer than this server's limit of "
+                                 f"{self.cfg.request_timeout_s:g} s (request_timeout_s)")
+
+    async def collect(self, events: asyncio.Queue, total: int, deadline: float):
+        """(choice index, text, finish reason) as the engine produces them, until every choice finished."""
+        finished = 0
+        while finished < total:
+            try:
+                event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise Deadline from None
+            finished += event[2] is not None
+            yield event
+
+    async def stream(self, cid: str, events: asyncio.Queue, submitted, total: int, deadline: float, req):
+        try:
+            async for index, text, finish in self.collect(events, total, deadline):
+                yield api.sse(api.completion(cid, self.model_id, [api.choice(index, text, finish)], None))
+            if req.stream_options and req.stream_options.include_usage:
+                yield api.sse(api.completion(cid, self.model_id, [], self.usage(submitted)))
+        except Deadline:
+            yield api.sse(self.timeout().body())
+        finally:  # also when the client went away (the generator is closed)
+            for r in submitted:
+                r.cancel()
+        yield api.sse("[DONE]")
+
+
+def deployment_options(cfg: ServeConfig) -> dict:
+    """Ray Serve deployment options from the config."""
+    options = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+    }
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return options
+
+
+def build_app(args: dict):
+    """Application builder: `serve run llm_ray.serve.app:build_app checkpoint=/abs/path` or a config file."""
+    from llm_ray.checkpoint import find_model_dir
+    from llm_ray.config import ConfigError
+    from llm_ray.config.loading import format_validation_error
+    from pydantic import ValidationError
+
+    try:
+        cfg = ServeConfig.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, ServeConfig)) from None
+    if cfg.engine == "vllm":
+        from llm_ray.serve.vllm import build_vllm_app
+
+        return build_vllm_app(cfg)
+    if cfg.checkpoint is None:
+        raise ConfigError("checkpoint: set it to a checkpoint folder (absolute path: replicas run in Ray's own "
+                          "working folders)")
+    try:
+        model_dir = find_model_dir(cfg.checkpoint)
+    except FileNotFoundError as e:
+        given = Path(cfg.checkpoint).expanduser()
+        pickles = sorted(p.name for p in given.glob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"))
+        note = (f"; {', '.join(pickles)} are pickle files, which llm-ray never loads (unpickling runs code): "
+                "serve a checkpoint's model/ folder or an export with safetensors") if pickles else ""
+        raise ConfigError(f"checkpoint: {e}{note}") from None
+    cfg = cfg.model_copy(update={"checkpoint": str(Path(model_dir).resolve())})
+    return CompletionServer.options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))

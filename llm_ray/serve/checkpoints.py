@@ -1,0 +1,129 @@
+"""Which checkpoint to serve, and what it is: the best by validation loss, and its provenance.
+
+Plain files: a checkpoint's ``model/`` folder holds ``train_state.json`` with the run's
+history, whose validation losses say how good each checkpoint is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_ray.checkpoint import MODEL_DIR, WEIGHTS
+
+EVAL_FIGURES = ("loss", "perplexity", "bits_per_byte")
+
+
+class CheckpointChoiceError(Exception):
+    """No checkpoint can be chosen, described for the user."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    model_dir: Path
+    step: int
+    val_loss: float
+    compared: int  # checkpoints with a validation loss that were compared
+
+
+def val_loss_at_step(state: dict) -> float | None:
+    """The validation loss measured at the checkpoint's own step, if one was."""
+    losses = [h["val_loss"] for h in state.get("history", []) if h.get("step") == state.get("step")
+              and "val_loss" in h]
+    return losses[-1] if losses else None
+
+
+def model_dirs(folder: Path) -> list[Path]:
+    """Every complete checkpoint's inference folder under folder (checkpoints still being written, or
+    damaged, fail their manifest check and are left out)."""
+    from pyarrow import fs
+
+    from llm_ray.train.resume import CHECKPOINT_PREFIX, verify
+
+    found = []
+    for weights in sorted(folder.rglob(WEIGHTS)):
+        model_dir = weights.parent
+        if not (model_dir / "train_state.json").is_file():
+            continue  # e.g. a Hugging Face export
+        checkpoint = model_dir.parent
+        if model_dir.name == MODEL_DIR and checkpoint.name.startswith(CHECKPOINT_PREFIX):
+            if verify(fs.LocalFileSystem(), str(checkpoint.resolve())) is not None:
+                continue
+        found.append(model_dir)
+    return found
+
+
+def best_checkpoint(folder: Path, what: str) -> Choice:
+    """The checkpoint under folder with the lowest validation loss at its own step."""
+    if not folder.is_dir():
+        raise CheckpointChoiceError(f"{what}: {folder} is not a folder")
+    scored = []
+    dirs = model_dirs(folder)
+    for model_dir in dirs:
+        state = json.loads((model_dir / "train_state.json").read_text(encoding="utf-8"))
+        loss = val_loss_at_step(state)
+        if loss is not None:
+            scored.append(Choice(model_dir.resolve(), state["step"], loss, 0))
+    if not scored:
+        why = ("no complete checkpoint" if not dirs else
+               f"none of its {len(dirs)} checkpoints has a validation loss at its step (train.checkpoint_every "
+               "should be a multiple of train.eval_every)")
+        raise CheckpointChoiceError(f"{what}: {folder} has {why}")
+    best = min(scored, key=lambda c: (c.val_loss, -c.step))  # on a tie, the later checkpoint
+    return Choice(best.model_dir, best.step, best.val_loss, len(scored))
+
+
+def find_folder(name_or_dir: str, output_dir: str, what: str) -> Path:
+    """A run or sweep folder given as a path, or as a name under output_dir."""
+    given = Path(name_or_dir).expanduser()
+    for candidate in (given, Path(output_dir).expanduser() / name_or_dir):
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise CheckpointChoiceError(f"{what} {name_or_dir}: neither {given} nor {Path(output_dir) / name_or_dir} is a "
+                                "folder")
+
+
+def config_hash(cfg) -> str:
+    """A short, stable hash of a resolved config: the same settings give the same hash."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def evaluation_of(model_dir: Path, cfg) -> dict | None:
+    """`llm-ray eval`'s figures for this very checkpoint, when it was evaluated."""
+    for folder in (cfg.run_dir, *list(model_dir.parents)[:4]):
+        path = folder / "eval" / "eval.json"
+        if not path.is_file():
+            continue
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        scored = Path(results.get("checkpoint", ""))
+        same = scored.resolve() == model_dir.resolve() if scored.is_absolute() else scored.parts[-2:] == model_dir.parts[-2:]
+        if same:
+            figures = {k: results[k]["value"] for k in EVAL_FIGURES if isinstance(results.get(k), dict)}
+            for k in ("bleu", "rouge1", "rouge2", "rougeL"):
+                if k in results.get("continuation", {}):
+                    figures[k] = results["continuation"][k]
+            return {**figures, "split": results.get("split"), "report": str(path.parent)}
+    return None
+
+
+def provenance(model_dir: Path, cfg, state: dict, parameters: int) -> dict:
+    """What the served model is: its data, run, config, checkpoint and scores."""
+    return {
+        "run": cfg.name,
+        "config_sha256": config_hash(cfg),
+        "checkpoint": str(model_dir),
+        "step": state.get("step"),
+        "tokens": state.get("tokens"),
+        "val_loss": val_loss_at_step(state),
+        "data_key": state.get("data_key"),
+        "data_path": state.get("data_path"),
+        "parameters": parameters,
+        "context_length": cfg.model.context_length,
+        "evaluation": evaluation_of(model_dir, cfg),
+    }

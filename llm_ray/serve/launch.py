@@ -1,0 +1,49 @@
+"""`llm-ray serve`: choose the checkpoint, start Ray Serve on this machine's Ray, print the URL."""
+
+from __future__ import annotations
+
+from llm_ray.config import ConfigError
+from llm_ray.config.serve import ServeConfig
+from llm_ray.serve.checkpoints import CheckpointChoiceError, best_checkpoint, find_folder
+
+
+def choose_checkpoint(checkpoint: str | None, run: str | None, sweep: str | None, output_dir: str = "runs",
+                      log=print) -> str:
+    """The checkpoint to serve: the given folder, or the best by validation loss of a run or a sweep."""
+    if checkpoint is not None:
+        return checkpoint
+    what, name = ("--run", run) if run is not None else ("--sweep", sweep)
+    try:
+        choice = best_checkpoint(find_folder(name, output_dir, what), f"{what} {name}")
+    except CheckpointChoiceError as e:
+        raise ConfigError(str(e)) from None
+    log(f"serve: best checkpoint of {what[2:]} {name} by validation loss: {choice.model_dir} (step {choice.step}, "
+        f"val loss {choice.val_loss:.4f}; {choice.compared} checkpoints compared)")
+    return str(choice.model_dir)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server holds: Ray Serve's proxy binds with SO_REUSEPORT, so a second
+    server on the same port would silently share its requests with the first."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"port: {host}:{port} is in use ({e.strerror}): stop the server there, or choose "
+                              "another with --set port=N") from None
+
+
+def start(cfg: ServeConfig, name: str = "llm-ray") -> str:
+    """Deploy the app on the running Ray (HTTP on cfg.host:cfg.port) and return its URL."""
+    from ray import serve
+
+    from llm_ray.serve.app import build_app
+
+    app = build_app(cfg.model_dump(mode="json"))
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name=name, route_prefix=cfg.route_prefix, blocking=False)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

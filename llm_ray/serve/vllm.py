@@ -1,0 +1,84 @@
+"""engine: vllm — Ray Serve LLM (vLLM's paged attention and continuous batching) on GPU clusters.
+
+The app is Ray's own OpenAI app (``ray.serve.llm.build_openai_app``) over the Hugging Face
+export of a checkpoint (``llm-ray export``: a local folder, or an s3:// copy of it). This
+module only translates a ServeConfig into Ray's ``LLMConfig``; vLLM itself is the optional
+``[vllm]`` extra, installed on GPU nodes.
+
+Provenance: Ray Serve LLM's /v1/models cards carry no custom fields, so the model id names
+the run and step (``<run>@<step>``) and the export folder holds ``llm_ray_provenance.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llm_ray.config import ConfigError
+from llm_ray.config.serve import ServeConfig
+
+PROVENANCE = "llm_ray_provenance.json"
+
+
+def export_provenance(source: str) -> dict | None:
+    """The provenance `llm-ray export` wrote beside a local export (None for s3:// or older exports)."""
+    path = Path(source).expanduser() / PROVENANCE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def llm_config(cfg: ServeConfig) -> dict:
+    """The LLMConfig (as a dict) for Ray Serve LLM, from the serve config and the export folder."""
+    source = cfg.checkpoint
+    if source is None:
+        raise ConfigError("checkpoint: engine vllm serves a Hugging Face export: `llm-ray export --checkpoint DIR "
+                          "--out EXPORT`, then --checkpoint EXPORT (a local folder or an s3:// URI)")
+    context = None
+    if not source.startswith("s3://"):
+        folder = Path(source).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"checkpoint: {folder} has no config.json: engine vllm needs a Hugging Face export "
+                              "(`llm-ray export`), not an llm-ray checkpoint folder")
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        context = hf.get("n_positions") or hf.get("max_position_embeddings")
+        source = str(folder)
+    provenance = export_provenance(source) or {}
+    model_id = cfg.model_id or (f"{provenance['run']}@{provenance['step']}" if provenance else Path(source).name)
+    deployment = {"max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests}
+    if cfg.autoscaling is not None:
+        deployment["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        deployment["num_replicas"] = cfg.num_replicas
+    engine = {"tensor_parallel_size": cfg.vllm.tensor_parallel_size,
+              "gpu_memory_utilization": cfg.vllm.gpu_memory_utilization}
+    if context:
+        engine["max_model_len"] = context
+    engine.update(cfg.vllm.engine_kwargs)
+    config = {"model_loading_config": {"model_id": model_id, "model_source": source},
+              "deployment_config": deployment, "engine_kwargs": engine}
+    if cfg.vllm.accelerator_type:
+        config["accelerator_type"] = cfg.vllm.accelerator_type
+    return config
+
+
+def validated(config: dict):
+    """Ray's LLMConfig for the dict: its own schema checks every field (no vLLM needed for that)."""
+    from pydantic import ValidationError
+
+    try:
+        from ray.serve.llm import LLMConfig
+    except ImportError:  # ray.serve.llm imports vLLM; the config class itself does not need it
+        from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+    try:
+        return LLMConfig.model_validate(config)
+    except ValidationError as e:
+        raise ConfigError(f"engine vllm: Ray Serve LLM refuses the config: {e}") from None
+
+
+def build_vllm_app(cfg: ServeConfig):
+    """Ray Serve LLM's OpenAI app for the export; needs vLLM (pip install 'llm-ray[vllm]') where it runs."""
+    config = validated(llm_config(cfg))
+    try:
+        from ray.serve.llm import build_openai_app
+    except ImportError as e:
+        raise ConfigError(f"engine vllm needs vLLM: pip install 'llm-ray[vllm]' on the GPU nodes ({e})") from None
+    return build_openai_app({"llm_configs": [config]})
