@@ -317,15 +317,15 @@ def _serve(args) -> int:
     import time
 
     from llm_ray.config.serve import load_serve_config
-    from llm_ray.ray_utils import init_ray
-    from llm_ray.serve.launch import check_port_free, choose_checkpoint, start
+    from llm_ray.serve.launch import check_port_free, choose_checkpoint, hf_export_for_vllm, start
 
     overrides = list(args.overrides) + ([f"engine={args.engine}"] if args.engine else [])
     cfg = load_serve_config(args.config, overrides)
     checkpoint = choose_checkpoint(args.checkpoint, args.run, args.sweep, args.output_dir)
+    if cfg.engine == "vllm":
+        checkpoint = hf_export_for_vllm(checkpoint)
     cfg = cfg.model_copy(update={"checkpoint": checkpoint})
     check_port_free(cfg.host, cfg.port)
-    init_ray()
     from ray import serve
 
     url = start(cfg)

@@ -2,13 +2,18 @@
 checkpoint, the OpenAI client, streaming, every 4xx, fuzzed bodies, overload, timeouts."""
 
 import json
+import os
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,9 +61,10 @@ def server(trained):
     port = free_port()
     common = dict(checkpoint=str(choice.model_dir), port=port, cpus_per_replica=0.1, torch_threads=1)
     url = start(ServeConfig(**common, max_batch_size=8), name="main")
-    start(ServeConfig(**common, route_prefix="/strict", request_timeout_s=0.001), name="strict")
-    start(ServeConfig(**common, route_prefix="/tight", max_batch_size=1, limits={"max_n": 1}, max_ongoing_requests=1,
-                      max_queued_requests=1), name="tight")
+    start(ServeConfig(**{**common, "torch_threads": 2}, route_prefix="/strict", request_timeout_s=0.001,
+                      num_replicas=2), name="strict")
+    start(ServeConfig(**common, route_prefix="/tight", max_batch_size=1, limits={"max_n": 1, "default_max_tokens": 5},
+                      max_ongoing_requests=1, max_queued_requests=1, model_id="tight-model"), name="tight")
     yield url
     serve.shutdown()
 
@@ -175,24 +181,37 @@ def test_fuzzed_bodies_never_get_a_server_error(server, body):
         assert r.json()["object"] == "text_completion"
 
 
-def test_overload_gets_503_quickly_and_the_server_stays_up(server):
-    """One request at a time and one queued: the rest of a burst is refused at once."""
-    def one(_):
-        started = time.monotonic()
-        r = post(server + "/tight", {"prompt": "To be", "max_tokens": 50, "temperature": 0})
-        return r.status_code, time.monotonic() - started
+def burst(url: str, requests: int = 8) -> list[int]:
+    with ThreadPoolExecutor(requests) as pool:
+        return list(pool.map(lambda _: post(url, {"prompt": "To be", "max_tokens": 50}).status_code, range(requests)))
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(8)))
-    codes = [c for c, _ in results]
+
+def test_overload_gets_503_and_the_server_stays_up(server):
+    """max_ongoing_requests 1, max_queued_requests 1: most of a burst is refused at once; the
+    default limits (32 and 64) take the same burst."""
+    codes = burst(server + "/tight")
     assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 4, codes
     assert httpx.get(f"{server}/tight/health").json()["running"] == 0
-    assert post(server + "/tight", {"prompt": "To be", "max_tokens": 5}).status_code == 200
+    assert burst(server) == [200] * 8
+
+
+def test_replicas_model_id_default_max_tokens_and_threads(server):
+    """The strict app runs 2 replicas with 2 torch threads; the tight one names its model and
+    completes 5 tokens when max_tokens is left out (the main one: 16)."""
+    replicas = {httpx.get(f"{server}/strict/health").json()["replica"] for _ in range(30)}
+    assert len(replicas) == 2
+    assert httpx.get(f"{server}/strict/health").json()["torch_threads"] == 2
+    assert httpx.get(f"{server}/health").json()["torch_threads"] == 1
+    assert httpx.get(f"{server}/tight/v1/models").json()["data"][0]["id"] == "tight-model"
+    for url, n in ((server + "/tight", 5), (server, 16)):
+        out = post(url, {"prompt": "To be", "temperature": 0}).json()
+        assert out["usage"]["completion_tokens"] == n or out["choices"][0]["finish_reason"] == "stop"
 
 
 def test_time_limit_gets_408_and_frees_the_rows(server):
     r = post(server + "/strict", {"prompt": "To be", "max_tokens": 50})
     assert r.status_code == 408 and "request_timeout_s" in r.json()["error"]["message"]
+    assert post(server, {"prompt": "To be", "max_tokens": 50}).status_code == 200  # the default limit: 120 s
     with httpx.stream("POST", f"{server}/strict/v1/completions", json={"prompt": "To be", "max_tokens": 50,
                                                                        "stream": True}, timeout=30) as s:
         events = [line for line in s.iter_lines() if line]
@@ -249,3 +268,58 @@ def test_playground_streams_into_the_page(server, tmp_path):
     expected = post(server, {"prompt": "JULIET:", "max_tokens": 40, "temperature": 0.8, "top_p": 0.95, "top_k": 50,
                              "seed": 1}).json()["choices"][0]["text"]
     assert text == expected and (tmp_path / "playground.png").stat().st_size > 5000
+
+
+def wait_for(url: str, proc, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not come up in {seconds} s")
+
+
+def stop(proc) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_and_the_serve_config_file_serve_the_best_checkpoint(trained, tmp_path):
+    """`llm-ray serve --run DIR` and `serve run jobs/serve_config.yaml`, each on a Ray of its own
+    started by the command, as a user runs them."""
+    cfg, choice = trained
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    log = (tmp_path / "cli.log").open("w")
+    proc = subprocess.Popen([str(bin_dir / "llm-ray"), "serve", "--run", str(cfg.run_dir), "--set", f"port={port}",
+                             "--set", "cpus_per_replica=0.5"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        card = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
+        assert card["provenance"]["checkpoint"] == str(choice.model_dir)
+    finally:
+        assert stop(proc) == 130
+    printed = (tmp_path / "cli.log").read_text()
+    assert f"best checkpoint of run {cfg.run_dir} by validation loss: {choice.model_dir}" in printed
+    assert f"at http://127.0.0.1:{port} (OpenAI base_url http://127.0.0.1:{port}/v1" in printed
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port = free_port()
+    config["applications"][0]["args"].update(checkpoint=str(choice.model_dir), cpus_per_replica=0.5)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([str(bin_dir / "serve"), "run", str(tmp_path / "serve.yaml")], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        assert post(f"http://127.0.0.1:{port}", {"prompt": "To be", "max_tokens": 3}).status_code == 200
+    finally:
+        stop(proc)

@@ -64,8 +64,11 @@ class CompletionServer:
 
     @http.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_id, "running": len(self.engine.running),
-                "waiting": len(self.engine.waiting)}
+        import torch
+
+        return {"status": "ok", "model": self.model_id, "replica": serve.get_replica_context().replica_id.unique_id,
+                "running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                "torch_threads": torch.get_num_threads()}
 
     @http.get("/v1/models")
     async def models(self) -> dict:

@@ -22,6 +22,30 @@ def choose_checkpoint(checkpoint: str | None, run: str | None, sweep: str | None
     return str(choice.model_dir)
 
 
+def hf_export_for_vllm(checkpoint: str, log=print) -> str:
+    """engine vllm serves a Hugging Face export: an llm-ray checkpoint is exported once, beside it."""
+    from pathlib import Path
+
+    from llm_ray.checkpoint import find_model_dir
+
+    if checkpoint.startswith("s3://") or (Path(checkpoint).expanduser() / "config.json").is_file():
+        return checkpoint
+    try:
+        model_dir = find_model_dir(checkpoint).resolve()
+    except FileNotFoundError:
+        return checkpoint  # the vLLM config builder says what is missing
+    out = model_dir.parent / "hf"
+    if not (out / "config.json").is_file():
+        from llm_ray.export.hf import ExportError, export_hf
+
+        try:
+            export_hf(model_dir, out)
+        except ExportError as e:
+            raise ConfigError(f"engine vllm: {e}") from None
+        log(f"serve: exported {model_dir} to {out} for vLLM")
+    return str(out)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port another server holds: Ray Serve's proxy binds with SO_REUSEPORT, so a second
     server on the same port would silently share its requests with the first."""
@@ -38,12 +62,14 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def start(cfg: ServeConfig, name: str = "llm-ray") -> str:
-    """Deploy the app on the running Ray (HTTP on cfg.host:cfg.port) and return its URL."""
+    """Deploy the app on Ray (joined or started here; HTTP on cfg.host:cfg.port) and return its URL."""
     from ray import serve
 
+    from llm_ray.ray_utils import init_ray
     from llm_ray.serve.app import build_app
 
-    app = build_app(cfg.model_dump(mode="json"))
+    app = build_app(cfg.model_dump(mode="json"))  # config errors before Ray starts
+    init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=name, route_prefix=cfg.route_prefix, blocking=False)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
