@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def demo_checkpoint(folder: Path) -> Path:
+def demo_checkpoint(folder: Path, overrides: tuple[str, ...] = ()) -> Path:
     from llm_ray.checkpoint import save_inference
     from llm_ray.config import load_config, model_spec
     from llm_ray.data.tokenizer import train_bpe
@@ -33,7 +33,7 @@ def demo_checkpoint(folder: Path) -> Path:
     cfg = load_config("demo")
     texts = [p.read_text() for p in sorted((ROOT / "tests" / "data" / "corpus").glob("play_*.txt"))]
     tokenizer = train_bpe(texts, cfg.tokenizer.vocab_size, 2, 10**7)
-    cfg = load_config("demo", [f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}"])
+    cfg = load_config("demo", [f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}", *overrides])
     torch.manual_seed(0)
     save_inference(folder, GPT(model_spec(cfg)).state_dict(), cfg, tokenizer.to_str(), {})
     return folder

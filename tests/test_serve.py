@@ -60,11 +60,12 @@ def server(trained):
     _, choice = trained
     port = free_port()
     common = dict(checkpoint=str(choice.model_dir), port=port, cpus_per_replica=0.1, torch_threads=1)
-    url = start(ServeConfig(**common, max_batch_size=8), name="main")
+    url = start(ServeConfig(**common, max_batch_size=8, stream_interval_ms=0), name="main")
     start(ServeConfig(**{**common, "torch_threads": 2}, route_prefix="/strict", request_timeout_s=0.001,
                       num_replicas=2), name="strict")
     start(ServeConfig(**common, route_prefix="/tight", max_batch_size=1, limits={"max_n": 1, "default_max_tokens": 5},
-                      max_ongoing_requests=1, max_queued_requests=1, model_id="tight-model"), name="tight")
+                      max_ongoing_requests=1, max_queued_requests=1, model_id="tight-model", stream_interval_ms=10_000),
+          name="tight")
     yield url
     serve.shutdown()
 
@@ -128,6 +129,24 @@ def test_stream_is_server_sent_events_ending_with_done(server):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
     assert finish[-1] == "length" and set(finish[:-1]) == {None}
+
+
+def raw_chunks(url: str) -> tuple[int, str]:
+    body = {"prompt": "To be", "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        chunks = [c for c in r.iter_raw() if c]
+    return len(chunks), b"".join(chunks).decode()
+
+
+def test_stream_interval_groups_pieces_into_fewer_chunks(server):
+    """stream_interval_ms 0 (main app) sends each piece as it comes; 10 s (tight app) sends the first
+    at once and the rest together at the end. The events are the same."""
+    each, text = raw_chunks(server)
+    grouped, grouped_text = raw_chunks(server + "/tight")
+    assert grouped <= 3 < each
+    pieces = [[json.loads(line[6:])["choices"][0]["text"] for line in t.split("\n\n") if line.startswith("data: {")]
+              for t in (text, grouped_text)]
+    assert pieces[0] == pieces[1] and len(pieces[0]) > 5
 
 
 def test_stop_sequences_over_http(server):
@@ -304,6 +323,10 @@ def test_cli_and_the_serve_config_file_serve_the_best_checkpoint(trained, tmp_pa
                              "--set", "cpus_per_replica=0.5"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(f"http://127.0.0.1:{port}/health", proc)
+        for _ in range(60):  # the URL is printed once Serve reports the app running
+            if "Ctrl-C stops" in (tmp_path / "cli.log").read_text():
+                break
+            time.sleep(1)
         card = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
         assert card["provenance"]["checkpoint"] == str(choice.model_dir)
     finally:

@@ -11,6 +11,7 @@ files (``args`` are a ServeConfig's fields); ``llm-ray serve`` calls it too.
 
 
 import asyncio
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -67,6 +68,7 @@ class CompletionServer:
         import torch
 
         return {"status": "ok", "model": self.model_id, "replica": serve.get_replica_context().replica_id.unique_id,
+                "pid": os.getpid(),
                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
                 "torch_threads": torch.get_num_threads()}
 
@@ -116,6 +118,9 @@ class CompletionServer:
         finally:
             for r in submitted:
                 r.cancel()  # no-op for finished requests; frees the rows of abandoned ones
+        if "error" in reasons:  # the engine's step failed: a server error, logged by the replica
+            return JSONResponse(api.APIError(500, "generation failed on the replica (see its log)").body(),
+                                status_code=500)
         choices = [api.choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
         return api.completion(cid, self.model_id, choices, self.usage(submitted))
 
@@ -145,17 +150,23 @@ class CompletionServer:
             yield event
 
     async def stream(self, cid: str, events: asyncio.Queue, submitted, total: int, deadline: float, req):
+        """Server-sent events, one per piece of text. The first goes out at once; after it, what is
+        ready goes out together at most every stream_interval_ms (fewer chunks through the proxy)."""
+        interval, flush_at, pending = self.cfg.stream_interval_ms / 1000, 0.0, []
         try:
             async for index, text, finish in self.collect(events, total, deadline):
-                yield api.sse(api.completion(cid, self.model_id, [api.choice(index, text, finish)], None))
+                pending.append(api.sse(api.completion(cid, self.model_id, [api.choice(index, text, finish)], None)))
+                if events.empty() and time.monotonic() >= flush_at:
+                    yield "".join(pending)
+                    pending, flush_at = [], time.monotonic() + interval
             if req.stream_options and req.stream_options.include_usage:
-                yield api.sse(api.completion(cid, self.model_id, [], self.usage(submitted)))
+                pending.append(api.sse(api.completion(cid, self.model_id, [], self.usage(submitted))))
         except Deadline:
-            yield api.sse(self.timeout().body())
+            pending.append(api.sse(self.timeout().body()))
         finally:  # also when the client went away (the generator is closed)
             for r in submitted:
                 r.cancel()
-        yield api.sse("[DONE]")
+        yield "".join(pending) + api.sse("[DONE]")
 
 
 def deployment_options(cfg: ServeConfig) -> dict:

@@ -206,7 +206,8 @@ class Engine:
             return
         rows = sorted(self.running)
         inputs = torch.tensor([[self.running[r][1].last] for r in rows], device=self.device)
-        logits, _ = self.model(inputs, cache=self.cache, rows=torch.tensor(rows, device=self.device))
+        every = len(rows) == self.max_batch_size  # all rows, in order: the cache is read without a gather
+        logits, _ = self.model(inputs, cache=self.cache, rows=None if every else torch.tensor(rows, device=self.device))
         for i, row in enumerate(rows):
             self._accept(row, logits[i, -1])
 
