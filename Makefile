@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch installs from local wheels in seconds; GPU clusters bring their own CUDA torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-sweeps test-fast install clean
+.PHONY: demo test test-sweeps test-fast install browser clean
 
 $(BIN)/llm-ray: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,17 @@ $(BIN)/llm-ray: pyproject.toml
 
 install: $(BIN)/llm-ray
 
+# The playground's browser test drives Debian's chromium through Playwright (Playwright's own
+# browser download is not used). Installed with apt-get when missing (root, or sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	$(BIN)/llm-ray pipeline --config demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q --durations=10 -m "not sweep"
 
 # Ray Tune sweeps of the debug model (several minutes); CI runs them after `make test`.

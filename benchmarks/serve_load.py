@@ -118,41 +118,36 @@ def engine_batching_gain(checkpoint: str, max_tokens: int) -> tuple[float, float
     return rates[0], rates[1]
 
 
-def direct_latency(checkpoint: str, max_tokens: int, repeats: int) -> float:
-    """p50 seconds of the request in this process, through the same engine the replica runs."""
+def http_overhead(checkpoint: str, url: str, max_tokens: int, repeats: int) -> tuple[float, float]:
+    """(p50 of HTTP minus in-process latency, p50 in-process latency) for the same greedy request.
+
+    The two are measured in alternation, so that both see the same load on a shared machine. In
+    process, the request runs through the same engine (one torch thread, as the replica)."""
+    import httpx
+
     from llm_ray.checkpoint import load_model
     from llm_ray.serve.engine import Engine, Sampling
 
     model, tokenizer, _ = load_model(checkpoint)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the replica (cpus_per_replica 1)
+    torch.set_num_threads(1)
     engine = Engine(model, tokenizer, eos_id=-1, max_batch_size=16)
-    engine.start()
-    try:
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            request = engine.submit(tokenizer.encode(PROMPT).ids, Sampling(max_tokens=max_tokens, temperature=0),
-                                    lambda *a: None)
-            request.done.wait()
-            times.append(time.perf_counter() - started)
-    finally:
-        engine.stop()
-        torch.set_num_threads(threads)
-    return statistics.median(times)
-
-
-def http_latency(url: str, max_tokens: int, repeats: int) -> float:
-    import httpx
-
-    times = []
+    prompt = tokenizer.encode(PROMPT).ids
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    direct, over = [], []
     with httpx.Client(timeout=60) as client:
-        for _ in range(repeats):
+        for i in range(repeats + 3):  # the first 3 warm up
             started = time.perf_counter()
-            client.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": max_tokens,
-                                                       "temperature": 0}).raise_for_status()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            engine.generate([prompt], Sampling(max_tokens=max_tokens, temperature=0))
+            d = time.perf_counter() - started
+            started = time.perf_counter()
+            client.post(f"{url}/v1/completions", json=body).raise_for_status()
+            h = time.perf_counter() - started
+            if i >= 3:
+                direct.append(d)
+                over.append(h - d)
+    torch.set_num_threads(threads)
+    return statistics.median(over), statistics.median(direct)
 
 
 async def overload(url: str, clients: int, seconds: float, pid: int) -> dict:
@@ -207,21 +202,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(demo_checkpoint(Path(tmp), ("model.context_length=512",)))
+        # Ray and Serve first: their background processes slow everything on 2 cores, so every
+        # in-process baseline is measured while they run, as the replica's figures are.
+        ray.init(num_cpus=2, include_dashboard=False)
+        url = start(ServeConfig(checkpoint=checkpoint, port=8000, max_batch_size=16, max_ongoing_requests=32,
+                                max_queued_requests=64), name="load")
         with_cache, recompute = kv_cache_speedup(checkpoint, args.kv_tokens)
         print(f"KV cache, {args.kv_tokens} new tokens: {with_cache:.2f} s with the cache, {recompute:.2f} s "
               f"recomputing the context: speedup {recompute / with_cache:.1f}x")
         one, sixteen = engine_batching_gain(checkpoint, args.max_tokens)
         print(f"engine alone, {args.max_tokens} tokens: {one:.0f} tokens/s for 1 request, {sixteen:.0f} for 16 "
               f"together: batching gain {sixteen / one:.1f}x")
-        direct = direct_latency(checkpoint, 16, 30)
-
-        ray.init(num_cpus=2, include_dashboard=False)
-        url = start(ServeConfig(checkpoint=checkpoint, port=8000, max_batch_size=16, max_ongoing_requests=32,
-                                max_queued_requests=64), name="load")
-        http_latency(url, 16, 3)  # warm up
-        overhead = http_latency(url, 16, 30) - direct
-        print(f"HTTP overhead (p50, 16 greedy tokens): {1000 * overhead:.1f} ms per request "
-              f"({1000 * direct:.1f} ms in-process)")
+        for tokens in (1, 16):
+            overhead, direct = http_overhead(checkpoint, url, tokens, 40)
+            print(f"HTTP overhead (p50, {tokens} greedy tokens): {1000 * overhead:.1f} ms per request over "
+                  f"{1000 * direct:.1f} ms in-process")
         rows = [asyncio.run(load_level(url, c, max(c, args.requests), args.max_tokens)) for c in (1, 4, 16)]
         print(f"\n{'concurrency':>11} {'requests':>8} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
               f"{'total p50':>9} {'total p99':>9}")

@@ -114,19 +114,6 @@ def test_cancelled_requests_free_their_rows(model, tokenizer):
     assert not e.running and sorted(e.free) == [0, 1] and r.done.is_set()
 
 
-def test_engine_thread_serves_submissions(model, tokenizer):
-    e = engine(model, tokenizer)
-    e.start()
-    try:
-        pieces = []
-        r = e.submit(ids(tokenizer, "a stitch"), Sampling(max_tokens=8, temperature=0),
-                     lambda i, text, finish: pieces.append(text))
-        assert r.done.wait(30)
-    finally:
-        e.stop()
-    assert "".join(pieces) == e.generate([ids(tokenizer, "a stitch")], Sampling(max_tokens=8, temperature=0))[0].texts[0]
-
-
 def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer):
     text = "héllo wörld 你好 and then END of it"
     stream = TextStream(tokenizer, stop=("END",))

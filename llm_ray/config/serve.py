@@ -67,7 +67,7 @@ class ServeConfig(Section):
                                      "gets 503 at once (overload protection).")
     request_timeout_s: float = Field(120.0, gt=0, description="A request still generating after this long gets "
                                      "408 (a stream ends with an error event); its rows are freed.")
-    stream_interval_ms: float = Field(20.0, ge=0, description="A stream sends what is ready at most this often "
+    stream_interval_ms: float = Field(50.0, ge=0, description="A stream sends what is ready at most this often "
                                       "(the first text at once): fewer, larger chunks through Serve's proxy when many "
                                       "clients stream. 0 sends every piece as it comes.")
     max_batch_size: int = Field(16, ge=1, description="Sequences the builtin engine decodes together per replica "

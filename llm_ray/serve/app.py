@@ -4,6 +4,7 @@ Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``), 
 /v1/models`` (with the model's provenance), ``GET /health`` and the playground page at ``/``.
 Overload is Serve's job: past ``max_ongoing_requests`` per replica requests queue, past
 ``max_queued_requests`` they get 503 at once. The replica's own deadline gives 408.
+The engine steps in a thread of its own, driven from the replica's event loop (``drive``).
 
 ``build_app(args)`` is the application builder for ``serve run`` / ``serve deploy`` config
 files (``args`` are a ServeConfig's fields); ``llm-ray serve`` calls it too.
@@ -12,6 +13,8 @@ files (``args`` are a ServeConfig's fields); ``llm-ray serve`` calls it too.
 
 import asyncio
 import os
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 import time
 from importlib import resources
 from pathlib import Path
@@ -54,12 +57,27 @@ class CompletionServer:
                      "provenance": provenance(model_dir, train_cfg, read_train_state(model_dir),
                                               model.num_params(non_embedding=False))}
         self.engine = Engine(model, self.tokenizer, self.eos, cfg.max_batch_size)
-        self.engine.start()
+        self.stepper = ThreadPoolExecutor(1, thread_name_prefix="llm-ray-engine")
+        self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # events of the last step, for the handlers
+        self.work: asyncio.Event | None = None
 
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.stop()
+    async def drive(self) -> None:
+        """The engine's loop. Each step runs in the engine's thread, so the event loop stays free
+        to take requests and send streamed text meanwhile; the step's events are handed to the
+        requests' queues here, on the loop, once it is done."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.busy:
+                await self.work.wait()
+                self.work.clear()
+            try:
+                await loop.run_in_executor(self.stepper, self.engine.step)
+            except Exception:  # a failed step ends its requests with an error, not a hang
+                traceback.print_exc()
+                self.engine.fail_all()
+            events, self.outbox = self.outbox, []
+            for queue, event in events:
+                queue.put_nowait(event)
 
     # ------------------------------------------------------------------ routes
 
@@ -96,12 +114,15 @@ class CompletionServer:
         except api.APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
         events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        if self.work is None:
+            self.work = asyncio.Event()
+            self.driver = asyncio.get_running_loop().create_task(self.drive())
         submitted = []
         for p, ids in enumerate(prompts):  # choice index = prompt index * n + choice (OpenAI's order)
-            def on_event(i, text, finish, base=p * req.n):
-                loop.call_soon_threadsafe(events.put_nowait, (base + i, text, finish))
+            def on_event(i, text, finish, base=p * req.n):  # in the engine's thread: kept for drive()
+                self.outbox.append((events, (base + i, text, finish)))
             submitted.append(self.engine.submit(ids, sampling, on_event))
+        self.work.set()
         deadline = started + self.cfg.request_timeout_s
         cid = api.completion_id()
         total = len(prompts) * req.n

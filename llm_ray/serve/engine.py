@@ -19,7 +19,6 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,7 +42,7 @@ class Sampling:
     n: int = 1
 
 
-# on_event(choice index, new text, finish reason or None): called from the engine's thread.
+# on_event(choice index, new text, finish reason or None): called from step(), in the thread that steps.
 OnEvent = Callable[[int, str, "str | None"], None]
 
 
@@ -97,8 +96,7 @@ class Engine:
         self.free = list(range(max_batch_size))
         self.running: dict[int, tuple[Request, Sequence]] = {}  # row -> its sequence
         self.waiting: deque[Request] = deque()
-        self.inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()  # from other threads
-        self.thread: threading.Thread | None = None
+        self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # submissions, from any thread
 
     # ---------------------------------------------------------------- submitting
 
@@ -121,9 +119,7 @@ class Engine:
         return request
 
     def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling]) -> list[Completion]:
-        """Run requests to the end in this thread (tests, benchmarks; not with a running loop)."""
-        if self.thread is not None:
-            raise RuntimeError("the engine runs in its own thread: submit requests instead")
+        """Run requests to the end, stepping in this thread (tests, benchmarks)."""
         settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         texts: list[list[list[str]]] = [[[] for _ in range(s.n)] for s in settings]
         reasons: list[list[str]] = [[""] * s.n for s in settings]
@@ -143,32 +139,13 @@ class Engine:
 
     # ---------------------------------------------------------------- the loop
 
-    def start(self) -> None:
-        """Generate in a background thread until stop()."""
-        self.thread = threading.Thread(target=self._loop, name="llm-ray-engine", daemon=True)
-        self.thread.start()
+    @property
+    def busy(self) -> bool:
+        """Whether a step has work: running rows, waiting requests or new submissions."""
+        return bool(self.running or self.waiting or not self.inbox.empty())
 
-    def stop(self) -> None:
-        if self.thread is not None:
-            self.inbox.put(None)
-            self.thread.join()
-            self.thread = None
-
-    def _loop(self) -> None:
-        while True:
-            if not self.running and not self.waiting:
-                request = self.inbox.get()  # idle: block until work arrives
-                if request is None:
-                    return
-                self.waiting.append(request)
-            try:
-                self.step()
-            except Exception:  # a failed step must not leave requests waiting forever
-                traceback.print_exc()
-                self._fail_all()
-
-    def _fail_all(self) -> None:
-        """End every running and waiting request with finish reason "error"."""
+    def fail_all(self) -> None:
+        """End every running and waiting request with finish reason "error" (after a failed step)."""
         requests = list({id(r): r for r in [r for r, _ in self.running.values()] + list(self.waiting)}.values())
         self.running.clear()
         self.waiting.clear()
@@ -186,13 +163,9 @@ class Engine:
         """Admit waiting requests into free rows, then decode one token in every running row."""
         while True:
             try:
-                request = self.inbox.get_nowait()
+                self.waiting.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
-            if request is None:  # stop() while busy: put it back for the loop to see
-                self.inbox.put(None)
-                break
-            self.waiting.append(request)
         for row, (request, _) in list(self.running.items()):
             if request.cancelled:
                 self._release(row)
