@@ -17,6 +17,7 @@ from llm_ray.checkpoint import read_train_state
 from llm_ray.cli import main
 from llm_ray.config import load_config
 from llm_ray.config.sweep import load_sweep
+from llm_ray.serve.launch import choose_checkpoint
 from llm_ray.sweep.runner import run_sweep
 from tests.conftest import CORPUS
 
@@ -91,6 +92,10 @@ def test_bayesian_sweep_of_the_ready_debug_file_promotes_a_config_that_trains(sw
     assert best_config.model.n_layer == int(best["model.n_layer"])
     assert best_config.train.optimizer == best["train.optimizer"]
     assert best_config.name == f"{tree['name']}-best" and best_config.output_dir == str(sweeps)
+    # `llm-ray serve --sweep NAME` serves the checkpoint with the lowest validation loss: the best trial's.
+    served = choose_checkpoint(None, None, tree["name"], str(sweeps), log=lambda *_: None)
+    assert Path(served).is_relative_to(folder / "trials" / best["trial"])
+    assert read_train_state(served)["history"][-1]["val_loss"] == pytest.approx(float(best["val_loss"]))
     # As is, by the training command: it trains on the data the sweep prepared.
     data = json.loads((folder / "trials" / best["trial"] / "trial.json").read_text())["data_path"]
     capsys.readouterr()
