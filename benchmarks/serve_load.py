@@ -150,6 +150,19 @@ def http_overhead(checkpoint: str, url: str, max_tokens: int, repeats: int) -> t
     return statistics.median(over), statistics.median(direct)
 
 
+def health_latency(url: str, repeats: int) -> float:
+    """p50 seconds of GET /health: Serve's proxy hop to the replica and back, nothing else."""
+    import httpx
+
+    times = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            client.get(f"{url}/health").raise_for_status()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 async def overload(url: str, clients: int, seconds: float, pid: int) -> dict:
     """clients closed-loop clients for seconds: statuses, 503 latency, the replica's RSS."""
     import httpx
@@ -217,6 +230,7 @@ def main() -> None:
             overhead, direct = http_overhead(checkpoint, url, tokens, 40)
             print(f"HTTP overhead (p50, {tokens} greedy tokens): {1000 * overhead:.1f} ms per request over "
                   f"{1000 * direct:.1f} ms in-process")
+        print(f"  for scale: GET /health through Serve (no body, no engine) p50 {1000 * health_latency(url, 40):.1f} ms")
         rows = [asyncio.run(load_level(url, c, max(c, args.requests), args.max_tokens)) for c in (1, 4, 16)]
         print(f"\n{'concurrency':>11} {'requests':>8} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
               f"{'total p50':>9} {'total p99':>9}")
