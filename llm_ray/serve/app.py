@@ -13,9 +13,9 @@ files (``args`` are a ServeConfig's fields); ``llm-ray serve`` calls it too.
 
 import asyncio
 import os
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -59,7 +59,8 @@ class CompletionServer:
         self.engine = Engine(model, self.tokenizer, self.eos, cfg.max_batch_size)
         self.stepper = ThreadPoolExecutor(1, thread_name_prefix="llm-ray-engine")
         self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # events of the last step, for the handlers
-        self.work: asyncio.Event | None = None
+        self.work: asyncio.Event | None = None  # set when there is work for the engine
+        self.driver: asyncio.Task | None = None
 
     async def drive(self) -> None:
         """The engine's loop. Each step runs in the engine's thread, so the event loop stays free
@@ -102,30 +103,12 @@ class CompletionServer:
     async def completions(self, request: Request):
         started = time.monotonic()
         try:
-            body = await request.body()
-            req = api.parse_request(body, self.cfg.limits)
-            if req.model not in (None, self.model_id):
-                raise api.APIError(404, f"model: {req.model!r} is not served here; this server has "
-                                        f"{self.model_id!r}", "model")
-            sampling = api.sampling(req, self.cfg.limits)
-            prompts = [self.encode(p) for p in (req.prompt if isinstance(req.prompt, list) else [req.prompt])]
-            for ids in prompts:
-                api.check_context(len(ids), sampling.max_tokens, self.context)
+            req, prompts, sampling = self.parse(await request.body())
         except api.APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        events: asyncio.Queue = asyncio.Queue()
-        if self.work is None:
-            self.work = asyncio.Event()
-            self.driver = asyncio.get_running_loop().create_task(self.drive())
-        submitted = []
-        for p, ids in enumerate(prompts):  # choice index = prompt index * n + choice (OpenAI's order)
-            def on_event(i, text, finish, base=p * req.n):  # in the engine's thread: kept for drive()
-                self.outbox.append((events, (base + i, text, finish)))
-            submitted.append(self.engine.submit(ids, sampling, on_event))
-        self.work.set()
+        events, submitted = self.submit(prompts, sampling)
         deadline = started + self.cfg.request_timeout_s
-        cid = api.completion_id()
-        total = len(prompts) * req.n
+        cid, total = api.completion_id(), len(prompts) * req.n
         if req.stream:
             return StreamingResponse(self.stream(cid, events, submitted, total, deadline, req),
                                      media_type="text/event-stream")
@@ -146,6 +129,33 @@ class CompletionServer:
         return api.completion(cid, self.model_id, choices, self.usage(submitted))
 
     # ------------------------------------------------------------------ helpers
+
+    def parse(self, body: bytes):
+        """(request, prompts' token ids, sampling settings), or APIError naming what is wrong."""
+        req = api.parse_request(body, self.cfg.limits)
+        if req.model not in (None, self.model_id):
+            raise api.APIError(404, f"model: {req.model!r} is not served here; this server has {self.model_id!r}",
+                               "model")
+        sampling = api.sampling(req, self.cfg.limits)
+        prompts = [self.encode(p) for p in (req.prompt if isinstance(req.prompt, list) else [req.prompt])]
+        for ids in prompts:
+            api.check_context(len(ids), sampling.max_tokens, self.context)
+        return req, prompts, sampling
+
+    def submit(self, prompts: list[list[int]], sampling) -> tuple[asyncio.Queue, list]:
+        """Queue every prompt in the engine; its events arrive in the returned queue as
+        (choice index, text, finish reason), the index being prompt index * n + choice (OpenAI's order)."""
+        if self.work is None:  # the first request starts the engine's loop, on the replica's event loop
+            self.work = asyncio.Event()
+            self.driver = asyncio.get_running_loop().create_task(self.drive())
+        events: asyncio.Queue = asyncio.Queue()
+        submitted = []
+        for p, ids in enumerate(prompts):
+            def on_event(i, text, finish, base=p * sampling.n):  # in the engine's thread: kept for drive()
+                self.outbox.append((events, (base + i, text, finish)))
+            submitted.append(self.engine.submit(ids, sampling, on_event))
+        self.work.set()
+        return events, submitted
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt; an empty prompt starts a new document."""
