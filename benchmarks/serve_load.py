@@ -193,7 +193,7 @@ async def overload(url: str, clients: int, seconds: float, pid: int) -> dict:
         await asyncio.gather(sample_memory(), *(client_loop(client) for _ in range(clients)))
     rss.append(replica.memory_info().rss)
     return {"statuses": dict(statuses), "refused_p50_ms": 1000 * statistics.median(refused) if refused else None,
-            "rss_start": rss[0], "rss_peak": max(rss), "rss_end": rss[-1]}
+            "rss_start": rss[0], "rss_warm": rss[min(5, len(rss) - 1)], "rss_peak": max(rss), "rss_end": rss[-1]}
 
 
 def main() -> None:
@@ -248,9 +248,9 @@ def main() -> None:
         o = asyncio.run(overload(over, 4 * capacity, args.overload_seconds, pid))
         mib = 1 << 20
         print(f"\noverload: {4 * capacity} clients for {args.overload_seconds:g} s against capacity {capacity}: "
-              f"responses {o['statuses']}; 503 p50 {o['refused_p50_ms']:.1f} ms; replica RSS start "
-              f"{o['rss_start'] / mib:.0f} MiB, peak {o['rss_peak'] / mib:.0f} MiB, end {o['rss_end'] / mib:.0f} MiB "
-              f"(end/start {o['rss_end'] / o['rss_start']:.3f})")
+              f"responses {o['statuses']}; 503 p50 {o['refused_p50_ms']:.1f} ms; replica RSS idle "
+              f"{o['rss_start'] / mib:.0f} MiB, after 5 s {o['rss_warm'] / mib:.0f} MiB, peak {o['rss_peak'] / mib:.0f} "
+              f"MiB, end {o['rss_end'] / mib:.0f} MiB (end / after 5 s: {o['rss_end'] / o['rss_warm']:.3f})")
         serve.shutdown()
         ray.shutdown()
 

@@ -118,6 +118,8 @@ def test_openai_client_completes_and_streams_like_the_generator(server, trained)
               for _ in range(2)]
     assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]
     assert [c.index for c in seeded[0].choices] == [0, 1, 2, 3]
+    prompt_tokens = len(tokenizer.encode(prompt).ids) + len(tokenizer.encode("To be").ids)
+    assert seeded[0].usage.prompt_tokens == prompt_tokens  # each prompt once, whatever n
     assert [m.id for m in client.models.list().data] == ["served"]
 
 

@@ -162,8 +162,8 @@ class CompletionServer:
         return self.tokenizer.encode(prompt, add_special_tokens=False).ids or [self.eos]
 
     def usage(self, submitted) -> dict:
-        return api.usage(sum(len(r.prompt) for r in submitted) * submitted[0].sampling.n,
-                         sum(r.completion_tokens for r in submitted))
+        """Token counts: each prompt once (however many choices), every generated token."""
+        return api.usage(sum(len(r.prompt) for r in submitted), sum(r.completion_tokens for r in submitted))
 
     def timeout(self) -> api.APIError:
         return api.APIError(408, f"the request took longer than this server's limit of "
