@@ -4,7 +4,7 @@ Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``), 
 /v1/models`` (with the model's provenance), ``GET /health`` and the playground page at ``/``.
 Overload is Serve's job: past ``max_ongoing_requests`` per replica requests queue, past
 ``max_queued_requests`` they get 503 at once. The replica's own deadline gives 408.
-The engine steps in a thread of its own, driven from the replica's event loop (``drive``).
+The engine steps in a thread of its own; each step's events reach the handlers on the event loop.
 
 ``build_app(args)`` is the application builder for ``serve run`` / ``serve deploy`` config
 files (``args`` are a ServeConfig's fields); ``llm-ray serve`` calls it too.
@@ -15,7 +15,7 @@ import asyncio
 import os
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -45,7 +45,8 @@ class CompletionServer:
         from llm_ray.serve.engine import Engine
 
         self.cfg = cfg = ServeConfig.model_validate(config)
-        torch.set_num_threads(cfg.torch_threads or max(1, int(-(-cfg.cpus_per_replica // 1))))
+        self.threads = cfg.torch_threads or max(1, int(-(-cfg.cpus_per_replica // 1)))
+        torch.set_num_threads(self.threads)
         model_dir = find_model_dir(cfg.checkpoint).resolve()
         device = "cuda" if cfg.gpus_per_replica > 0 else "cpu"
         model, self.tokenizer, train_cfg = load_model(model_dir, device=device)
@@ -57,39 +58,46 @@ class CompletionServer:
                      "provenance": provenance(model_dir, train_cfg, read_train_state(model_dir),
                                               model.num_params(non_embedding=False))}
         self.engine = Engine(model, self.tokenizer, self.eos, cfg.max_batch_size)
-        self.stepper = ThreadPoolExecutor(1, thread_name_prefix="llm-ray-engine")
-        self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # events of the last step, for the handlers
-        self.work: asyncio.Event | None = None  # set when there is work for the engine
-        self.driver: asyncio.Task | None = None
+        self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # events of the running step, for the handlers
+        self.wake = threading.Event()  # set by each submission
+        self.loop: asyncio.AbstractEventLoop | None = None  # the handlers' loop, known at the first request
+        self.engine_threads: int | None = None  # torch threads in the engine's thread
+        threading.Thread(target=self.run_engine, name="llm-ray-engine", daemon=True).start()
 
-    async def drive(self) -> None:
-        """The engine's loop. Each step runs in the engine's thread, so the event loop stays free
-        to take requests and send streamed text meanwhile; the step's events are handed to the
-        requests' queues here, on the loop, once it is done."""
-        loop = asyncio.get_running_loop()
+    def run_engine(self) -> None:
+        """The engine's thread: steps while there is work, and after each step hands its events to
+        the event loop in one call (the loop stays free to take requests and stream meanwhile)."""
+        import torch
+
+        torch.set_num_threads(self.threads)  # OpenMP's thread count is per thread: set it where the model runs
+        self.engine_threads = torch.get_num_threads()
         while True:
-            if not self.engine.busy:
-                await self.work.wait()
-                self.work.clear()
-            try:
-                await loop.run_in_executor(self.stepper, self.engine.step)
-            except Exception:  # a failed step ends its requests with an error, not a hang
-                traceback.print_exc()
-                self.engine.fail_all()
-            events, self.outbox = self.outbox, []
-            for queue, event in events:
-                queue.put_nowait(event)
+            self.wake.wait()
+            self.wake.clear()
+            while self.engine.busy:
+                try:
+                    self.engine.step()
+                except Exception:  # a failed step ends its requests with an error, not a hang
+                    traceback.print_exc()
+                    self.engine.fail_all()
+                events, self.outbox = self.outbox, []
+                if events:
+                    self.loop.call_soon_threadsafe(self.deliver, events)
+
+    @staticmethod
+    def deliver(events: list[tuple[asyncio.Queue, tuple]]) -> None:
+        """On the event loop: a step's events into their requests' queues."""
+        for queue, event in events:
+            queue.put_nowait(event)
 
     # ------------------------------------------------------------------ routes
 
     @http.get("/health")
     async def health(self) -> dict:
-        import torch
-
         return {"status": "ok", "model": self.model_id, "replica": serve.get_replica_context().replica_id.unique_id,
                 "pid": os.getpid(),
                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": self.engine_threads}
 
     @http.get("/v1/models")
     async def models(self) -> dict:
@@ -145,16 +153,14 @@ class CompletionServer:
     def submit(self, prompts: list[list[int]], sampling) -> tuple[asyncio.Queue, list]:
         """Queue every prompt in the engine; its events arrive in the returned queue as
         (choice index, text, finish reason), the index being prompt index * n + choice (OpenAI's order)."""
-        if self.work is None:  # the first request starts the engine's loop, on the replica's event loop
-            self.work = asyncio.Event()
-            self.driver = asyncio.get_running_loop().create_task(self.drive())
+        self.loop = self.loop or asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         submitted = []
         for p, ids in enumerate(prompts):
-            def on_event(i, text, finish, base=p * sampling.n):  # in the engine's thread: kept for drive()
+            def on_event(i, text, finish, base=p * sampling.n):  # in the engine's thread, during a step
                 self.outbox.append((events, (base + i, text, finish)))
             submitted.append(self.engine.submit(ids, sampling, on_event))
-        self.work.set()
+        self.wake.set()
         return events, submitted
 
     def encode(self, prompt: str) -> list[int]:
