@@ -309,9 +309,6 @@ def _generate(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _serve(args) -> int:
     import time
@@ -325,13 +322,20 @@ def _serve(args) -> int:
     if cfg.engine == "vllm":
         checkpoint = hf_export_for_vllm(checkpoint)
     cfg = cfg.model_copy(update={"checkpoint": checkpoint})
-    check_port_free(cfg.host, cfg.port)
     from ray import serve
 
-    url = start(cfg)
+    from llm_ray.serve.app import build_app
+
+    app = build_app(cfg.model_dump(mode="json"))  # every config problem before the port or Ray
+    check_port_free(cfg.host, cfg.port)
+    url = start(cfg, app=app)
     print(f"serving {checkpoint} at {url} (OpenAI base_url {url}/v1; playground {url}/); Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

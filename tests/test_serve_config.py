@@ -88,7 +88,7 @@ def test_serve_cli_refuses_bad_input_before_starting_anything(tmp_path, tokenize
     assert main(["serve", "--checkpoint", str(tmp_path), "--set", "limits.max_n=99"]) == 2
     assert "limits.max_n (99) exceeds max_batch_size (16)" in capsys.readouterr().err
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    assert main(["serve", "--checkpoint", str(tmp_path), "--set", "port=0"]) == 2
+    assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
     assert "pytorch_model.bin are pickle files, which llm-ray never loads" in capsys.readouterr().err
 
 
@@ -104,7 +104,8 @@ def test_a_port_in_use_is_refused():
 
 def test_vllm_app_config_is_built_from_the_export(tmp_path, tokenizer, monkeypatch):
     """engine vllm: the checkpoint is exported once; Ray's LLMConfig schema accepts what llm-ray
-    builds, with the serve config's scaling, limits and engine settings."""
+    builds, with the serve config's scaling, queue limits, batch size, stream interval and engine
+    settings; builtin-only settings are refused, not ignored."""
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model_dir = checkpoint(tmp_path / "checkpoint_1", tokenizer, 12, 3.25)
@@ -113,14 +114,19 @@ def test_vllm_app_config_is_built_from_the_export(tmp_path, tokenizer, monkeypat
     provenance = json.loads((tmp_path / "checkpoint_1" / "hf" / "llm_ray_provenance.json").read_text())
     assert (provenance["run"], provenance["step"], provenance["val_loss"]) == ("debug", 12, 3.25)
     cfg = ServeConfig(engine="vllm", checkpoint=source, autoscaling={"min_replicas": 1, "max_replicas": 3},
-                      max_ongoing_requests=48, max_queued_requests=96,
+                      max_ongoing_requests=48, max_queued_requests=96, max_batch_size=32, stream_interval_ms=25,
                       vllm={"accelerator_type": "L4", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.8,
                             "engine_kwargs": {"enforce_eager": True}})
     llm = validated(llm_config(cfg))
     assert llm.model_id == "debug@12" and llm.model_loading_config.model_source == source
     assert llm.accelerator_type == "L4"
-    assert llm.engine_kwargs == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8, "max_model_len": 64,
-                                 "enforce_eager": True}
+    assert llm.engine_kwargs == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8, "max_num_seqs": 32,
+                                 "max_model_len": 64, "enforce_eager": True}
+    assert llm.experimental_configs == {"stream_batching_interval_ms": 25}
+    assert hf_export_for_vllm(str(model_dir), log=lambda *_: None) == source  # exported once
+    for field, value in (("request_timeout_s", 5.0), ("limits", {"max_n": 2}), ("torch_threads", 2)):
+        with pytest.raises(ConfigError, match=f"engine vllm: {field} apply to the builtin engine only"):
+            llm_config(ServeConfig.model_validate({**cfg.model_dump(), field: value}))
     assert llm.deployment_config["autoscaling_config"]["max_replicas"] == 3
     assert llm.deployment_config["max_queued_requests"] == 96
     with pytest.raises(ConfigError, match="accelerator_type"):

@@ -123,3 +123,33 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer):
     assert any(p == "" for p in pieces)  # the bytes of 你 and 好 arrive over several tokens
     plain = TextStream(tokenizer)
     assert "".join(plain.add(t) for t in ids(tokenizer, text)) + plain.flush() == text
+
+
+def test_a_tiny_temperature_is_greedy_not_an_error(model, tokenizer):
+    prompt = ids(tokenizer, "to be")
+    e = engine(model, tokenizer)
+    greedy = e.generate([prompt], Sampling(max_tokens=10, temperature=0))[0]
+    for t in (1e-40, 5e-324):
+        assert e.generate([prompt], Sampling(max_tokens=10, temperature=t, seed=1))[0].texts == greedy.texts
+
+
+def test_a_choice_that_ends_at_once_does_not_end_its_request(model, tokenizer):
+    prompt = ids(tokenizer, "to be")
+    seed = next(s for s in range(100) if len(set(engine(model, tokenizer, eos=-1).generate(
+        [prompt], Sampling(max_tokens=1, seed=s, n=2))[0].texts)) == 2)  # the two choices start differently
+    first = engine(model, tokenizer, eos=-1).generate([prompt], Sampling(max_tokens=1, seed=seed, n=2))[0].texts[0]
+    out = engine(model, tokenizer, eos=ids(tokenizer, first)[0]).generate(
+        [prompt], Sampling(max_tokens=10, seed=seed, n=2))[0]
+    assert out.texts[0] == "" and out.finish_reasons[0] == "stop"
+    assert out.finish_reasons[1] in ("stop", "length") and out.texts[1]
+
+
+def test_a_failing_request_fails_alone(model, tokenizer):
+    """A prompt the model cannot embed (an id past the vocabulary) ends that request with "error";
+    the request decoding beside it is untouched."""
+    e = engine(model, tokenizer)
+    good = Sampling(max_tokens=12, temperature=0)
+    alone = e.generate([ids(tokenizer, "to be")], good)[0]
+    both = e.generate([ids(tokenizer, "to be"), [10**6]], [good, Sampling(max_tokens=5)])
+    assert both[0].texts == alone.texts and both[1].finish_reasons == ["error"]
+    assert sorted(e.free) == [0, 1, 2, 3]

@@ -54,9 +54,12 @@ class ServeConfig(Section):
                                                "GPU per replica); vllm: Ray Serve LLM with vLLM (GPU clusters).")
     model_id: str | None = Field(None, description="The model's name in the API (null: the training run's name).")
     host: str = Field("127.0.0.1", description="Address the HTTP server binds; 127.0.0.1 keeps it to this "
-                      "machine. Anything else exposes it to the network: put authentication in front.")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
-    route_prefix: str = Field("/", pattern=r"^/", description="URL prefix of the app.")
+                      "machine. Anything else exposes it to the network: put authentication in front. (Under "
+                      "`serve run` / `serve deploy`, the file's http_options apply instead.)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port (under `serve run` / `serve deploy`: the file's "
+                      "http_options).")
+    route_prefix: str = Field("/", pattern=r"^/", description="URL prefix of the app (under `serve run` / `serve "
+                              "deploy`: the application's route_prefix in the file).")
     num_replicas: int = Field(1, ge=1, description="Replicas, each with its own copy of the model (ignored with "
                               "autoscaling).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Scale replicas with load instead of a fixed "

@@ -51,6 +51,17 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
+async def read_body(chunks, limit: int) -> bytes:
+    """The body from an async iterator of chunks, refused with 413 as soon as it passes limit
+    (a huge body is never held whole)."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body has more than {limit} bytes, this server's limit")
+    return bytes(body)
+
+
 def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
     """The request from its raw body; APIError (400, 413 or 422) naming what is wrong."""
     if len(body) > limits.max_body_bytes:
@@ -68,7 +79,7 @@ def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
         field = ".".join(str(p) for p in first["loc"]) or None
         problem = "unknown or unsupported field" if first["type"] == "extra_forbidden" else first["msg"]
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise APIError(422, f"{field}: {problem}{more}", field) from None
+        raise APIError(422, f"{field}: {problem}{more}" if field else f"{problem}{more}", field) from None
     prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
     stops = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     for value, cap, field in ((request.max_tokens, limits.max_tokens, "max_tokens"), (request.n, limits.max_n, "n"),
@@ -77,6 +88,13 @@ def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
             raise APIError(400, f"{field}: {value} is over this server's limit of {cap}", field)
     if any(not s for s in stops):
         raise APIError(400, "stop: an empty stop string would end every completion at once", "stop")
+    for field, texts in (("prompt", prompts), ("stop", stops)):
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{field}: not valid Unicode text ({e.reason} at character {e.start})",
+                               field) from None
     return request
 
 

@@ -97,7 +97,7 @@ class CompletionServer:
         return {"status": "ok", "model": self.model_id, "replica": serve.get_replica_context().replica_id.unique_id,
                 "pid": os.getpid(),
                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "torch_threads": self.engine_threads}
+                "torch_threads": self.engine_threads, "tokens_generated": self.engine.tokens_generated}
 
     @http.get("/v1/models")
     async def models(self) -> dict:
@@ -111,7 +111,7 @@ class CompletionServer:
     async def completions(self, request: Request):
         started = time.monotonic()
         try:
-            req, prompts, sampling = self.parse(await request.body())
+            req, prompts, sampling = self.parse(await api.read_body(request.stream(), self.cfg.limits.max_body_bytes))
         except api.APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
         events, submitted = self.submit(prompts, sampling)
@@ -193,6 +193,8 @@ class CompletionServer:
         try:
             async for index, text, finish in self.collect(events, total, deadline):
                 pending.append(api.sse(api.completion(cid, self.model_id, [api.choice(index, text, finish)], None)))
+                if finish == "error":  # the engine failed this request: say so, as for a timeout
+                    pending.append(api.sse(api.APIError(500, "generation failed on the replica (see its log)").body()))
                 if events.empty() and time.monotonic() >= flush_at:
                     yield "".join(pending)
                     pending, flush_at = [], time.monotonic() + interval

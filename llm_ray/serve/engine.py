@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -97,6 +98,7 @@ class Engine:
         self.running: dict[int, tuple[Request, Sequence]] = {}  # row -> its sequence
         self.waiting: deque[Request] = deque()
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # submissions, from any thread
+        self.tokens_generated = 0  # since the engine started, all requests
 
     # ---------------------------------------------------------------- submitting
 
@@ -146,17 +148,10 @@ class Engine:
 
     def fail_all(self) -> None:
         """End every running and waiting request with finish reason "error" (after a failed step)."""
-        requests = list({id(r): r for r in [r for r, _ in self.running.values()] + list(self.waiting)}.values())
-        self.running.clear()
+        requests = {id(r): r for r, _ in self.running.values()} | {id(r): r for r in self.waiting}
         self.waiting.clear()
-        self.free = list(range(self.max_batch_size))
-        for request in requests:
-            for sequence in request.sequences:
-                try:
-                    request.on_event(sequence.index, "", "error")
-                except Exception:
-                    pass
-            request.done.set()
+        for request in requests.values():
+            self._fail(request)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -185,25 +180,39 @@ class Engine:
             self._accept(row, logits[i, -1])
 
     def _admit(self, request: Request) -> None:
-        """Prefill the prompt once, in the first row; the request's other choices copy that row."""
+        """Prefill the prompt once, in the first row; the request's other choices copy that row.
+        Every choice is running before any samples, so one that ends at once does not end the request."""
         rows = [self.free.pop(0) for _ in request.sequences]
-        for row in rows:
-            self.cache.lengths[row] = 0
-        logits, _ = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache,
-                               rows=torch.tensor(rows[:1], device=self.device))
         for row, sequence in zip(rows, request.sequences):
-            if row != rows[0]:
-                self.cache.copy_row(rows[0], row)
+            self.cache.lengths[row] = 0
             sequence.row = row
             self.running[row] = (request, sequence)
+        try:
+            logits, _ = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache,
+                                   rows=torch.tensor(rows[:1], device=self.device))
+        except Exception:  # e.g. out of memory for a long prompt: this request fails, not the batch
+            traceback.print_exc()
+            self._fail(request)
+            return
+        for row in rows[1:]:
+            self.cache.copy_row(rows[0], row)
+        for row in rows:
             self._accept(row, logits[0, -1])
 
     def _accept(self, row: int, logits: torch.Tensor) -> None:
         """Sample the row's next token from logits (V,) and hand out the text it completes."""
+        if row not in self.running:  # its request failed meanwhile
+            return
         request, sequence = self.running[row]
         s = request.sampling
-        token = sample(logits, s.temperature, s.top_k, s.top_p, sequence.generator)
+        try:
+            token = sample(logits, s.temperature, s.top_k, s.top_p, sequence.generator)
+        except Exception:  # this request's settings cannot sample these logits: it fails alone
+            traceback.print_exc()
+            self._fail(request)
+            return
         sequence.generated += 1
+        self.tokens_generated += 1
         sequence.last = token
         finish = None
         if token == self.eos_id:
@@ -222,6 +231,17 @@ class Engine:
         if finish:
             self._release(row)
 
+    def _fail(self, request: Request) -> None:
+        """End one request with finish reason "error" and free its rows."""
+        for row in [r for r, (req, _) in self.running.items() if req is request]:
+            self._release(row)
+        for sequence in request.sequences:
+            try:
+                request.on_event(sequence.index, "", "error")
+            except Exception:
+                pass
+        request.done.set()
+
     def _release(self, row: int) -> None:
         request, _ = self.running.pop(row)
         self.free.append(row)
@@ -232,7 +252,7 @@ class Engine:
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
            generator: torch.Generator) -> int:
     """One token id from logits (V,): the argmax at temperature 0, else a draw from the filtered softmax."""
-    if temperature == 0:
+    scaled = logits.float()[None] / temperature if temperature > 0 else None
+    if scaled is None or not bool(torch.isfinite(scaled).all()):  # a tiny temperature overflows: greedy anyway
         return int(logits.argmax())
-    filtered = filter_logits(logits.float()[None] / temperature, top_k, top_p)
-    return int(torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator))
+    return int(torch.multinomial(filter_logits(scaled, top_k, top_p).softmax(dim=-1), 1, generator=generator))

@@ -35,13 +35,21 @@ def hf_export_for_vllm(checkpoint: str, log=print) -> str:
     except FileNotFoundError:
         return checkpoint  # the vLLM config builder says what is missing
     out = model_dir.parent / "hf"
-    if not (out / "config.json").is_file():
+    if not out.is_dir():  # written under another name, then renamed: never a half-written export
+        import os
+        import shutil
+
         from llm_ray.export.hf import ExportError, export_hf
 
+        partial = out.with_name(f".hf.{os.getpid()}.tmp")
         try:
-            export_hf(model_dir, out)
+            export_hf(model_dir, partial)
         except ExportError as e:
             raise ConfigError(f"engine vllm: {e}") from None
+        finally:
+            if not (partial / "config.json").is_file():
+                shutil.rmtree(partial, ignore_errors=True)
+        partial.rename(out)
         log(f"serve: exported {model_dir} to {out} for vLLM")
     return str(out)
 
@@ -51,9 +59,8 @@ def check_port_free(host: str, port: int) -> None:
     server on the same port would silently share its requests with the first."""
     import socket
 
-    if port == 0:
-        return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a stopped server's TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError as e:
@@ -61,14 +68,15 @@ def check_port_free(host: str, port: int) -> None:
                               "another with --set port=N") from None
 
 
-def start(cfg: ServeConfig, name: str = "llm-ray") -> str:
-    """Deploy the app on Ray (joined or started here; HTTP on cfg.host:cfg.port) and return its URL."""
+def start(cfg: ServeConfig, name: str = "llm-ray", app=None) -> str:
+    """Deploy the app (built from cfg unless given) on Ray (joined or started here; HTTP on
+    cfg.host:cfg.port) and return its URL."""
     from ray import serve
 
     from llm_ray.ray_utils import init_ray
     from llm_ray.serve.app import build_app
 
-    app = build_app(cfg.model_dump(mode="json"))  # config errors before Ray starts
+    app = app or build_app(cfg.model_dump(mode="json"))  # config errors before Ray starts
     init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=name, route_prefix=cfg.route_prefix, blocking=False)

@@ -26,8 +26,20 @@ def export_provenance(source: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+# Settings of the builtin engine that Ray Serve LLM has no place for: refused when set, not ignored.
+BUILTIN_ONLY = ("limits", "request_timeout_s", "cpus_per_replica", "gpus_per_replica", "torch_threads")
+
+
 def llm_config(cfg: ServeConfig) -> dict:
-    """The LLMConfig (as a dict) for Ray Serve LLM, from the serve config and the export folder."""
+    """The LLMConfig (as a dict) for Ray Serve LLM, from the serve config and the export folder.
+
+    max_batch_size becomes vLLM's max_num_seqs, stream_interval_ms Ray Serve LLM's
+    stream_batching_interval_ms; GPUs per replica are vllm.tensor_parallel_size."""
+    defaults = ServeConfig()
+    changed = [f for f in BUILTIN_ONLY if getattr(cfg, f) != getattr(defaults, f)]
+    if changed:
+        raise ConfigError(f"engine vllm: {', '.join(changed)} apply to the builtin engine only; Ray Serve LLM "
+                          "does not take them (leave them unset, or use vllm.engine_kwargs for vLLM's own limits)")
     source = cfg.checkpoint
     if source is None:
         raise ConfigError("checkpoint: engine vllm serves a Hugging Face export: `llm-ray export --checkpoint DIR "
@@ -49,12 +61,13 @@ def llm_config(cfg: ServeConfig) -> dict:
     else:
         deployment["num_replicas"] = cfg.num_replicas
     engine = {"tensor_parallel_size": cfg.vllm.tensor_parallel_size,
-              "gpu_memory_utilization": cfg.vllm.gpu_memory_utilization}
+              "gpu_memory_utilization": cfg.vllm.gpu_memory_utilization, "max_num_seqs": cfg.max_batch_size}
     if context:
         engine["max_model_len"] = context
     engine.update(cfg.vllm.engine_kwargs)
     config = {"model_loading_config": {"model_id": model_id, "model_source": source},
-              "deployment_config": deployment, "engine_kwargs": engine}
+              "deployment_config": deployment, "engine_kwargs": engine,
+              "experimental_configs": {"stream_batching_interval_ms": cfg.stream_interval_ms}}
     if cfg.vllm.accelerator_type:
         config["accelerator_type"] = cfg.vllm.accelerator_type
     return config
