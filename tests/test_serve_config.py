@@ -142,3 +142,17 @@ def test_vllm_app_config_is_built_from_the_export(tmp_path, tokenizer, monkeypat
         from ray.serve import Application
 
         assert isinstance(build_app(cfg.model_dump()), Application)
+
+
+def test_a_damaged_checkpoint_is_refused_before_any_replica_starts(tmp_path, tokenizer, capsys):
+    model_dir = checkpoint(tmp_path / "checkpoint_1", tokenizer, 10, 3.0)
+    build_app({"checkpoint": str(model_dir)})  # intact: the app builds
+    (model_dir / "model.safetensors").write_bytes(b"\x00" * 16)
+    assert main(["serve", "--checkpoint", str(model_dir)]) == 2
+    assert f"checkpoint: {model_dir / 'model.safetensors'} is missing or unreadable" in capsys.readouterr().err
+    other = checkpoint(tmp_path / "checkpoint_2", tokenizer, 10, 3.0)
+    config = (other / "config.yaml").read_text().replace("n_embd: 64", "n_embd: 32")
+    (other / "config.yaml").write_text(config)
+    assert main(["serve", "--checkpoint", str(other)]) == 2
+    assert "does not fit the model in its config.yaml: lm_head" not in (err := capsys.readouterr().err)
+    assert "model.safetensors does not fit the model in its config.yaml: transformer.h.0.attn.c_attn" in err

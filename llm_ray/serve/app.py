@@ -248,5 +248,46 @@ def build_app(args: dict):
         note = (f"; {', '.join(pickles)} are pickle files, which llm-ray never loads (unpickling runs code): "
                 "serve a checkpoint's model/ folder or an export with safetensors") if pickles else ""
         raise ConfigError(f"checkpoint: {e}{note}") from None
+    check_checkpoint(model_dir)
     cfg = cfg.model_copy(update={"checkpoint": str(Path(model_dir).resolve())})
     return CompletionServer.options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
+
+
+def check_checkpoint(model_dir: Path) -> None:
+    """The checkpoint's files are readable and fit together, before any replica tries: its config,
+    the tokenizer, and the safetensors header against the model the config describes (built on
+    the meta device: no tensor is loaded). ConfigError naming the file otherwise."""
+    import torch
+    import yaml
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    from llm_ray.checkpoint import RETIRED_FIELDS, TIED, WEIGHTS
+    from llm_ray.config import Config, ConfigError, model_spec
+    from llm_ray.model import GPT
+
+    def config(path):
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for section, key in RETIRED_FIELDS:
+            saved.get(section, {}).pop(key, None)
+        return Config.model_validate(saved)
+
+    def shapes(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    read = {}
+    for name, reader in (("config.yaml", config), ("tokenizer.json", lambda p: Tokenizer.from_file(str(p))),
+                         (WEIGHTS, shapes)):
+        try:
+            read[name] = reader(model_dir / name)
+        except Exception as e:  # yaml, pydantic, safetensors and tokenizers each raise their own types
+            raise ConfigError(f"checkpoint: {model_dir / name} is missing or unreadable: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(model_spec(read["config.yaml"])).state_dict().items()
+                    if k not in TIED}
+    if read[WEIGHTS] != expected:
+        wrong = sorted(k for k in expected.keys() | read[WEIGHTS].keys() if expected.get(k) != read[WEIGHTS].get(k))
+        raise ConfigError(f"checkpoint: {model_dir / WEIGHTS} does not fit the model in its config.yaml: "
+                          f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''} differ")
