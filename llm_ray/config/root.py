@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llm_ray.config.base import Section
 from llm_ray.config.data import CleaningConfig, DataConfig, DedupConfig, TokenizerConfig
@@ -27,6 +27,15 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics tracking.")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Sampling after training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation of held-out documents.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_folder(cls, value: str) -> str:
+        # A URI here used to become a local folder named "s3:": refused until outputs can go to object storage.
+        if "://" in value:
+            raise ValueError(f"{value!r} is a URI; output_dir is a local folder for now (checkpoints can go to "
+                             "S3 with train.storage_path: s3://bucket/prefix)")
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self):
