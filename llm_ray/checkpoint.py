@@ -45,16 +45,21 @@ def find_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"no {WEIGHTS} in {path} or {path / MODEL_DIR}: not an llm-ray checkpoint")
 
 
+def read_config(model_dir: Path) -> Config:
+    """The resolved config saved in an inference folder (older versions' retired fields dropped)."""
+    saved = yaml.safe_load((Path(model_dir) / "config.yaml").read_text(encoding="utf-8"))
+    for section, key in RETIRED_FIELDS:  # checkpoints of older versions still load
+        saved.get(section, {}).pop(key, None)
+    return Config.model_validate(saved)
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, "object", Config]:
     """(model in eval mode, tokenizer, config) from a checkpoint folder."""
     from tokenizers import Tokenizer
 
     model_dir = find_model_dir(path)
     try:
-        saved = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
-        for section, key in RETIRED_FIELDS:  # checkpoints of older versions still load
-            saved.get(section, {}).pop(key, None)
-        cfg = Config.model_validate(saved)
+        cfg = read_config(model_dir)
     except (OSError, yaml.YAMLError, ValueError, AttributeError) as e:
         raise ValueError(f"{model_dir / 'config.yaml'} is missing or not an llm-ray config: "
                          f"{str(e).splitlines()[0]}") from None

@@ -63,9 +63,7 @@ async def read_body(chunks, limit: int) -> bytes:
 
 
 def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
-    """The request from its raw body; APIError (400, 413 or 422) naming what is wrong."""
-    if len(body) > limits.max_body_bytes:
-        raise APIError(413, f"the request body has {len(body)} bytes; the limit is {limits.max_body_bytes}")
+    """The request from its raw body (read_body caps its size); APIError (400 or 422) naming what is wrong."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -81,7 +79,7 @@ def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise APIError(422, f"{field}: {problem}{more}" if field else f"{problem}{more}", field) from None
     prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
-    stops = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
+    stops = stop_strings(request)
     for value, cap, field in ((request.max_tokens, limits.max_tokens, "max_tokens"), (request.n, limits.max_n, "n"),
                               (len(prompts), limits.max_prompts, "prompt"), (len(stops), limits.max_stop, "stop")):
         if value is not None and value > cap:
@@ -98,10 +96,14 @@ def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
     return request
 
 
+def stop_strings(request: CompletionRequest) -> list[str]:
+    return request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
+
+
 def sampling(request: CompletionRequest, limits: LimitsConfig) -> Sampling:
-    stops = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     return Sampling(max_tokens=request.max_tokens or limits.default_max_tokens, temperature=request.temperature,
-                    top_p=request.top_p, top_k=request.top_k, stop=tuple(stops), seed=request.seed, n=request.n)
+                    top_p=request.top_p, top_k=request.top_k, stop=tuple(stop_strings(request)), seed=request.seed,
+                    n=request.n)
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:

@@ -258,26 +258,20 @@ def check_checkpoint(model_dir: Path) -> None:
     the tokenizer, and the safetensors header against the model the config describes (built on
     the meta device: no tensor is loaded). ConfigError naming the file otherwise."""
     import torch
-    import yaml
     from safetensors import safe_open
     from tokenizers import Tokenizer
 
-    from llm_ray.checkpoint import RETIRED_FIELDS, TIED, WEIGHTS
-    from llm_ray.config import Config, ConfigError, model_spec
+    from llm_ray.checkpoint import TIED, WEIGHTS, read_config
+    from llm_ray.config import ConfigError, model_spec
     from llm_ray.model import GPT
-
-    def config(path):
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-        for section, key in RETIRED_FIELDS:
-            saved.get(section, {}).pop(key, None)
-        return Config.model_validate(saved)
 
     def shapes(path):
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
     read = {}
-    for name, reader in (("config.yaml", config), ("tokenizer.json", lambda p: Tokenizer.from_file(str(p))),
+    for name, reader in (("config.yaml", lambda p: read_config(p.parent)),
+                         ("tokenizer.json", lambda p: Tokenizer.from_file(str(p))),
                          (WEIGHTS, shapes)):
         try:
             read[name] = reader(model_dir / name)

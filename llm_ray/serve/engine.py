@@ -52,7 +52,6 @@ class Sequence:
     index: int  # the choice's index within its request
     generator: torch.Generator
     stream: TextStream
-    row: int = -1
     last: int = 0  # the latest token, the next step's input
     generated: int = 0
 
@@ -185,7 +184,6 @@ class Engine:
         rows = [self.free.pop(0) for _ in request.sequences]
         for row, sequence in zip(rows, request.sequences):
             self.cache.lengths[row] = 0
-            sequence.row = row
             self.running[row] = (request, sequence)
         try:
             logits, _ = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache,

@@ -55,11 +55,10 @@ def llm_config(cfg: ServeConfig) -> dict:
         source = str(folder)
     provenance = export_provenance(source) or {}
     model_id = cfg.model_id or (f"{provenance['run']}@{provenance['step']}" if provenance else Path(source).name)
-    deployment = {"max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests}
-    if cfg.autoscaling is not None:
-        deployment["autoscaling_config"] = cfg.autoscaling.model_dump()
-    else:
-        deployment["num_replicas"] = cfg.num_replicas
+    from llm_ray.serve.app import deployment_options
+
+    deployment = deployment_options(cfg)
+    del deployment["ray_actor_options"]  # Ray Serve LLM sizes its replicas from the engine settings
     engine = {"tensor_parallel_size": cfg.vllm.tensor_parallel_size,
               "gpu_memory_utilization": cfg.vllm.gpu_memory_utilization, "max_num_seqs": cfg.max_batch_size}
     if context:
