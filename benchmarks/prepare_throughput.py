@@ -118,8 +118,8 @@ def near_dedup_quality(cfg, planted: list[tuple[str, str]]) -> tuple[float, floa
     import pyarrow.parquet as pq
 
     kept = {Path(r["doc_key"]).name: Path(r["cluster_key"]).name
-            for r in pq.read_table(data_dir(cfg) / "dedup", columns=["doc_key", "cluster_key"]).to_pylist()}
-    shards = sorted(str(p) for p in (data_dir(cfg) / "documents").glob("part-*.parquet"))
+            for r in pq.read_table(data_dir(cfg).local() / "dedup", columns=["doc_key", "cluster_key"]).to_pylist()}
+    shards = sorted(str(p) for p in (data_dir(cfg).local() / "documents").glob("part-*.parquet"))
     docs = [Path(r["doc_key"]).name for r in pq.ParquetDataset(shards).read(columns=["doc_key"]).to_pylist()]
     dropped = [d for d in docs if d not in kept]
     planted_copies = {c for _, c in planted}
@@ -145,7 +145,7 @@ def run(label: str, sources: list[str], workdir: Path, cores: int, planted=None)
         total = time.time() - started
     import json
 
-    report = json.loads((data_dir(cfg) / "prepare_report.json").read_text())
+    report = json.loads((data_dir(cfg).local() / "prepare_report.json").read_text())
     timings = report["timings_seconds"]
     mb = manifest["bytes"] / 1e6
     print(f"\n== {label}: {mb:.1f} MB, {manifest['files']} files, {cores} cores")

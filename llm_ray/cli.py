@@ -166,21 +166,24 @@ def _run(args) -> int:
             check_uri(source)
     except CorpusError as e:  # a config value: the config error's exit code
         raise ConfigError(str(e)) from None
-    if (problem := unwritable(cfg.run_dir)) is not None:
-        print(f"llm-ray {args.command}: output_dir: cannot write the run folder {cfg.run_dir}: {problem}",
-              file=sys.stderr)
+    from llm_ray.storage import StorageError, check_writable
+
+    try:
+        check_writable(cfg.run_location)
+    except StorageError as e:
+        print(f"llm-ray {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     from llm_ray.ray_utils import init_ray
 
     try:
         if args.command == "prepare":
-            dump_config(cfg, cfg.run_dir / "config.yaml")
+            dump_config(cfg, cfg.run_location / "config.yaml")
             init_ray()
             from llm_ray.data.prepare import prepare
 
             prepare(cfg)
         elif args.command == "train":
-            dump_config(cfg, cfg.run_dir / "config.yaml")
+            dump_config(cfg, cfg.run_location / "config.yaml")
             init_ray()
             from llm_ray.train.trainer import train
 
@@ -196,7 +199,7 @@ def _run(args) -> int:
             from llm_ray.pipeline import run_pipeline, summary
 
             print(summary(cfg, run_pipeline(cfg)))
-    except (CorpusError, PrepareError, ResumeError) as e:
+    except (CorpusError, PrepareError, ResumeError, StorageError) as e:
         print(f"llm-ray {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
@@ -215,19 +218,6 @@ def _tune(args) -> int:
         print(f"llm-ray tune: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
-
-
-def unwritable(folder: Path) -> str | None:
-    """Why folder cannot be created or written to, or None when it can."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    return None
 
 
 def config_file_overrides(path: str) -> list[str]:

@@ -21,7 +21,7 @@ class PipelineResult:
 
 
 def run_pipeline(cfg: Config, log=print) -> PipelineResult:
-    dump_config(cfg, cfg.run_dir / "config.yaml")
+    dump_config(cfg, cfg.run_location / "config.yaml")
     manifest = prepare(cfg, log=log)
     result = train(cfg, data_dir(cfg), log=log)
     s = cfg.sample
@@ -38,8 +38,8 @@ def summary(cfg: Config, r: PipelineResult) -> str:
         lines += [f"--- {prompt!r}", prompt + text]
     lines += [
         "=" * 72,
-        f"run folder:        {cfg.run_dir}",
-        f"resolved config:   {cfg.run_dir / 'config.yaml'}",
+        f"run folder:        {cfg.run_location}",
+        f"resolved config:   {cfg.run_location / 'config.yaml'}",
         f"prepared data:     {data_dir(cfg)}",
         f"checkpoint:        {r.train.checkpoint}",
         f"steps:             {r.train.step}",

@@ -24,3 +24,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def alive_nodes() -> int:
+    """The number of live nodes of the Ray cluster this process joined (1 without Ray)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1

@@ -48,7 +48,7 @@ def test_booleans_are_not_ints():
         ("nosuchsection.x=1", ["nosuchsection", "unknown field"]),
         ("model.n_layer.deeper=1", ["model.n_layer", "not a section"]),
         ("model.n_layer", ["model.n_layer", "section.field=value"]),
-        ("output_dir=s3://bucket/runs", ["output_dir", "is a URI", "train.storage_path"]),
+        ("output_dir=gs://bucket/runs", ["output_dir", "gs://bucket/runs", "unsupported scheme"]),
     ],
 )
 def test_bad_overrides_name_the_field(override, fragments):

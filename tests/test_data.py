@@ -173,19 +173,15 @@ def test_tokenizer_sample_limit_counts_bytes_not_characters():
     assert taken[0] == texts[0] and taken[1] == "漢" * 166  # 2000 + 498 bytes: whole characters only
 
 
-def test_atomic_paths_are_unique_and_leave_nothing_on_failure(tmp_path):
-    from llm_ray.data.stages import atomic_path
+def test_local_writes_are_atomic_and_leave_nothing_on_failure(tmp_path):
+    from llm_ray.storage import Location
 
-    target = tmp_path / "shard.npy"
-    with atomic_path(target) as first, atomic_path(target) as second:  # e.g. a retried task beside the first
-        assert first != second and first.parent == second.parent == tmp_path
-        first.write_bytes(b"first")
-        second.write_bytes(b"second")
-    assert target.read_bytes() == b"first"  # the outer block ended last
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "never.npy") as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("killed")
+    target = Location(str(tmp_path)) / "shard.npy"
+    target.write_bytes(b"first")
+    target.write_bytes(b"second")  # e.g. a retried task writing the same shard again
+    assert target.read_bytes() == b"second"
+    with pytest.raises(TypeError):
+        (Location(str(tmp_path)) / "never.npy").write_bytes(object())  # fails mid-write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.npy"]
 
 

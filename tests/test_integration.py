@@ -33,7 +33,7 @@ def prepared(ray_session, tmp_path_factory):
 
 def test_prepare_writes_shards_manifest_and_tokenizer(prepared):
     cfg, manifest = prepared
-    out = data_dir(cfg)
+    out = data_dir(cfg).local()
     assert load_manifest(out) == manifest
     assert manifest["files"] == 15 and manifest["documents"]["train"] + manifest["documents"]["val"] == 16
     assert manifest["documents"]["val"] >= 1 and manifest["dtype"] == "uint16"
@@ -133,7 +133,7 @@ def test_pipeline_runs_end_to_end(ray_session, tmp_path, corpus_dir, capsys):
 def tiny_dataset(prepared, target: Path, blocks_per_split: int) -> Path:
     """A data folder holding exactly blocks_per_split blocks per split, cut from the prepared data."""
     cfg, manifest = prepared
-    source = data_dir(cfg)
+    source = data_dir(cfg).local()
     target.mkdir(parents=True)
     shutil.copytree(source / "tokenizer", target / "tokenizer")
     tiny = dict(manifest)

@@ -49,7 +49,7 @@ def test_prepare_from_s3_dedups_splits_and_reports(ray_session, s3_corpus, tmp_p
     cfg = config(tmp_path, ["s3://prep/corpus/"], f"data.s3.endpoint_url={s3_corpus}", "data.test_fraction=0.1")
     log = Log()
     manifest = prepare(cfg, log=log)
-    out = data_dir(cfg)
+    out = data_dir(cfg).local()
     report = json.loads((out / "prepare_report.json").read_text())
 
     assert report["files"]["read"] == 19
@@ -78,7 +78,7 @@ def test_prepare_from_s3_dedups_splits_and_reports(ray_session, s3_corpus, tmp_p
 
 
 def split_of_each_doc(cfg):
-    rows = pq.read_table(data_dir(cfg) / "dedup").to_pylist()
+    rows = pq.read_table(data_dir(cfg).local() / "dedup").to_pylist()
     return {r["doc_key"].rsplit("/", 1)[-1]: r["cluster_key"] for r in rows}
 
 
@@ -116,7 +116,7 @@ def test_rerun_skips_and_changes_rerun_only_dependent_stages(ray_session, tmp_pa
 def test_interrupted_run_resumes_unfinished_shards(ray_session, tmp_path):
     cfg = config(tmp_path, [str(CORPUS)])
     first = prepare(cfg, log=Log())
-    docs = data_dir(cfg) / "documents"
+    docs = data_dir(cfg).local() / "documents"
     # As if killed mid-stage: the stage never finished and one shard never completed.
     record = json.loads((docs / "_stage.json").read_text())
     (docs / "_stage.json").write_text(json.dumps({"key": record["key"], "complete": False}))
@@ -144,7 +144,7 @@ def split_blocks(cfg, manifest):
     """{split: every packed block of the split, concatenated in manifest order}."""
     import numpy as np
 
-    return {split: np.concatenate([np.load(data_dir(cfg) / s["file"]) for s in info["shards"]])
+    return {split: np.concatenate([np.load(data_dir(cfg).local() / s["file"]) for s in info["shards"]])
             for split, info in manifest["splits"].items()}
 
 
@@ -154,7 +154,7 @@ def held_out_membership(cfg):
 
     import numpy as np
 
-    rows = pq.read_table(data_dir(cfg) / "dedup").to_pylist()
+    rows = pq.read_table(data_dir(cfg).local() / "dedup").to_pylist()
     thresholds = split_thresholds(sorted({r["cluster_key"] for r in rows}), cfg.data)
     splits = assign_splits({"cluster_key": np.array([r["cluster_key"] for r in rows], dtype=object)},
                           cfg.data.split_seed, *thresholds)["split"]
@@ -201,13 +201,13 @@ def test_no_held_out_text_appears_in_any_training_block(ray_session, tmp_path):
     corpus = planted_corpus(tmp_path / "corpus")
     cfg = config(tmp_path, [str(corpus)], "data.val_fraction=0.25", "data.test_fraction=0.15")
     manifest = prepare(cfg, log=Log())
-    tokenizer = Tokenizer.from_file(str(data_dir(cfg) / "tokenizer" / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(data_dir(cfg).local() / "tokenizer" / "tokenizer.json"))
     eot = tokenizer.token_to_id(EOT)
 
     def stream_text(split):  # blocks overlap by one token: rebuild each shard's token stream
         texts = []
         for shard in manifest["splits"][split]["shards"]:
-            blocks = np.load(data_dir(cfg) / shard["file"]).astype(np.int64)
+            blocks = np.load(data_dir(cfg).local() / shard["file"]).astype(np.int64)
             ids = np.concatenate([blocks[:, :-1].ravel(), blocks[-1:, -1]]).tolist()
             docs, current = [], []
             for i in ids:

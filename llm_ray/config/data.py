@@ -75,6 +75,10 @@ class DataConfig(Section):
     )
     block_size: int = Field(256, ge=8, description="Tokens per packed training block (the sequence length).")
     s3: S3Config = Field(default_factory=S3Config, description="Object storage endpoint, region and retries.")
+    shared_filesystem: StrictBool = Field(
+        False, description="The local output_dir (and train.storage_path, --data) is on a filesystem every node "
+        "mounts (NFS, EFS, Lustre). Without it, a multi-node cluster refuses local paths: use s3:// URIs."
+    )
 
 
 class DedupConfig(Section):

@@ -134,10 +134,13 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ..
     return validate(tree)
 
 
-def dump_config(cfg: Config, path: Path) -> None:
-    """Write the fully resolved config (every field, defaults included) as YAML."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+def dump_config(cfg: Config, path) -> None:
+    """Write the fully resolved config (every field, defaults included) as YAML to a local path or a
+    storage Location (S3 too)."""
+    from llm_ray.storage import as_location
+
+    as_location(path, cfg.data.s3, "output_dir").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                                          sort_keys=False))
 
 
 def model_spec(cfg: Config):

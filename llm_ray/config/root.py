@@ -15,7 +15,9 @@ from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig
 
 class Config(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; outputs go to output_dir/name.")
-    output_dir: str = Field("runs", description="Folder (local path) for prepared data, checkpoints and reports.")
+    output_dir: str = Field("runs", description="Where prepared data, checkpoints and reports go: a local folder, "
+                            "or s3://bucket/prefix (endpoint and region from data.s3, credentials from the AWS "
+                            "chain), which a multi-node cluster needs unless data.shared_filesystem is true.")
     seed: int = Field(1337, ge=0, description="Seed of initialization, shuffling and the validation sample "
                       "(the train/validation/test assignment has its own, data.split_seed).")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus reading, splitting and packing.")
@@ -30,11 +32,13 @@ class Config(Section):
 
     @field_validator("output_dir")
     @classmethod
-    def _local_folder(cls, value: str) -> str:
-        # A URI here used to become a local folder named "s3:": refused until outputs can go to object storage.
-        if "://" in value:
-            raise ValueError(f"{value!r} is a URI; output_dir is a local folder for now (checkpoints can go to "
-                             "S3 with train.storage_path: s3://bucket/prefix)")
+    def _folder_or_s3(cls, value: str) -> str:
+        from llm_ray.storage import Location, StorageError
+
+        try:  # s3://bucket/prefix or a local path; other schemes, '..' keys and bad buckets are refused
+            Location.parse(value)
+        except StorageError as e:
+            raise ValueError(str(e).removeprefix("output_dir: ")) from None
         return value
 
     @model_validator(mode="after")
@@ -90,5 +94,13 @@ class Config(Section):
         return t.total_batch_tokens // (t.micro_batch_size * self.data.block_size * t.num_workers)
 
     @property
+    def run_location(self):
+        """<output_dir>/<name>: a local folder or an S3 prefix (see llm_ray.storage)."""
+        from llm_ray.storage import Location
+
+        return Location.parse(self.output_dir, self.data.s3) / self.name
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve() / self.name
+        """The run folder on this disk; for an output_dir on S3, raises StorageError (use run_location)."""
+        return self.run_location.local()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 from llm_ray.config import CleaningConfig, Config, DataConfig, DedupConfig
 from llm_ray.data import dedup, stages
@@ -12,10 +10,11 @@ from llm_ray.data.clean import clean_document
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.sources import FileRef, read_file
 from llm_ray.data.stages import task_per_item
+from llm_ray.storage import Location
 
 
 def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, dedup_cfg: DedupConfig,
-                   out_path: str) -> dict:
+                   out_path: str | Location) -> dict:
     """Read and clean a group of files into one parquet shard; return the group's statistics.
 
     The shard also holds each document's exact-duplicate hash and MinHash signature, so that
@@ -48,13 +47,14 @@ def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, 
     a, b = dedup.permutations(dedup_cfg.num_perm, dedup_cfg.seed)
     signatures = [dedup.minhash(dedup.shingle_hashes(t, dedup_cfg.shingle, dedup_cfg.ngram), a, b).tobytes()
                   for t in texts] if dedup_cfg.near else [b""] * len(texts)
-    out = Path(out_path)
+    out = Location.parse(out_path, data.s3, "output_dir") if isinstance(out_path, str) else out_path
     schema = pa.schema([("doc_key", pa.string()), ("text", pa.string()), ("exact", pa.string()),
                         ("signature", pa.binary())])  # typed even when every document was dropped
-    with stages.atomic_path(out) as tmp:  # the shard appears whole or not at all
-        pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
-                                 "signature": signatures}, schema=schema), tmp)
-    stages.write_json_atomic(out.with_suffix(".json"), stats)  # the shard's completion marker
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
+                             "signature": signatures}, schema=schema), buffer)
+    out.write_bytes(buffer.getvalue().to_pybytes())  # the shard appears whole or not at all
+    out.with_suffix(".json").write_json(stats)  # the shard's completion marker
     return stats
 
 
@@ -85,7 +85,7 @@ def file_groups(files: list[FileRef], max_files: int, max_mb: float) -> list[lis
     return groups if groups[0] else []
 
 
-def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
+def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> dict:
 
     key = stages.stage_key("documents", [f.fingerprint for f in files], cfg.data.text_field, cfg.data.txt_mode,
                            cfg.data.invalid_utf8, cfg.cleaning.model_dump(), signature_fields(cfg))
@@ -100,7 +100,7 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
         path = out / f"part-{gid}.parquet"
         shard_paths.append(path)
         if not path.with_suffix(".json").is_file():  # finished shards of an interrupted run are kept
-            todo.append({"uris": [f.uri for f in group], "out": str(path)})
+            todo.append({"uris": [f.uri for f in group], "out": path.uri})
     log(f"documents: reading and cleaning {len(files)} files in {len(groups)} shards "
         f"({len(groups) - len(todo)} already done)")
     if todo:
@@ -109,7 +109,7 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Path, log) -> dict:
     totals = {"files": 0, "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
               "drops": Counter(), "notes": Counter(), "doc_chars": []}
     for path in shard_paths:
-        stats = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        stats = path.with_suffix(".json").read_json()
         for k in ("files", "bytes_in", "docs_in", "docs_out", "bytes_out"):
             totals[k] += stats[k]
         totals["failed"] += stats["failed"]

@@ -21,7 +21,7 @@ the training seed moves no document between splits. ``manifest.json`` (what trai
 from __future__ import annotations
 
 import functools
-import json
+import io
 import math
 import sys
 import time
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_ray.config import Config
+from llm_ray.config import Config, ConfigError
 from llm_ray.data import dedup, stages, transforms
 from llm_ray.data.clean import words
 from llm_ray.data.documents import documents_stage
@@ -44,14 +44,16 @@ from llm_ray.data.splits import (
 )
 from llm_ray.data.stages import task_per_item
 from llm_ray.data.tokenizer import eot_id, train_bpe
+from llm_ray.storage import Location, as_location
 
 MANIFEST = "manifest.json"
 ENCODE_CHUNK_DOCS = 256
 SPLITS = ("train", "val", "test")
 
 
-def data_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "data"
+def data_dir(cfg: Config) -> Location:
+    """<output_dir>/<name>/data: a local folder or an S3 prefix."""
+    return cfg.run_location / "data"
 
 
 # ------------------------------------------------------------------ stage 2: dedup
@@ -92,7 +94,7 @@ def content_keys(labels: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return np.array([smallest[label] for label in labels.tolist()], dtype=object)
 
 
-def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) -> dict:
+def dedup_stage(cfg: Config, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:
     key = stages.stage_key("dedup", docs_record["key"], cfg.dedup.model_dump())
     if (record := stages.completed(out, key)) is not None:
         log("dedup: up to date, skipped")
@@ -102,10 +104,10 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     import pyarrow.parquet as pq
 
     keep_schema = pa.schema([("row", pa.int64()), ("doc_key", pa.string()), ("cluster_key", pa.string())])
-    shards = [str(docs_dir / s) for s in docs_record["shards"]]
+    shards = [docs_dir / s for s in docs_record["shards"]]
     d = cfg.dedup
     # A few bytes per document (key, hash, signature), read here: the texts stay on disk.
-    tables = [pq.read_table(p, columns=["doc_key", "exact", "signature"]) for p in shards]
+    tables = [pq.read_table(p.open_input(), columns=["doc_key", "exact", "signature"]) for p in shards]
     shard_of = np.repeat(np.arange(len(shards)), [t.num_rows for t in tables])
     row_of = np.concatenate([np.arange(t.num_rows) for t in tables]) if tables else np.zeros(0, dtype=np.int64)
     keys_arr = np.array([k for t in tables for k in t.column("doc_key").to_pylist()], dtype=object)
@@ -133,10 +135,10 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
     for s_index, shard in enumerate(shards):
         mine = np.flatnonzero(keep & (shard_of == s_index))
         mine = mine[np.argsort(row_of[mine], kind="stable")]
-        target = out / Path(shard).name
-        with stages.atomic_path(target) as tmp:
-            pq.write_table(pa.table({"row": row_of[mine], "doc_key": keys_arr[mine].tolist(),
-                                     "cluster_key": cluster_keys[mine].tolist()}, schema=keep_schema), tmp)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.table({"row": row_of[mine], "doc_key": keys_arr[mine].tolist(),
+                                 "cluster_key": cluster_keys[mine].tolist()}, schema=keep_schema), buffer)
+        (out / shard.name).write_bytes(buffer.getvalue().to_pybytes())
     log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
         f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
         f"with copies (LSH {found['bands']} bands x {found['rows']} rows)")
@@ -152,7 +154,7 @@ def dedup_stage(cfg: Config, docs_dir: Path, docs_record: dict, out: Path, log) 
 # ------------------------------------------------------------------ stage 3: tokenizer
 
 
-def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out: Path, log) -> dict:
+def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out: Location, log) -> dict:
     key = stages.stage_key("tokenizer", upstream_key, thresholds, cfg.data.split_seed, cfg.tokenizer.model_dump())
     if (record := stages.completed(out, key)) is not None:
         log("tokenizer: up to date, skipped")
@@ -163,7 +165,7 @@ def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out:
     t = cfg.tokenizer
     train_texts = (row["text"] for row in split_docs.filter(expr=col("split") == "train").iter_rows())
     tokenizer = train_bpe(train_texts, t.vocab_size, t.min_frequency, t.train_sample_bytes)
-    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))
     # Statistics on held-out text: fertility (tokens per word) and bytes per token.
     n_words = n_tokens = n_bytes = 0
     tokens_per_doc = []
@@ -190,8 +192,8 @@ def _tokenizer_from(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def pack_shard(path: str, keep_dir: str, tokenizer_json: str, seed: int, thresholds: tuple[float, float],
-               block_size: int, dtype: str, out_dir: str) -> dict:
+def pack_shard(path: Location, keep_dir: Location, tokenizer_json: str, seed: int, thresholds: tuple[float, float],
+               block_size: int, dtype: str, out_dir: Location) -> dict:
     """Tokenize one shard of kept documents once and write packed blocks per split.
 
     Writes <out_dir>/<split>/<shard>.npy for every split present, plus <shard>.json as the
@@ -203,7 +205,7 @@ def pack_shard(path: str, keep_dir: str, tokenizer_json: str, seed: int, thresho
     texts = table.column("text").to_pylist()
     tokenizer = _tokenizer_from(tokenizer_json)
     eot = eot_id(tokenizer)
-    name = Path(path).stem
+    name = path.stem
     result = {}
     for split in SPLITS:
         docs = [t for t, s in zip(texts, splits) if s == split]
@@ -214,25 +216,25 @@ def pack_shard(path: str, keep_dir: str, tokenizer_json: str, seed: int, thresho
             chunk = tokenizer.encode_batch_fast(docs[i : i + ENCODE_CHUNK_DOCS], add_special_tokens=False)
             ids += [np.array(e.ids, dtype=np.uint32) for e in chunk]
         blocks, leftover = transforms.pack_blocks(ids, eot, block_size)
-        target = Path(out_dir) / split / f"{name}.npy"
-        with stages.atomic_path(target) as tmp, open(tmp, "wb") as f:
-            np.save(f, blocks.astype(dtype))
+        buffer = io.BytesIO()
+        np.save(buffer, blocks.astype(dtype))
+        (out_dir / split / f"{name}.npy").write_bytes(buffer.getvalue())
         counts = np.bincount(blocks[:, 1:].ravel()) if len(blocks) else np.zeros(0, dtype=np.int64)
         result[split] = {"blocks": int(len(blocks)), "leftover_tokens": int(leftover),
                          "document_tokens": sum(map(len, ids)) + len(ids),  # end-of-text included
                          "target_counts": counts.tolist()}
-    stages.write_json_atomic(Path(out_dir) / f"{name}.json", result)
+    (out_dir / f"{name}.json").write_json(result)
     return result
 
 
-def _pack_batch(batch: dict, **kwargs) -> dict:
-    for path in batch["path"]:
-        pack_shard(str(path), **kwargs)
-    return {"path": batch["path"]}
+def _pack_batch(batch: dict, keep_dir: Location, **kwargs) -> dict:
+    for name in batch["name"]:
+        pack_shard(keep_dir.parent / "documents" / str(name), keep_dir, **kwargs)
+    return {"name": batch["name"]}
 
 
-def pack_stage(cfg: Config, shards: list[str], keep_dir: Path, thresholds, tok_record: dict, tokenizer_path: Path,
-               out: Path, log) -> dict:
+def pack_stage(cfg: Config, shards: list[Location], keep_dir: Location, thresholds, tok_record: dict,
+               tokenizer_path: Location, out: Location, log) -> dict:
 
     key = stages.stage_key("pack", tok_record["key"], cfg.data.block_size)
     if (record := stages.completed(out, key)) is not None:
@@ -240,20 +242,20 @@ def pack_stage(cfg: Config, shards: list[str], keep_dir: Path, thresholds, tok_r
         return record
     stages.begin(out, key)
     dtype = transforms.token_dtype(tok_record["vocab_size"])
-    todo = [p for p in shards if not (out / f"{Path(p).stem}.json").is_file()]
+    todo = [p for p in shards if not (out / f"{p.stem}.json").is_file()]
     log(f"pack: tokenizing {len(shards)} shards ({len(shards) - len(todo)} already done)")
     if todo:
-        task_per_item([{"path": p} for p in todo], _pack_batch, keep_dir=str(keep_dir),
-                      tokenizer_json=tokenizer_path.read_text(encoding="utf-8"), seed=cfg.data.split_seed,
+        task_per_item([{"name": p.name} for p in todo], _pack_batch, keep_dir=keep_dir,
+                      tokenizer_json=tokenizer_path.read_text(), seed=cfg.data.split_seed,
                       thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
-                      out_dir=str(out)).materialize()
+                      out_dir=out).materialize()
     wanted = ["train", "val"] + (["test"] if cfg.data.test_fraction > 0 else [])
     splits = {name: {"shards": [], "blocks": 0, "tokens": 0, "document_tokens": 0, "leftover_tokens": 0}
               for name in wanted}
     counts = {name: np.zeros(0, dtype=np.int64) for name in wanted}
     for shard in shards:
-        stem = Path(shard).stem
-        for name, info in json.loads((out / f"{stem}.json").read_text(encoding="utf-8")).items():
+        stem = shard.stem
+        for name, info in (out / f"{stem}.json").read_json().items():
             if name not in splits:
                 continue
             s = splits[name]
@@ -292,7 +294,15 @@ def prepare(cfg: Config, log=print) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     started = time.time()
     out = data_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    from llm_ray.ray_utils import alive_nodes
+    from llm_ray.storage import StorageError, check_shared
+
+    # Tasks on other nodes write the shards: a local folder is only right on a shared filesystem.
+    try:
+        check_shared({"output_dir": out}, alive_nodes(), cfg.data.shared_filesystem)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+    out.mkdir()
     files = list_sources(cfg.data.sources, cfg.data)
     if cfg.data.max_files:
         files = files[: cfg.data.max_files]
@@ -310,7 +320,7 @@ def prepare(cfg: Config, log=print) -> dict:
     thresholds = split_thresholds(dedup_record["cluster_keys"], cfg.data)
     # Not materialized: each later pass streams the kept documents from disk, so memory stays
     # flat as the corpus grows.
-    shards = [str(out / "documents" / s) for s in docs_record["shards"]]
+    shards = [out / "documents" / s for s in docs_record["shards"]]
     split_docs = read_kept_shards(shards, out / "dedup").map_batches(
         assign_splits, fn_kwargs=dict(seed=cfg.data.split_seed, val_t=thresholds[0], test_t=thresholds[1]),
         batch_format="numpy")
@@ -329,7 +339,7 @@ def prepare(cfg: Config, log=print) -> dict:
                              out / "pack", log)
     timings["pack"] = time.time() - t0
 
-    tokenizer = _tokenizer_from((out / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer = _tokenizer_from((out / "tokenizer" / "tokenizer.json").read_text())
     manifest = {
         "block_size": cfg.data.block_size,
         "vocab_size": tok_record["vocab_size"],
@@ -347,15 +357,15 @@ def prepare(cfg: Config, log=print) -> dict:
         "stage_keys": {"documents": docs_record["key"], "dedup": dedup_record["key"],
                        "tokenizer": tok_record["key"], "pack": pack_record["key"]},
     }
-    stages.write_json_atomic(out / MANIFEST, manifest)
+    (out / MANIFEST).write_json(manifest)
     report = build_report(manifest, docs_record, dedup_record, tok_record, timings, time.time() - started)
     write_report(report, docs_record, tok_record, out)
     log(report["table"])
     return manifest
 
 
-def load_manifest(path: Path) -> dict:
-    manifest_path = path / MANIFEST
+def load_manifest(path: Location | Path) -> dict:
+    manifest_path = as_location(path) / MANIFEST
     if not manifest_path.is_file():
         raise PrepareError(f"no prepared data at {path} (missing {MANIFEST}); run `llm-ray prepare` first")
-    return json.loads(manifest_path.read_text())
+    return manifest_path.read_json()

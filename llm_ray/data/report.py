@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import io
 
 import numpy as np
+
+from llm_ray.storage import Location
 
 
 def build_report(manifest: dict, docs: dict, dedup: dict, tok: dict, timings: dict, seconds: float) -> dict:
@@ -66,8 +67,8 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, docs: dict, tok: dict, out: Path) -> None:
-    (out / "prepare_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+def write_report(report: dict, docs: dict, tok: dict, out: Location) -> None:
+    (out / "prepare_report.json").write_json(report)
     md = ["# prepare report", "", "```", report["table"].strip(), "```", ""]
     if report["dedup"]["example_pairs"]:
         md += ["## Example near-duplicate pairs", "", "| document | document | est. Jaccard |", "| --- | --- | --- |"]
@@ -77,11 +78,12 @@ def write_report(report: dict, docs: dict, tok: dict, out: Path) -> None:
     if report["files"]["failed"]:
         md += ["## Files that could not be read", ""] + [f"- `{u}`: {w}" for u, w in report["files"]["failed"]] + [""]
     md.append("![histograms](prepare_report.png)")
-    (out / "prepare_report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    _plot(docs["doc_chars"], tok["val_tokens_per_doc"], out / "prepare_report.png")
+    (out / "prepare_report.md").write_text("\n".join(md) + "\n")
+    (out / "prepare_report.png").write_bytes(_plot(docs["doc_chars"], tok["val_tokens_per_doc"]))
 
 
-def _plot(doc_chars: list[int], tokens_per_doc: list[int], path: Path) -> None:
+def _plot(doc_chars: list[int], tokens_per_doc: list[int]) -> bytes:
+    """The histograms as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -97,5 +99,7 @@ def _plot(doc_chars: list[int], tokens_per_doc: list[int], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("documents")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format="png")
     plt.close(fig)
+    return buffer.getvalue()

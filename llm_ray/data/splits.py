@@ -6,8 +6,6 @@ A document's split is a function of its duplicate cluster's key (content only, s
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -16,26 +14,29 @@ from llm_ray.config import DataConfig
 from llm_ray.data import transforms
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.stages import task_per_item
+from llm_ray.storage import Location, as_location
 
 
-def read_kept(docs_shard: str, keep_dir: str):
+def read_kept(docs_shard: Location, keep_dir: Location):
     """The kept documents of one documents shard, with their cluster keys (a pyarrow table)."""
     import pyarrow.parquet as pq
 
-    keep = pq.read_table(Path(keep_dir) / Path(docs_shard).name)
-    docs = pq.read_table(docs_shard, columns=["doc_key", "text"])
+    keep = pq.read_table((keep_dir / docs_shard.name).open_input())
+    docs = pq.read_table(docs_shard.open_input(), columns=["doc_key", "text"])
     return docs.take(keep.column("row")).append_column("cluster_key", keep.column("cluster_key"))
 
 
-def _load_kept(batch: dict, keep_dir: str):
+def _load_kept(batch: dict, keep_dir: Location):
     import pyarrow as pa
 
-    return pa.concat_tables([read_kept(str(p), keep_dir) for p in batch["path"]])
+    return pa.concat_tables([read_kept(keep_dir.parent / "documents" / str(name), keep_dir)
+                             for name in batch["name"]])
 
 
-def read_kept_shards(paths: list[str], keep_dir: Path):
-    """A dataset over the kept documents (doc_key, text, cluster_key), one task per shard."""
-    return task_per_item([{"path": p} for p in paths], _load_kept, keep_dir=str(keep_dir))
+def read_kept_shards(shards: list[Location], keep_dir: Location):
+    """A dataset over the kept documents (doc_key, text, cluster_key), one task per shard (shards: the
+    documents stage's, beside keep_dir)."""
+    return task_per_item([{"name": p.name} for p in shards], _load_kept, keep_dir=keep_dir)
 
 
 def split_thresholds(cluster_keys: list[str], data: DataConfig) -> tuple[float, float]:
@@ -63,24 +64,24 @@ def assign_splits(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
     return batch
 
 
-def kept_documents(data_path: Path) -> Iterator[tuple[list[str], list[str], list[str]]]:
+def kept_documents(data_path: Location) -> Iterator[tuple[list[str], list[str], list[str]]]:
     """(doc keys, texts, cluster keys) of the kept documents of a prepared data folder, per documents shard."""
-    data_path = Path(data_path)
-    docs = json.loads((data_path / "documents" / "_stage.json").read_text(encoding="utf-8"))
+    data_path = as_location(data_path)
+    docs = (data_path / "documents" / "_stage.json").read_json()
     for shard in docs["shards"]:
-        table = read_kept(str(data_path / "documents" / shard), str(data_path / "dedup"))
+        table = read_kept(data_path / "documents" / shard, data_path / "dedup")
         yield (table.column("doc_key").to_pylist(), table.column("text").to_pylist(),
                table.column("cluster_key").to_pylist())
 
 
-def split_documents(data_path: Path, data: DataConfig, split: str) -> Iterator[list[tuple[str, str]]]:
+def split_documents(data_path: Location, data: DataConfig, split: str) -> Iterator[list[tuple[str, str]]]:
     """The kept documents of one split of a prepared data folder, as (doc_key, text) lists, one
     list per documents shard (plain pyarrow, no Ray). data: the DataConfig it was prepared with."""
-    data_path = Path(data_path)
-    manifest = json.loads((data_path / "manifest.json").read_text(encoding="utf-8"))
+    data_path = as_location(data_path)
+    manifest = (data_path / "manifest.json").read_json()
     thresholds = manifest.get("split_thresholds")
     if thresholds is None:  # prepared before the manifest recorded them
-        record = json.loads((data_path / "dedup" / "_stage.json").read_text(encoding="utf-8"))
+        record = (data_path / "dedup" / "_stage.json").read_json()
         thresholds = split_thresholds(record["cluster_keys"], data)
     seed = manifest.get("split_seed", data.split_seed)
     for keys, texts, clusters in kept_documents(data_path):

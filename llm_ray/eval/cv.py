@@ -21,6 +21,7 @@ import numpy as np
 from llm_ray.config import Config
 from llm_ray.data import stages, transforms
 from llm_ray.data.errors import PrepareError
+from llm_ray.storage import Location, as_location
 
 
 def assign_folds(cluster_keys: list[str], folds: int, seed: int) -> dict[str, int]:
@@ -29,11 +30,11 @@ def assign_folds(cluster_keys: list[str], folds: int, seed: int) -> dict[str, in
     return {k: i % folds for i, k in enumerate(ordered)}
 
 
-def fold_documents(cfg: Config, data_path: Path, folds: int) -> list[list[tuple[str, str]]]:
+def fold_documents(cfg: Config, data_path: Location, folds: int) -> list[list[tuple[str, str]]]:
     """The (doc_key, text) of each fold: every kept document outside the test split."""
     from llm_ray.data.splits import assign_splits, kept_documents
 
-    manifest = json.loads((data_path / "manifest.json").read_text(encoding="utf-8"))
+    manifest = (as_location(data_path) / "manifest.json").read_json()
     val_t, test_t = manifest["split_thresholds"]
     rows = []
     for keys, texts, clusters in kept_documents(data_path):
@@ -94,6 +95,9 @@ def cross_validate(cfg: Config, folds: int, log=print) -> dict:
 
     if folds < 2:
         raise PrepareError(f"--folds must be at least 2 (got {folds})")
+    if cfg.run_location.remote:
+        raise PrepareError(f"output_dir: {cfg.output_dir}: cross-validation keeps its fold runs in a local folder; "
+                           "use a local output_dir for llm-ray cv")
     prepare(cfg, log=log)
     parts = fold_documents(cfg, data_dir(cfg), folds)
     root = cfg.run_dir / "cv"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from llm_ray.data.tokenizer import EOT, PAD
+from llm_ray.storage import Location, local_folder
 
 METHODS = ("gradient_x_input", "integrated_gradients", "kernel_shap", "lime")
 
@@ -99,8 +100,8 @@ def explain(checkpoint: str | Path, text: str, target: str | None = None, out_ro
     agreement = {f"{a} ~ {b}": rank_correlation(scores[a], scores[b])
                  for i, a in enumerate(METHODS) for b in METHODS[i + 1:]}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "text"
-    out = (out_root or eval_folder(cfg, model_dir).parent / "explain") / slug
-    out.mkdir(parents=True, exist_ok=True)
+    target_folder = (Location(str(Path(out_root).resolve())) if out_root
+                     else eval_folder(cfg, model_dir).parent / "explain") / slug
     attention = attention_maps(model, ids)
     result = {"text": text, "tokens": tokens, "target": tokenizer.decode([target_id]), "target_id": target_id,
               "target_probability": float(probs[target_id]),
@@ -108,10 +109,11 @@ def explain(checkpoint: str | Path, text: str, target: str | None = None, out_ro
               "note": "Spearman rank correlations between the methods' per-token scores: near 1, they rank the "
                       "tokens alike; near 0 or below, read each method for what it measures (gradients: local "
                       "sensitivity; integrated gradients: path from padding; SHAP and LIME: removing tokens).",
-              "folder": str(out)}
-    (out / "attributions.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    plot_attention(attention, tokens, out / "attention.png")
-    plot_attributions(scores, tokens, result["target"], out / "attributions.png")
+              "folder": target_folder.uri}
+    with local_folder(target_folder) as out:  # uploaded afterwards for a run on S3
+        (out / "attributions.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        plot_attention(attention, tokens, out / "attention.png")
+        plot_attributions(scores, tokens, result["target"], out / "attributions.png")
     return result
 
 

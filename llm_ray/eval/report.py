@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import io
 
 import numpy as np
+
+from llm_ray.storage import Location
 
 
 def table(results: dict) -> str:
@@ -36,9 +37,9 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict, sums: dict, history: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+def write_report(results: dict, sums: dict, history: list[dict], out: Location) -> None:
+    out.mkdir()
+    (out / "eval.json").write_json(results)
     md = ["# Evaluation", "", table(results), ""]
     c = results.get("continuation") or {}
     for s in c.get("samples", []):
@@ -48,12 +49,12 @@ def write_report(results: dict, sums: dict, history: list[dict], out: Path) -> N
         md.append(f"- contaminated: {item['document']} ({item['overlap']:.1%} of its n-grams)")
     md += ["", "CIDEr is not reported: it is a captioning metric (agreement with several human captions of an "
            "image) and does not apply to a text-only language model."]
-    (out / "eval.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    plot(results, sums, history, out / "eval.png")
+    (out / "eval.md").write_text("\n".join(md) + "\n")
+    (out / "eval.png").write_bytes(plot(results, sums, history))
 
 
-def plot(results: dict, sums: dict, history: list[dict], path: Path) -> None:
-    """Loss curves, loss by position in the context, loss by document length, bits per byte."""
+def plot(results: dict, sums: dict, history: list[dict]) -> bytes:
+    """Loss curves, loss by position in the context, loss by document length, bits per byte (PNG bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,5 +85,7 @@ def plot(results: dict, sums: dict, history: list[dict], path: Path) -> None:
     for a in axes.ravel():
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format="png")
     plt.close(fig)
+    return buffer.getvalue()

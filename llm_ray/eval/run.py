@@ -18,6 +18,7 @@ from llm_ray.config import Config, ConfigError, apply_override, validate
 from llm_ray.data.errors import PrepareError
 from llm_ray.eval import metrics, tasks
 from llm_ray.eval.scoring import CheckpointScorer, DocumentScorer
+from llm_ray.storage import Location, as_location
 
 
 class EvalError(Exception):
@@ -38,7 +39,7 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return validate(tree)
 
 
-def held_out_documents(cfg: Config, data_path: Path, split: str) -> tuple[str, list[tuple[str, str]]]:
+def held_out_documents(cfg: Config, data_path: Location, split: str) -> tuple[str, list[tuple[str, str]]]:
     """(split, its (doc_key, text) sorted by key, at most eval.max_documents) of the prepared data."""
     from llm_ray.data.prepare import load_manifest
     from llm_ray.data.splits import split_documents
@@ -117,7 +118,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | Non
         raise EvalError(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
                         f"vocabulary ({model.spec.vocab_size}): they do not belong together")
     trained_on = saved_state(model_dir).get("data_path")  # the folder training read, when recorded
-    data_path = Path(data_path or trained_on or data_dir(cfg))
+    data_path = as_location(data_path or trained_on, cfg.data.s3) if (data_path or trained_on) else data_dir(cfg)
     try:
         split, docs = (None, files_documents(cfg, eval_data)) if eval_data else held_out_documents(cfg, data_path,
                                                                                                   e.split)
@@ -140,7 +141,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | Non
     out = eval_folder(cfg, model_dir)
     state = saved_state(model_dir)
     write_report(results, sums, state.get("history", []), out)
-    results["report"] = str(out)
+    results["report"] = out.uri
     track(cfg, results, state)
     return results
 
@@ -151,7 +152,9 @@ def track(cfg: Config, results: dict, state: dict) -> None:
         return
     from llm_ray.tracking import make_tracker
 
-    tracker = make_tracker(cfg, 0, cfg.run_dir / "wandb", state.get("tracker_run_id"))
+    from llm_ray.train.trainer import tracking_dir
+
+    tracker = make_tracker(cfg, 0, tracking_dir(cfg), state.get("tracker_run_id"))
     row = {f"eval/{k}": results[k]["value"] for k in ("loss", "perplexity", "bits_per_byte")}
     row.update({f"eval/{k}_ci95_{end}": results[k]["ci95"][i] for k in ("loss", "bits_per_byte")
                 for i, end in enumerate(("low", "high"))})
@@ -164,7 +167,7 @@ def track(cfg: Config, results: dict, state: dict) -> None:
     tracker.finish()
 
 
-def _train_documents(cfg: Config, data_path: Path):
+def _train_documents(cfg: Config, data_path: Location):
     from llm_ray.data.splits import split_documents
 
     if not (data_path / "manifest.json").is_file():
@@ -173,12 +176,15 @@ def _train_documents(cfg: Config, data_path: Path):
     return split_documents(data_path, cfg.data, "train")
 
 
-def eval_folder(cfg: Config, model_dir: Path) -> Path:
-    """<run>/eval for the run that owns the checkpoint, else beside the checkpoint's model folder."""
-    for candidate in (cfg.run_dir, model_dir.parent):
+def eval_folder(cfg: Config, model_dir: Path) -> Location:
+    """<run>/eval for the run that owns the checkpoint (on S3 too), else beside the checkpoint's model folder."""
+    run = cfg.run_location
+    if run.remote:
+        return run / "eval"
+    for candidate in (run.local(), model_dir.parent):
         if candidate.is_dir():
-            return candidate / "eval"
-    return model_dir / "eval"
+            return Location(str(candidate)) / "eval"
+    return Location(str(model_dir)) / "eval"
 
 
 def saved_state(model_dir: Path) -> dict:

@@ -93,7 +93,8 @@ def config_hash(cfg) -> str:
 
 def evaluation_of(model_dir: Path, cfg) -> dict | None:
     """`llm-ray eval`'s figures for this very checkpoint, when it was evaluated."""
-    for folder in (cfg.run_dir, *list(model_dir.parents)[:4]):
+    run = [] if cfg.run_location.remote else [cfg.run_dir]  # a run on S3: its copy's folders only
+    for folder in (*run, *list(model_dir.parents)[:4]):
         path = folder / "eval" / "eval.json"
         if not path.is_file():
             continue

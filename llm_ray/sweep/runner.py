@@ -18,6 +18,7 @@ import yaml
 
 from llm_ray.config import Config, ConfigError, apply_override, read_source, validate
 from llm_ray.config.sweep import Dimension, SweepConfig
+from llm_ray.storage import Location
 from llm_ray.sweep.trial import DATA_SECTIONS, data_variant, run_trial
 
 EXPERIMENT = "tune"
@@ -45,7 +46,12 @@ def base_tree(sweep: SweepConfig, sweep_folder: Path) -> dict:
 
 
 def sweep_dir(sweep: SweepConfig, base: Config) -> Path:
-    return Path(sweep.output_dir or base.output_dir).expanduser().resolve() / sweep.name
+    folder = sweep.output_dir or base.output_dir
+    if "://" in folder:
+        field = "output_dir" if sweep.output_dir else f"output_dir of the base config ({sweep.base})"
+        raise ConfigError(f"{field}: {folder}: a sweep keeps its trials and results in a local folder; set "
+                          "output_dir in the sweep file to one (the base config's prepared data may stay on S3)")
+    return Path(folder).expanduser().resolve() / sweep.name
 
 
 def tune_space(dims: list[Dimension], grid: bool) -> dict:
@@ -138,8 +144,8 @@ def prepare_base_data(sweep: SweepConfig, base: Config, dims: list[Dimension], l
     else:
         log(f"tune: the space searches data settings ({', '.join(searched)}): each variant is prepared once")
     # Absolute: trials run in Ray's worker folders, where a relative output_dir means elsewhere.
-    return {"variant": data_variant(base), "path": str(data_dir(base)),
-            "output_dir": str(Path(base.output_dir).expanduser().resolve()), "name": base.name}
+    return {"variant": data_variant(base), "path": data_dir(base).uri,
+            "output_dir": Location.parse(base.output_dir).uri, "name": base.name}
 
 
 def check_resume(folder: Path, sweep: SweepConfig, resume: bool) -> None:

@@ -2,53 +2,49 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from llm_ray.checkpoint import MODEL_DIR, read_train_state
 from llm_ray.config import Config, ConfigError
-from llm_ray.data.corpus import CorpusError
-from llm_ray.data.sources import check_credentials, check_uri, s3_error, s3_filesystem
 from llm_ray.data.prepare import PrepareError, data_dir, load_manifest
+from llm_ray.storage import Location, StorageError, as_location, check_shared, check_writable, node_cache
 from llm_ray.train.resume import ResumePoint, check_resumable, find_resume_point, read_checkpoint_files
 
 
 @dataclass
 class TrainResult:
-    checkpoint: str  # a local folder with the latest checkpoint's inference files (model/ or above it)
+    checkpoint: str  # a local folder with the latest checkpoint's inference files (model/ or above it;
+    # for an output_dir on S3, a copy in this node's cache)
     step: int
     val_loss: float | None
     history: list[dict]
 
 
-def checkpoint_storage(cfg: Config):
-    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig, from train.storage_path."""
-    uri = cfg.train.storage_path
-    if uri is None:
-        return str(cfg.run_dir / "checkpoints"), None
-    field = "train.storage_path"
-    try:
-        scheme = check_uri(uri, field)  # rejects other schemes, '..' segments, credentials in the URI
-        if scheme == "":
-            return str(Path(uri).expanduser().resolve()), None
-        if scheme != "s3":
-            raise CorpusError(f"{field}: {uri!r} is not a folder or an s3://bucket/prefix URI")
-        if cfg.data.s3.anonymous:
-            raise CorpusError(f"{field}: {uri}: checkpoints cannot be written anonymously; set "
-                              "data.s3.anonymous: false and provide credentials")
-        check_credentials(uri, cfg.data.s3, field)
-        filesystem = s3_filesystem(cfg.data.s3)
-        bucket = uri[len("s3://"):].split("/")[0]
-        try:
-            missing = filesystem.get_file_info(bucket).type.name == "NotFound"
-        except OSError as e:
-            raise s3_error(uri, e, field) from None
-        if missing:
-            raise CorpusError(f"{field}: {uri}: the bucket does not exist")
-    except CorpusError as e:  # a config value, so the config error's exit code
+def checkpoint_location(cfg: Config) -> tuple[Location, str]:
+    """Where Ray Train keeps checkpoints (train.storage_path, else <output_dir>/<name>/checkpoints) and
+    the config field that named it."""
+    if cfg.train.storage_path is None:
+        return cfg.run_location / "checkpoints", "output_dir"
+    try:  # rejects other schemes, '..' segments, credentials in the URI
+        return Location.parse(cfg.train.storage_path, cfg.data.s3, "train.storage_path"), "train.storage_path"
+    except StorageError as e:  # a config value, so the config error's exit code
         raise ConfigError(str(e)) from None
-    return uri[len("s3://"):].rstrip("/"), filesystem
+
+
+def checkpoint_storage(cfg: Config):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig, checked writable."""
+    location, field = checkpoint_location(cfg)
+    if not location.remote:
+        return location.path, None
+    try:
+        check_writable(location, field)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+    return location.path, location.filesystem
 
 
 def choose_checkpoint(cfg: Config, storage: str, filesystem, data_key: str | None, tokenizer_json: str,
@@ -78,7 +74,8 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
 
     from llm_ray.train.worker import train_loop_per_worker
 
-    path = Path(data_path) if data_path else data_dir(cfg)
+    path = as_location(data_path, cfg.data.s3) if data_path else data_dir(cfg)
+    check_cluster_storage(cfg, path)
     manifest = load_manifest(path)
     if manifest["block_size"] != cfg.data.block_size:
         raise PrepareError(f"data at {path} was packed with block_size {manifest['block_size']}, "
@@ -87,13 +84,12 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
         raise PrepareError(f"the tokenizer at {path} has {manifest['vocab_size']} tokens, more than the "
                            f"model's vocabulary ({cfg.vocab_size})")
     # Workers read blocks by index from memory-mapped shards (see train.data): one global order is
-    # what makes resume exact, whatever the worker count. The folder must be reachable from every
-    # worker (on a multi-node cluster: shared storage).
-    shards = {split: [str((path / s["file"]).resolve()) for s in manifest["splits"][split]["shards"]]
+    # what makes resume exact, whatever the worker count. Shards in S3 are copied to each node once.
+    shards = {split: [(path / s["file"]).uri for s in manifest["splits"][split]["shards"]]
               for split in ("train", "val")}
     t = cfg.train
     storage, filesystem = checkpoint_storage(cfg)
-    tokenizer_json = (path / manifest["tokenizer"]).read_text(encoding="utf-8")
+    tokenizer_json = (path / manifest["tokenizer"]).read_text()
     data_key = manifest.get("stage_keys", {}).get("pack")  # a resume must be on the same data
     point = choose_checkpoint(cfg, storage, filesystem, data_key, tokenizer_json, log)
     trainer = TorchTrainer(
@@ -101,11 +97,11 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "tokenizer_json": tokenizer_json,
-            "run_dir": str(cfg.run_dir),  # absolute: workers run in their own folders
+            "tracking_dir": str(tracking_dir(cfg)),  # absolute: workers run in their own folders
             "train_shards": shards["train"],
             "val_shards": shards["val"],
             "data_key": data_key,
-            "data_path": str(path.resolve()),
+            "data_path": path.uri,
             "resume_from": point.path,  # the newest complete checkpoint, if Ray's latest is damaged
             "damaged_checkpoints": [p for p, _ in point.skipped],
             **(test_hooks or {}),
@@ -127,23 +123,12 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
         f"{cfg.grad_accum_steps} accumulation step(s), {t.max_steps} steps")
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {t.storage_path or cfg.run_dir})")
+        raise RuntimeError(f"training finished without a checkpoint (see {checkpoint_location(cfg)[0]})")
     checkpoint = result.checkpoint.path
-    if filesystem is not None:  # object storage: the inference files come down to the run folder
-        from pyarrow import fs
-
-        local = cfg.run_dir / MODEL_DIR
-        incoming = cfg.run_dir / f".{MODEL_DIR}.tmp"
-        shutil.rmtree(incoming, ignore_errors=True)
-        incoming.mkdir(parents=True)
-        fs.copy_files(f"{checkpoint}/{MODEL_DIR}", str(incoming), source_filesystem=filesystem,
-                      destination_filesystem=fs.LocalFileSystem())
-        shutil.rmtree(local, ignore_errors=True)  # no file of an older checkpoint stays behind
-        incoming.rename(local)
-        log(f"train: checkpoint s3://{checkpoint}; inference files copied to {local}")
-        checkpoint = str(local)
+    if filesystem is not None:  # object storage: the inference files come down to this machine
+        checkpoint = str(publish_model(cfg, Location("s3://" + checkpoint, cfg.data.s3), log))
     state = read_train_state(checkpoint)
-    plot_losses(state["history"], cfg.run_dir / "loss_curve.png")
+    (cfg.run_location / "loss_curve.png").write_bytes(plot_losses(state["history"]))
     evals = [h for h in state["history"] if "val_loss" in h]
     return TrainResult(
         checkpoint=checkpoint,
@@ -153,8 +138,50 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     )
 
 
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Training and validation loss against step, as a PNG next to the run's outputs."""
+def publish_model(cfg: Config, checkpoint: Location, log) -> Path:
+    """The final checkpoint's inference files in <output_dir>/<name>/model (a run folder on S3 gets them
+    there too), and the local folder sampling and evaluation read: the run's own, or for a run on S3 a
+    copy in this node's cache."""
+    source = checkpoint / MODEL_DIR
+    run = cfg.run_location
+    if run.remote:
+        local = node_cache("models", hashlib.sha256(source.uri.encode()).hexdigest()[:16], MODEL_DIR)
+    else:
+        local = run.local() / MODEL_DIR
+    incoming = local.with_name(f".{MODEL_DIR}.tmp")
+    shutil.rmtree(incoming, ignore_errors=True)
+    source.download(incoming)
+    shutil.rmtree(local, ignore_errors=True)  # no file of an older checkpoint stays behind
+    incoming.rename(local)
+    if run.remote:
+        (run / MODEL_DIR).rmtree()
+        (run / MODEL_DIR).upload(local)
+        log(f"train: checkpoint {checkpoint}; inference files in {run / MODEL_DIR} (local copy {local})")
+    else:
+        log(f"train: checkpoint {checkpoint}; inference files copied to {local}")
+    return local
+
+
+def tracking_dir(cfg: Config) -> Path:
+    """Where W&B keeps its files: the run folder, or for a run on S3 this node's cache."""
+    run = cfg.run_location
+    return node_cache("wandb", cfg.name) if run.remote else run.local() / "wandb"
+
+
+def check_cluster_storage(cfg: Config, data: Location) -> None:
+    """Refuse local paths on a multi-node Ray cluster unless data.shared_filesystem says they are shared."""
+    from llm_ray.ray_utils import alive_nodes
+
+    nodes = alive_nodes()
+    paths = {"output_dir": cfg.run_location, "--data": data, "train.storage_path": checkpoint_location(cfg)[0]}
+    try:
+        check_shared(paths, nodes, cfg.data.shared_filesystem)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def plot_losses(history: list[dict]) -> bytes:
+    """Training and validation loss against step, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,6 +197,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format="png")
     plt.close(fig)
+    return buffer.getvalue()

@@ -105,11 +105,10 @@ def checkpoint_to_resume(payload: dict, cfg: Config):
     checkpoint = ray.train.get_checkpoint()
     damaged = {p.rstrip("/") for p in payload.get("damaged_checkpoints", [])}
     if payload.get("resume_from") and (checkpoint is None or checkpoint.path.rstrip("/") in damaged):
-        filesystem = None
-        if cfg.train.storage_path and cfg.train.storage_path.startswith("s3://"):
-            from llm_ray.data.sources import s3_filesystem
+        from llm_ray.train.trainer import checkpoint_location
 
-            filesystem = s3_filesystem(cfg.data.s3)
+        location = checkpoint_location(cfg)[0]  # train.storage_path, else under output_dir (S3 too)
+        filesystem = location.filesystem if location.remote else None
         checkpoint = ray.train.Checkpoint(payload["resume_from"], filesystem=filesystem)
     return checkpoint
 
@@ -147,6 +146,19 @@ def restore(cfg: Config, model, payload: dict, ctx):
     return engine, state
 
 
+def local_shards(uris: list[str], cfg: Config, data_key: str | None) -> list[Path]:
+    """Local paths of the packed shards: the files themselves, or for prepared data on S3 copies in this
+    node's cache (made once per node, keyed by the pack stage's key: same files, same order, same blocks)."""
+    from llm_ray.storage import Location, local_copy, node_cache
+
+    paths = []
+    for uri in uris:
+        location = Location.parse(uri, cfg.data.s3, "--data")
+        split = location.parent.name  # pack/<split>/<shard>.npy: stems repeat across splits
+        paths.append(local_copy(location, node_cache("data", data_key or location.parent.parent.parent.name, split)))
+    return paths
+
+
 def train_loop_per_worker(payload: dict) -> None:
     """Entry point of each Ray Train worker."""
     import ray.train
@@ -177,8 +189,9 @@ def train_loop_per_worker(payload: dict) -> None:
 
     micro = cfg.train.micro_batch_size
     val_batches = [(torch.from_numpy(b), w) for b, w in validation_batches(
-        PackedBlocks(payload["val_shards"]), cfg.train.eval_batches * micro, cfg.seed, rank, world, micro)]
-    blocks = PackedBlocks(payload["train_shards"])
+        PackedBlocks(local_shards(payload["val_shards"], cfg, payload["data_key"])), cfg.train.eval_batches * micro,
+        cfg.seed, rank, world, micro)]
+    blocks = PackedBlocks(local_shards(payload["train_shards"], cfg, payload["data_key"]))
     train_batches = MicroBatches(blocks, BlockOrder(len(blocks), cfg.seed, cfg.train.shuffle), state.samples, rank,
                                  world, cfg.train.micro_batch_size)
 
@@ -194,7 +207,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
     from llm_ray.tracking import make_tracker
 
-    tracker = make_tracker(cfg, rank, Path(payload["run_dir"]) / "wandb", state.tracker_run_id)
+    tracker = make_tracker(cfg, rank, Path(payload["tracking_dir"]), state.tracker_run_id)
     state.tracker_run_id = tracker.run_id
     try:
         run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,

@@ -1,0 +1,75 @@
+"""Scaling past one machine: a whole run in object storage (no shared disk needed)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ACCESS_KEY_ID, CORPUS, SECRET_ACCESS_KEY, debug_config
+
+pytestmark = pytest.mark.integration
+
+
+def bucket_objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            objects[item["Key"][len(prefix):]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return objects
+
+
+def test_debug_pipeline_on_s3_runs_resumes_and_leaves_no_local_run_folder(ray_session, s3_server, tmp_path,
+                                                                          monkeypatch):
+    """output_dir: s3://...: prepare's shards, keep lists, tokenizer and report, the checkpoints, the model
+    and the evaluation all go to the S3 server on 127.0.0.1; workers read the packed shards from there
+    (copied once per node); a rerun skips every prepare stage and resumes training from S3; nothing is
+    written to a local run folder and no secret reaches the bucket."""
+    from llm_ray.checkpoint import read_train_state
+    from llm_ray.pipeline import run_pipeline
+    from llm_ray.storage import node_cache
+
+    endpoint, client = s3_server
+    client.create_bucket(Bucket="team")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # a relative local folder would appear here
+    steps = ("train.checkpoint_every=10", "train.eval_every=10", "train.log_every=10")
+    cfg = debug_config(tmp_path, CORPUS, "output_dir=s3://team/runs", f"data.s3.endpoint_url={endpoint}",
+                       "name=remote", "train.max_steps=20", *steps)
+    first = run_pipeline(cfg, log=lambda *_: None)
+    assert first.train.step == 20 and first.evaluation["report"] == "s3://team/runs/remote/eval"
+
+    objects = bucket_objects(client, "team", "runs/remote/")
+    for name in ("config.yaml", "loss_curve.png", "data/manifest.json", "data/prepare_report.json",
+                 "data/prepare_report.md", "data/prepare_report.png", "data/tokenizer/tokenizer.json",
+                 "data/documents/_stage.json", "data/dedup/_stage.json", "data/pack/_stage.json",
+                 "model/model.safetensors", "model/config.yaml", "eval/eval.json", "eval/eval.md", "eval/eval.png"):
+        assert name in objects, (name, sorted(objects))
+    manifest = json.loads(objects["data/manifest.json"])
+    shards = [s["file"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    documents = json.loads(objects["data/documents/_stage.json"])["shards"]
+    assert all(f"data/{f}" in objects for f in shards)
+    assert all(f"data/documents/{s}" in objects and f"data/dedup/{s}" in objects for s in documents)
+    assert any(k.startswith("checkpoints/remote/checkpoint_") and k.endswith("model/model.safetensors")
+               for k in objects)
+    # The workers' copies of the packed shards are byte for byte the objects (same blocks, same order).
+    cache = node_cache("data", manifest["stage_keys"]["pack"])
+    for file in shards:
+        split, name = file.split("/")[-2:]
+        assert (cache / split / name).read_bytes() == objects[f"data/{file}"]
+    for key, blob in objects.items():
+        assert SECRET_ACCESS_KEY.encode() not in blob and ACCESS_KEY_ID.encode() not in blob, key
+    assert list(workdir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]
+
+    lines = []
+    cfg.train.max_steps = 30
+    second = run_pipeline(cfg, log=lines.append)
+    for stage in ("documents", "dedup", "tokenizer", "pack"):
+        assert f"{stage}: up to date, skipped" in lines, lines
+    assert any("resuming from step 20" in line for line in lines), lines
+    state = read_train_state(second.train.checkpoint)
+    assert state["step"] == 30 and state["resumed_from"] == [20]
+    assert state["data_path"] == "s3://team/runs/remote/data"
+    assert list(workdir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]
+    assert Path(second.train.checkpoint).is_relative_to(node_cache("models"))
+
