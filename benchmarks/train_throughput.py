@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm_ray.checkpoint import read_train_state
 from llm_ray.config import load_config, model_spec
 from llm_ray.model import GPT, GPTSpec
 
@@ -87,11 +88,12 @@ def synthetic_data(folder: Path, vocab: int, block: int, blocks: int) -> Path:
     return folder
 
 
-def llm_ray_run(overrides: list[str], data: Path, workdir: Path) -> list[dict]:
+def llm_ray_run(overrides: list[str], data: Path, workdir: Path):
+    """The TrainResult of a run of the demo preset with overrides."""
     from llm_ray.train.trainer import train
 
     cfg = load_config("demo", [f"output_dir={workdir}", *overrides])
-    return train(cfg, data, log=lambda *_: None).history
+    return train(cfg, data, log=lambda *_: None)
 
 
 def slug(label: str) -> str:
@@ -110,10 +112,35 @@ def steady_tokens_per_sec(history: list[dict]) -> float:
     return float(np.median(rows[1:] if len(rows) > 1 else rows))  # the first window includes start-up
 
 
+def memory_rows(data: Path, workdir: Path) -> None:
+    """Peak memory per worker and parameters held per worker, 2 workers, ZeRO-0 vs ZeRO-3 (+ offload)."""
+    # Memory: a model big enough that its states (fp32 weights, gradients, two Adam moments:
+    # 16 bytes per parameter) stand out from each worker's ~1 GB of torch, DeepSpeed and Ray.
+    big = ["model.n_layer=8", "model.n_head=8", "model.n_embd=768", "train.micro_batch_size=2",
+           "train.total_batch_tokens=512", "train.max_steps=3", "train.log_every=1", "train.eval_every=3",
+           "train.checkpoint_every=3", "train.eval_batches=1"]
+    params = GPT(model_spec(load_config("demo", big))).num_params()
+    print(f"\npeak memory per worker (RSS), 2 workers, {params / 1e6:.0f}M-parameter model "
+          f"({16 * params / 1e9:.2f} GB of weights, gradients and Adam state in all):")
+    baseline = None
+    for label, extra in (("ZeRO-0", ["train.zero_stage=0"]), ("ZeRO-3", ["train.zero_stage=3"]),
+                         ("ZeRO-3 + offload", ["train.zero_stage=3", "train.offload_optimizer=true",
+                                               "train.offload_params=true"])):
+        result = llm_ray_run(["name=mem-" + slug(label), *big, *extra], data, workdir)
+        peak_gb = max(h.get("memory_gb", 0) for h in result.history)
+        baseline = baseline or peak_gb
+        state = read_train_state(result.checkpoint)
+        held = state.get("parameters_held") or []
+        share = f"{max(held) / state['parameters']:.1%}" if held and state.get("parameters") else "-"
+        print(f"  {label:<18} {peak_gb:.2f} GB (rank 0 peak RSS) = {peak_gb / baseline:.2f}x ZeRO-0's | "
+              f"parameters held per worker after building: {share} of the model")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per measurement")
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory rows (section 4)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
@@ -130,6 +157,9 @@ def main():
 
     init_ray(num_cpus=cores)
     data = synthetic_data(workdir / "data", spec.vocab_size, demo.data.block_size, blocks=4096)
+    if args.memory_only:
+        memory_rows(data, workdir)
+        return
     print(f"\ndemo model ({GPT(spec).num_params() / 1e6:.1f}M parameters, {flops / 1e6:.0f} MFLOP/token), "
           f"micro-batch {batch} x {demo.data.block_size}, {args.steps} steps")
     variants = [("fp32, ZeRO-0", False, False, 0), ("fp32, ZeRO-2", False, False, 2),
@@ -141,7 +171,7 @@ def main():
         history = llm_ray_run(one_worker(
             "bench-" + slug(label), args.steps, cores, "train.total_batch_tokens=2048",
             f"train.zero_stage={stage}", f"train.autocast_bf16={str(autocast).lower()}",
-            f"train.compile={str(compile).lower()}"), data, workdir)
+            f"train.compile={str(compile).lower()}"), data, workdir).history
         ours = steady_tokens_per_sec(history)
         p = peak["bf16" if autocast else "fp32"]
         print(f"  {label:<15} plain loop {plain:8,.0f} tok/s | llm-ray {ours:8,.0f} tok/s | ratio "
@@ -163,24 +193,12 @@ def main():
         history = llm_ray_run(one_worker(
             "baby-" + slug(label), args.steps * 5, cores, *baby_model,
             f"train.autocast_bf16={str(autocast).lower()}", f"train.compile={str(compile).lower()}"),
-            baby_data, workdir)
+            baby_data, workdir).history
         ours = steady_tokens_per_sec(history)
         print(f"  {label:<15} plain loop {plain:8,.0f} tok/s = {plain / NANOGPT_BABY_TOKENS_PER_SEC:.2f}x | "
               f"llm-ray {ours:8,.0f} tok/s = {ours / NANOGPT_BABY_TOKENS_PER_SEC:.2f}x")
+    memory_rows(data, workdir)
 
-    # Memory: a model big enough that its states (fp32 weights, gradients, two Adam moments:
-    # 16 bytes per parameter) stand out from each worker's ~1 GB of torch, DeepSpeed and Ray.
-    big = ["model.n_layer=8", "model.n_head=8", "model.n_embd=768", "train.micro_batch_size=2",
-           "train.total_batch_tokens=512", "train.max_steps=3", "train.log_every=1", "train.eval_every=3",
-           "train.checkpoint_every=3", "train.eval_batches=1"]
-    params = GPT(model_spec(load_config("demo", big))).num_params()
-    print(f"\npeak memory per worker (RSS), 2 workers, {params / 1e6:.0f}M-parameter model "
-          f"({16 * params / 1e9:.2f} GB of weights, gradients and Adam state in all):")
-    for label, extra in (("ZeRO-0", ["train.zero_stage=0"]), ("ZeRO-3", ["train.zero_stage=3"]),
-                         ("ZeRO-3 + offload", ["train.zero_stage=3", "train.offload_optimizer=true",
-                                               "train.offload_params=true"])):
-        history = llm_ray_run(["name=mem-" + slug(label), *big, *extra], data, workdir)
-        print(f"  {label:<18} {max(h.get('memory_gb', 0) for h in history):.2f} GB (rank 0 peak RSS)")
 
 if __name__ == "__main__":
     main()

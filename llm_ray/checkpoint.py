@@ -7,8 +7,12 @@ from safetensors, never unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import struct
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -18,22 +22,55 @@ from llm_ray.config import Config, model_spec
 from llm_ray.model import GPT
 
 MODEL_DIR = "model"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 WEIGHTS = "model.safetensors"
 TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
 # Config fields of earlier versions that no longer exist (and change nothing at inference).
 RETIRED_FIELDS = (("train", "shuffle_buffer_blocks"), ("data", "docs_per_pack_batch"))
 
 
-def save_inference(directory: Path, state_dict: dict[str, torch.Tensor], cfg: Config, tokenizer_json: str,
+def save_inference(directory: Path, state_dict: dict[str, torch.Tensor] | None, cfg: Config, tokenizer_json: str,
                    train_state: dict) -> Path:
+    """The inference files in directory/model; state_dict None: model.safetensors is written already
+    (streamed, see write_safetensors)."""
     out = Path(directory) / MODEL_DIR
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in TIED}
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    if state_dict is not None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in TIED}
+        save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     (out / "train_state.json").write_text(json.dumps(train_state, indent=2), encoding="utf-8")
     return out
+
+
+def write_safetensors(path: Path | None, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterator[torch.Tensor]) -> None:
+    """A safetensors file written one tensor at a time, so that only one needs to be in memory.
+
+    safetensors' own writer takes every tensor at once. The format is simple and fixed: the length
+    of a JSON header (8 bytes, little-endian), the header (each name's dtype, shape and byte range,
+    padded with spaces to 8 bytes), then the tensors' bytes in that order. specs: (name, dtype,
+    shape) of each tensor, in the order tensors yields them. path None: tensors are consumed
+    without writing (the other workers' part of each gather under ZeRO-3).
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open(path, "wb")) if path is not None else None
+        if f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+        for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, announced {shape} {dtype}")
+            if f:
+                f.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def find_model_dir(path: str | Path) -> Path:

@@ -99,9 +99,16 @@ def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path)
     run = cfg.model_copy(update={"name": "zero3", "output_dir": str(tmp_path)}, deep=True)
     run.train.zero_stage = 3
     run.train.checkpoint_every, run.train.num_checkpoints_to_keep = 10, 1  # 6 checkpoints written, 1 kept
-    check_loss_falls_and_checkpoint_reloads(run, train(run, data_dir(cfg), log=lambda *_: None),
-                                            manifest["vocab_size"])
+    result = train(run, data_dir(cfg), log=lambda *_: None)
+    check_loss_falls_and_checkpoint_reloads(run, result, manifest["vocab_size"])
     assert len([p for p in (run.run_dir / "checkpoints" / run.name).glob("checkpoint_*") if p.is_dir()]) == 1
+    # Built under deepspeed.zero.Init: right after building, each worker held half of the model.
+    state = read_train_state(result.checkpoint)
+    assert len(state["parameters_held"]) == 2
+    assert all(abs(held - state["parameters"] / 2) <= 0.001 * state["parameters"] for held in state["parameters_held"])
+    run.train.max_steps += 10  # resumes from the last checkpoint, partitioned again
+    resumed = read_train_state(train(run, data_dir(cfg), log=lambda *_: None).checkpoint)
+    assert resumed["step"] == run.train.max_steps and resumed["resumed_from"] == [state["step"]]
 
 
 def test_generate_cli_prints_a_continuation(default_run, capsys):

@@ -10,9 +10,10 @@ nh heads, hs head size (C // nh), V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -236,21 +237,32 @@ class GPT(nn.Module):
 
         # Set from outside (training): recompute block activations in backward to save memory.
         self.activation_checkpointing = False
-        self.apply(self._init_weights)
-        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer), so the residual stream's
-        # variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * spec.n_layer))
+        for param, init in self.initializers():
+            init(param)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def initializers(self) -> list[tuple[nn.Parameter, Callable[[torch.Tensor], object]]]:
+        """(parameter, function drawing its initial value), in the order the constructor applies them.
+
+        GPT-2's scheme: normal(0, 0.02) weights, zero biases, residual projections scaled by
+        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth. Exposed so
+        that a partitioned build (ZeRO-3) can draw the same values one parameter at a time.
+        """
+        plan = []
+
+        def visit(module: nn.Module) -> None:  # children first, as nn.Module.apply
+            for child in module.children():
+                visit(child)
+            if isinstance(module, nn.Linear):
+                plan.append((module.weight, functools.partial(nn.init.normal_, mean=0.0, std=0.02)))
+                if module.bias is not None:
+                    plan.append((module.bias, nn.init.zeros_))
+            elif isinstance(module, nn.Embedding):
+                plan.append((module.weight, functools.partial(nn.init.normal_, mean=0.0, std=0.02)))
+
+        visit(self)
+        residual = functools.partial(nn.init.normal_, mean=0.0, std=0.02 / math.sqrt(2 * self.spec.n_layer))
+        plan += [(p, residual) for name, p in self.named_parameters() if name.endswith("c_proj.weight")]
+        return plan
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; with non_embedding, position embeddings are left out.

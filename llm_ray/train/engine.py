@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llm_ray.config import Config, TrainConfig
+from llm_ray.config import Config, TrainConfig, model_spec
+from llm_ray.model import GPT
 from llm_ray.train.schedule import lr_at
 
 
@@ -17,7 +18,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))
         is_embedding = name.endswith(("wte.weight", "wpe.weight"))
-        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+        dims = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat: its full shape is ds_shape
+        (decay if dims >= 2 and not is_embedding else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -38,7 +40,11 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
         h = cfg.model.n_embd
         zero.update(reduce_bucket_size=h * h, allgather_bucket_size=max(h * h, 5 * 10**7))
         if t.zero_stage == 3:
-            zero.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=10 * h)
+            zero.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=10 * h,
+                        # About one transformer block (12 h^2 parameters) gathered at a time: DeepSpeed's
+                        # defaults (1e9) keep every gathered parameter until the step ends, which on a
+                        # model this size is the whole model again.
+                        stage3_max_live_parameters=12 * h * h, stage3_max_reuse_distance=12 * h * h)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if t.offload_params:
@@ -56,6 +62,42 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+
+
+def build_model(cfg: Config) -> GPT:
+    """The model with its initial weights drawn from cfg.seed (the same on every worker).
+
+    Under ZeRO-3 it is built inside ``deepspeed.zero.Init``: each module's parameters are partitioned
+    over the workers as soon as the module exists, so no worker ever holds the whole model. The
+    initial values are then drawn one parameter at a time (gathered, drawn on every rank from the
+    same generator, kept from rank 0), so they equal those of a plain build with the same seed.
+    """
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    spec = model_spec(cfg)
+    if cfg.train.zero_stage != 3:
+        return GPT(spec)
+    import torch.distributed as dist
+
+    # DeepSpeed's communication layer over the process group Ray Train (or a test) started.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg), mem_efficient_linear=False):
+        model = GPT(spec)  # its constructor's draws land on empty partitions: drawn again below
+    for param, init in model.initializers():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            init(param)
+    return model
+
+
+def parameter_share(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter elements this worker holds, elements of the whole model); tied weights count once.
+    Under ZeRO-3 a worker holds its partition of each parameter (ds_tensor), else all of it."""
+    held = total = 0
+    for p in model.parameters():
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        total += getattr(p, "ds_numel", p.numel())
+    return held, total
 
 
 def build_optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:

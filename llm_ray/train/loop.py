@@ -35,6 +35,8 @@ class TrainState:
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
     skipped_batches: int = 0  # micro-batches the loss guard rejected
+    parameters: int = 0  # elements of the whole model (tied weights once)
+    parameters_held: list[int] = field(default_factory=list)  # elements each worker held after building
 
 
 def reduce_over_workers(value: torch.Tensor, op: str) -> float:

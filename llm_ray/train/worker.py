@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm_ray.checkpoint import read_train_state, save_inference
+from llm_ray.checkpoint import MODEL_DIR, WEIGHTS, read_train_state, save_inference
 from llm_ray.config import Config, model_spec
 from llm_ray.model import GPT
 from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
@@ -37,6 +37,24 @@ def consolidated_state_dict(engine, zero_stage: int, rank: int) -> dict[str, tor
         gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     with gather:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+
+
+def write_zero3_weights(engine, path: str | None) -> None:
+    """ZeRO-3's model.safetensors: every worker takes part in gathering one parameter at a time, and
+    rank 0 (path given) appends it to the file, so no worker holds more than one whole parameter
+    beyond its partition. Every rank must call this."""
+    import deepspeed
+
+    from llm_ray.checkpoint import TIED, write_safetensors
+
+    params = [(n, p) for n, p in engine.module.named_parameters() if n not in TIED]
+
+    def gathered():
+        for _, p in params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield p.data
+
+    write_safetensors(path, [(n, p.dtype, tuple(p.ds_shape)) for n, p in params], gathered())
 
 
 def worker_log(line: str) -> None:
@@ -88,6 +106,25 @@ def apply_torch_threads(threads: int | None) -> None:
     """train.torch_threads: torch's intra-op threads in this worker (None keeps Ray's setting)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def return_freed_memory() -> None:
+    """Make freed tensors of 1 MiB or more go back to the operating system (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed, so later tensors come from the
+    heap, which rarely shrinks: a ZeRO-3 worker's resident memory would stay at the high-water mark
+    of every parameter it ever gathered. A fixed threshold (mallopt M_MMAP_THRESHOLD) gives each
+    such tensor its own mapping, unmapped when freed (measured: benchmarks/train_throughput.py
+    --memory-only).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3 in glibc's malloc.h
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to set
 
 
 def quiet_deprecated_collectives() -> None:
@@ -172,18 +209,27 @@ def train_loop_per_worker(payload: dict) -> None:
     device = ray.train.torch.get_device()
 
     apply_torch_threads(cfg.train.torch_threads)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    from llm_ray.train.engine import UNIVERSAL_INFO, build_engine
+    from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, build_model, parameter_share
 
-    model = GPT(model_spec(cfg))
+    if cfg.train.zero_stage == 3:
+        return_freed_memory()
+    with torch.device("meta"):  # sizes only: FLOPs from the architecture, no memory
+        model_flops = GPT(model_spec(cfg)).flops_per_token(cfg.data.block_size)
+    model = build_model(cfg)  # identical initial weights on every worker; under ZeRO-3, partitioned
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    model_flops = model.flops_per_token(cfg.data.block_size)  # before ZeRO-3 partitions the parameters
+    shares = [None] * ctx.get_world_size()
+    dist.all_gather_object(shares, parameter_share(model))
 
     world = ctx.get_world_size()
     engine, state = restore(cfg, model, payload, ctx)
     if engine is None:
         engine = build_engine(model, cfg)
         state = TrainState(world_size=world, data_key=payload["data_key"], data_path=payload.get("data_path"))
+    state.parameters_held = [held for held, _ in shares]
+    state.parameters = shares[0][1]
+    if rank == 0 and cfg.train.zero_stage == 3:
+        worker_log(f"ZeRO-3: each worker holds {min(state.parameters_held):,} to {max(state.parameters_held):,} of "
+                   f"the model's {state.parameters:,} parameters")
     if cfg.train.compile:
         engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
 
@@ -199,7 +245,14 @@ def train_loop_per_worker(payload: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG,
                                    client_state={"train_state": asdict(state), **UNIVERSAL_INFO})
-            weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
+            weights = None
+            if cfg.train.zero_stage == 3:  # streamed one parameter at a time
+                target = os.path.join(tmp, MODEL_DIR, WEIGHTS) if rank == 0 else None
+                if target:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                write_zero3_weights(engine, target)
+            else:
+                weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
             if rank == 0:
                 save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))
             write_manifest(tmp, rank, world)  # last: its presence means this worker's part is complete
