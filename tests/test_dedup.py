@@ -6,10 +6,25 @@ import pytest
 
 from llm_ray.config import DedupConfig
 from llm_ray.data import dedup
-from llm_ray.data.prepare import find_clusters
 from tests.conftest import CORPUS
 
 TEXTS = [p.read_text() for p in sorted(CORPUS.glob("play_*.txt"))]
+
+
+def find_clusters(keys: np.ndarray, exact: np.ndarray, signatures: np.ndarray, cfg) -> dict:
+    """Clusters as the former driver-side dedup found them (every pair in memory): the reference the
+    distributed rounds (llm_ray.data.dedup_stage) must agree with."""
+    pairs, exact_pairs, first = [], 0, {}
+    if cfg.exact:
+        for i, h in enumerate(exact):
+            if h in first:
+                pairs.append((first[h], i))
+                exact_pairs += 1
+            else:
+                first[h] = i
+    bands, rows = dedup.lsh_params(cfg.threshold, cfg.num_perm)
+    near = dedup.near_duplicate_pairs(signatures, cfg.threshold, bands, rows) if cfg.near else []
+    return {"labels": dedup.clusters(len(keys), pairs + near), "near_pairs": near, "exact_pairs": exact_pairs}
 
 
 def change_words(text: str, fraction: float, seed: int) -> str:
@@ -111,3 +126,88 @@ def test_rewrapped_copy_is_an_exact_duplicate_after_normalization():
 def test_clusters_are_connected_components_with_smallest_representative():
     labels = dedup.clusters(6, [(4, 5), (1, 4), (2, 3)])
     assert labels.tolist() == [0, 1, 2, 2, 1, 1]
+
+
+# ------------------------------------------------------------- the distributed rounds' plain functions
+
+
+def test_exact_groups_keep_the_first_document_and_count_group_sizes():
+    from llm_ray.data.dedup_stage import exact_groups, hash_words
+
+    words = hash_words([dedup.exact_hash(t) for t in ["a b", "c", "A  b", "a b", "d"]])
+    rows = np.concatenate([words, np.arange(10, 15, dtype=np.uint64)[:, None]], axis=1)[::-1]  # order given
+    copies, sizes = exact_groups(rows)
+    assert sorted(map(tuple, copies.tolist())) == [(12, 10), (13, 10)]  # "A  b" and "a b" copy document 10
+    assert sizes.tolist() == [[10, 3]]
+
+
+def test_candidate_pairs_cover_every_bucket_once():
+    from llm_ray.data.dedup_stage import candidate_pairs
+
+    rows = np.array([[7, 3], [7, 1], [9, 4], [7, 2], [9, 5], [8, 6], [5, 1], [5, 3]], dtype=np.uint64)
+    assert candidate_pairs(rows).tolist() == [[1, 2], [1, 3], [2, 3], [4, 5]]  # (1, 3) twice: once
+
+
+def test_components_pick_the_first_document_and_the_smallest_hash():
+    from llm_ray.data.dedup_stage import components
+
+    edges = np.array([[4, 9], [2, 4], [5, 6]])
+    hashes = np.array([[2, 0, 7], [4, 0, 3], [9, 1, 0], [5, 0, 1], [6, 0, 2]], dtype=np.uint64)
+    found = components(edges, hashes, group_sizes=np.array([[4, 3], [7, 2]]))
+    assert found["nodes"].tolist() == [2, 4, 5, 6, 9]
+    assert found["rep"].tolist() == [2, 2, 5, 5, 2]  # 2-4-9 chained; 5-6
+    assert found["key"].tolist() == [[0, 3], [0, 3], [0, 1], [0, 1], [0, 3]]
+    assert sorted(found["sizes"].tolist()) == [2, 5]  # document 4 stands for an exact group of 3
+
+
+@pytest.mark.parametrize("test_fraction", [0.0, 0.3])
+def test_split_thresholds_from_shard_summaries_equal_those_of_all_keys(test_fraction):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from llm_ray.config import DataConfig
+    from llm_ray.data.dedup_stage import merge_summaries, split_summary
+    from llm_ray.data.errors import PrepareError
+    from llm_ray.data.splits import split_thresholds, thresholds_from_summary
+
+    data = DataConfig(val_fraction=0.2, test_fraction=test_fraction)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.lists(st.text(min_size=1, max_size=6), max_size=6), min_size=1, max_size=4))
+    def check(shards):
+        keys = sorted({k for shard in shards for k in shard})
+        shards = [[k for k in shard if k in keys] for shard in shards]
+        seen, parts = set(), []
+        for shard in shards:  # each key in one shard, as cluster keys are
+            mine = [k for k in dict.fromkeys(shard) if k not in seen]
+            seen.update(mine)
+            parts.append(split_summary(mine, data.split_seed, data.val_fraction))
+        try:
+            expected = reference_thresholds(keys, data)
+        except PrepareError as e:
+            with pytest.raises(PrepareError, match=re.escape(str(e)[:15])):
+                thresholds_from_summary(merge_summaries(parts), data)
+            return
+        assert thresholds_from_summary(merge_summaries(parts), data) == expected
+        assert split_thresholds(keys, data) == expected
+
+    check()
+
+
+def reference_thresholds(cluster_keys, data):
+    """The thresholds as computed from every key at once (the definition the summaries must meet)."""
+    from llm_ray.data import transforms
+    from llm_ray.data.errors import PrepareError
+
+    u = np.sort([transforms.split_key(k, data.split_seed) for k in cluster_keys])
+    wanted = 2 + (data.test_fraction > 0)
+    if len(u) < wanted:
+        raise PrepareError(f"{len(u)} distinct document(s) after dedup")
+    val_t = max(data.val_fraction, float(np.nextafter(u[0], 1)))
+    test_t = val_t + data.test_fraction
+    if data.test_fraction > 0 and not np.any((u >= val_t) & (u < test_t)):
+        above = u[u >= val_t]
+        test_t = float(np.nextafter(above[0], 1)) if len(above) else test_t
+    if not np.any(u >= test_t):
+        raise PrepareError(f"every one of the {len(u)} distinct documents fell into a held-out split")
+    return val_t, test_t

@@ -133,3 +133,56 @@ def test_zero3_never_builds_the_whole_model_and_saves_it_one_parameter_at_a_time
     batch = torch.arange(2 * cfg.data.block_size).reshape(2, -1) % cfg.vocab_size
     with torch.no_grad():
         assert torch.equal(plain(batch)[0], reference["logits"])
+
+
+@pytest.mark.parametrize("settings", [{}, {"exact": False}, {"near": False}, {"threshold": 0.8}])
+def test_distributed_dedup_finds_the_clusters_of_the_driver_algorithm(ray_session, tmp_path, settings):
+    """The rounds of Ray tasks (dedup_stage) against the former all-in-memory clustering, on planted
+    copies spread over three documents shards: same clusters, same kept documents (the first of each
+    cluster in corpus order), same cluster keys, same counters."""
+    from collections import Counter
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm_ray.config import DedupConfig
+    from llm_ray.data import dedup
+    from llm_ray.data.dedup_stage import cluster_shards
+    from llm_ray.storage import Location
+    from tests.test_dedup import TEXTS, change_words, find_clusters, rewrap
+
+    d = DedupConfig(**settings)
+    texts = [TEXTS[0], TEXTS[1], change_words(TEXTS[0], 0.03, 1), TEXTS[2], rewrap(TEXTS[1]), TEXTS[3],
+             "A new preface.\n\n" + TEXTS[2], TEXTS[4], change_words(TEXTS[0], 0.04, 2), TEXTS[1], TEXTS[5]]
+    a, b = dedup.permutations(d.num_perm, d.seed)
+    sigs = np.stack([dedup.minhash(dedup.shingle_hashes(t, d.shingle, d.ngram), a, b) for t in texts])
+    exact = [dedup.exact_hash(t) for t in texts]
+    keys = [f"doc{i:02d}" for i in range(len(texts))]
+    root = Location(str(tmp_path))
+    shards = []
+    for n, (lo, hi) in enumerate([(0, 4), (4, 5), (5, 11)]):
+        shard = root / "documents" / f"part-{n}.parquet"
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.table({"doc_key": keys[lo:hi], "exact": exact[lo:hi],
+                                 "signature": [s.tobytes() for s in sigs[lo:hi]]}), buffer)
+        shard.write_bytes(buffer.getvalue().to_pybytes())
+        shards.append(shard)
+    found = cluster_shards(shards, d, root / "dedup", seed=0, val_fraction=0.2)
+
+    reference = find_clusters(np.array(keys), np.array(exact), sigs, d)
+    labels = reference["labels"]
+    smallest = {}
+    for label, h in zip(labels.tolist(), exact):
+        smallest[label] = min(smallest.get(label, h), h)
+    kept = pq.read_table(str(tmp_path / "dedup")).to_pylist()
+    assert {r["doc_key"]: r["cluster_key"] for r in kept} == {
+        keys[i]: smallest[i] for i in range(len(texts)) if labels[i] == i}
+    sizes = Counter(labels.tolist())
+    assert found["docs_in"] == len(texts) and found["docs_out"] == len(sizes)
+    assert found["clusters_with_copies"] == sum(1 for s in sizes.values() if s > 1)
+    assert found["largest_cluster"] == max(sizes.values())
+    assert found["exact_duplicates"] == (reference["exact_pairs"] if d.exact else 0)
+    if d.near:
+        assert found["near_duplicate_pairs"] >= 1
+    assert found["clusters_with_copies"] >= 1  # something was merged in every setting

@@ -6,8 +6,9 @@ plain functions of ``sources``, ``clean``, ``dedup`` and ``transforms``:
     documents/   read every file, clean, filter, hash and MinHash; one parquet shard per
                  group of files (doc_key, text, exact hash, signature)
     dedup/       exact + MinHash-LSH near duplicates clustered over the whole corpus from
-                 the hashes and signatures alone; per documents shard, the rows kept (one
-                 representative per cluster) with their cluster key
+                 the hashes and signatures alone, as rounds of Ray tasks (see dedup_stage);
+                 per documents shard, the rows kept (one representative per cluster) with
+                 their cluster key
     tokenizer/   byte-level BPE trained on the training split; fertility statistics
     pack/        train/val/test blocks (n, block_size + 1), uint16 where the vocab fits
 
@@ -25,22 +26,22 @@ import io
 import math
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from llm_ray.config import Config, ConfigError
-from llm_ray.data import dedup, stages, transforms
+from llm_ray.data import stages, transforms
 from llm_ray.data.clean import words
 from llm_ray.data.documents import documents_stage
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.sources import list_sources
+from llm_ray.data.dedup_stage import dedup_stage
 from llm_ray.data.splits import (
     assign_splits,
     read_kept,
     read_kept_shards,
-    split_thresholds,
+    thresholds_from_summary,
 )
 from llm_ray.data.stages import task_per_item
 from llm_ray.data.tokenizer import eot_id, train_bpe
@@ -54,101 +55,6 @@ SPLITS = ("train", "val", "test")
 def data_dir(cfg: Config) -> Location:
     """<output_dir>/<name>/data: a local folder or an S3 prefix."""
     return cfg.run_location / "data"
-
-
-# ------------------------------------------------------------------ stage 2: dedup
-
-
-def find_clusters(doc_keys: np.ndarray, exact: np.ndarray, signatures: np.ndarray, cfg) -> dict:
-    """Cluster label per document (index of its representative), given sorted doc keys."""
-    n = len(doc_keys)
-    pairs: list[tuple[int, int]] = []
-    exact_pairs = 0
-    if cfg.exact:
-        first: dict[str, int] = {}
-        for i, h in enumerate(exact):
-            if h in first:
-                pairs.append((first[h], i))
-                exact_pairs += 1
-            else:
-                first[h] = i
-    near = []
-    bands, rows = dedup.lsh_params(cfg.threshold, cfg.num_perm)
-    if cfg.near and n > 1:
-        near = dedup.near_duplicate_pairs(signatures, cfg.threshold, bands, rows)
-        pairs += near
-    labels = dedup.clusters(n, pairs)
-    return {"labels": labels, "near_pairs": near, "exact_pairs": exact_pairs, "bands": bands, "rows": rows}
-
-
-def content_keys(labels: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """Each document's cluster key: the smallest normalized-text hash in its cluster.
-
-    A function of the cluster's texts alone (not of paths or of the document kept), so the
-    train/validation/test assignment survives moving the corpus or reading it from S3.
-    """
-    smallest: dict[int, str] = {}
-    for label, h in zip(labels.tolist(), exact.tolist()):
-        if label not in smallest or h < smallest[label]:
-            smallest[label] = h
-    return np.array([smallest[label] for label in labels.tolist()], dtype=object)
-
-
-def dedup_stage(cfg: Config, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:
-    key = stages.stage_key("dedup", docs_record["key"], cfg.dedup.model_dump())
-    if (record := stages.completed(out, key)) is not None:
-        log("dedup: up to date, skipped")
-        return record
-    stages.begin(out, key)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    keep_schema = pa.schema([("row", pa.int64()), ("doc_key", pa.string()), ("cluster_key", pa.string())])
-    shards = [docs_dir / s for s in docs_record["shards"]]
-    d = cfg.dedup
-    # A few bytes per document (key, hash, signature), read here: the texts stay on disk.
-    tables = [pq.read_table(p.open_input(), columns=["doc_key", "exact", "signature"]) for p in shards]
-    shard_of = np.repeat(np.arange(len(shards)), [t.num_rows for t in tables])
-    row_of = np.concatenate([np.arange(t.num_rows) for t in tables]) if tables else np.zeros(0, dtype=np.int64)
-    keys_arr = np.array([k for t in tables for k in t.column("doc_key").to_pylist()], dtype=object)
-    if len(keys_arr) == 0:
-        raise PrepareError("no documents survived cleaning: check data.sources and the cleaning.* thresholds "
-                           f"(drops: {dict(docs_record['drops'])})")
-    order = np.argsort(keys_arr, kind="stable")  # sorted keys: the representative is the smallest key
-    keys_arr, shard_of, row_of = keys_arr[order], shard_of[order], row_of[order]
-    exact_arr = np.array([h for t in tables for h in t.column("exact").to_pylist()], dtype=object)[order]
-    if d.near:
-        blob = b"".join(b for t in tables for b in t.column("signature").to_pylist())
-        sig_arr = np.frombuffer(blob, dtype=np.uint32).reshape(-1, d.num_perm)[order]
-    else:
-        sig_arr = np.zeros((len(keys_arr), d.num_perm), dtype=np.uint32)
-    del tables
-    found = find_clusters(keys_arr, exact_arr, sig_arr, d)
-    labels = found["labels"]
-    keep = labels == np.arange(len(labels))
-    cluster_keys = content_keys(labels, exact_arr)
-    sizes = Counter(labels.tolist())
-    examples = [{"documents": [str(keys_arr[i]), str(keys_arr[j])],
-                 "estimated_jaccard": round(float(np.mean(sig_arr[i] == sig_arr[j])), 3)}
-                for i, j in found["near_pairs"][:5]]
-    # One keep list per documents shard: rows kept, in shard order, with their cluster key.
-    for s_index, shard in enumerate(shards):
-        mine = np.flatnonzero(keep & (shard_of == s_index))
-        mine = mine[np.argsort(row_of[mine], kind="stable")]
-        buffer = pa.BufferOutputStream()
-        pq.write_table(pa.table({"row": row_of[mine], "doc_key": keys_arr[mine].tolist(),
-                                 "cluster_key": cluster_keys[mine].tolist()}, schema=keep_schema), buffer)
-        (out / shard.name).write_bytes(buffer.getvalue().to_pybytes())
-    log(f"dedup: {len(keys_arr)} documents -> {int(keep.sum())} kept; {found['exact_pairs']} exact and "
-        f"{len(found['near_pairs'])} near-duplicate pairs; {sum(1 for s in sizes.values() if s > 1)} clusters "
-        f"with copies (LSH {found['bands']} bands x {found['rows']} rows)")
-    return stages.finish(out, key, {
-        "docs_in": int(len(keys_arr)), "docs_out": int(keep.sum()),
-        "exact_duplicates": int(found["exact_pairs"]), "near_duplicate_pairs": len(found["near_pairs"]),
-        "clusters_with_copies": sum(1 for s in sizes.values() if s > 1),
-        "largest_cluster": max(sizes.values()), "lsh_bands": found["bands"], "lsh_rows": found["rows"],
-        "example_pairs": examples, "cluster_keys": sorted(cluster_keys[keep].tolist()),
-    })
 
 
 # ------------------------------------------------------------------ stage 3: tokenizer
@@ -220,7 +126,7 @@ def pack_shard(path: Location, keep_dir: Location, tokenizer_json: str, seed: in
         np.save(buffer, blocks.astype(dtype))
         (out_dir / split / f"{name}.npy").write_bytes(buffer.getvalue())
         counts = np.bincount(blocks[:, 1:].ravel()) if len(blocks) else np.zeros(0, dtype=np.int64)
-        result[split] = {"blocks": int(len(blocks)), "leftover_tokens": int(leftover),
+        result[split] = {"blocks": int(len(blocks)), "leftover_tokens": int(leftover), "documents": len(docs),
                          "document_tokens": sum(map(len, ids)) + len(ids),  # end-of-text included
                          "target_counts": counts.tolist()}
     (out_dir / f"{name}.json").write_json(result)
@@ -250,8 +156,8 @@ def pack_stage(cfg: Config, shards: list[Location], keep_dir: Location, threshol
                       thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
                       out_dir=out).materialize()
     wanted = ["train", "val"] + (["test"] if cfg.data.test_fraction > 0 else [])
-    splits = {name: {"shards": [], "blocks": 0, "tokens": 0, "document_tokens": 0, "leftover_tokens": 0}
-              for name in wanted}
+    splits = {name: {"shards": [], "blocks": 0, "tokens": 0, "document_tokens": 0, "leftover_tokens": 0,
+                     "documents": 0} for name in wanted}
     counts = {name: np.zeros(0, dtype=np.int64) for name in wanted}
     for shard in shards:
         stem = shard.stem
@@ -265,6 +171,7 @@ def pack_stage(cfg: Config, shards: list[Location], keep_dir: Location, threshol
             s["tokens"] += info["blocks"] * cfg.data.block_size
             s["leftover_tokens"] += info["leftover_tokens"]
             s["document_tokens"] += info["document_tokens"]
+            s["documents"] += info.get("documents", 0)
             c = np.asarray(info["target_counts"], dtype=np.int64)
             counts[name] = np.pad(counts[name], (0, max(0, len(c) - len(counts[name]))))
             counts[name][: len(c)] += c
@@ -317,15 +224,13 @@ def prepare(cfg: Config, log=print) -> dict:
     dedup_record = dedup_stage(cfg, out / "documents", docs_record, out / "dedup", log)
     timings["dedup"] = time.time() - t0
 
-    thresholds = split_thresholds(dedup_record["cluster_keys"], cfg.data)
+    thresholds = thresholds_from_summary(dedup_record["split_summary"], cfg.data)
     # Not materialized: each later pass streams the kept documents from disk, so memory stays
     # flat as the corpus grows.
     shards = [out / "documents" / s for s in docs_record["shards"]]
     split_docs = read_kept_shards(shards, out / "dedup").map_batches(
         assign_splits, fn_kwargs=dict(seed=cfg.data.split_seed, val_t=thresholds[0], test_t=thresholds[1]),
         batch_format="numpy")
-    split_counts = Counter(assign_splits({"cluster_key": np.array(dedup_record["cluster_keys"])}, cfg.data.split_seed,
-                                        *thresholds)["split"].tolist())
 
     t0 = time.time()
     tok_record = tokenizer_stage(cfg, split_docs, dedup_record["key"], thresholds, out / "tokenizer", log)
@@ -348,7 +253,7 @@ def prepare(cfg: Config, log=print) -> dict:
         "tokenizer": "tokenizer/tokenizer.json",
         "files": len(files),
         "bytes": sum(f.size for f in files),
-        "documents": {s: split_counts.get(s, 0) for s in SPLITS},
+        "documents": {s: pack_record["splits"].get(s, {}).get("documents", 0) for s in SPLITS},
         "splits": pack_record["splits"],
         "unigram_val_loss": pack_record["unigram_val_loss"],
         "split_seed": cfg.data.split_seed,

@@ -41,20 +41,31 @@ def read_kept_shards(shards: list[Location], keep_dir: Location):
 
 def split_thresholds(cluster_keys: list[str], data: DataConfig) -> tuple[float, float]:
     """(val, val + test) bounds on split keys, nudged so that every requested split is non-empty."""
-    u = np.sort([transforms.split_key(k, data.split_seed) for k in cluster_keys])
+    from llm_ray.data.dedup_stage import split_summary
+
+    return thresholds_from_summary(split_summary(cluster_keys, data.split_seed, data.val_fraction), data)
+
+
+def thresholds_from_summary(summary: dict, data: DataConfig) -> tuple[float, float]:
+    """split_thresholds from a mergeable summary of the cluster keys (dedup_stage.split_summary):
+    their count, two smallest distinct split hashes u, smallest u >= val_fraction, largest u."""
     wanted = 2 + (data.test_fraction > 0)
-    if len(u) < wanted:
-        raise PrepareError(f"{len(u)} distinct document(s) after dedup; at least {wanted} are needed for "
+    if summary["count"] < wanted:
+        raise PrepareError(f"{summary['count']} distinct document(s) after dedup; at least {wanted} are needed for "
                            "train and held-out splits: add documents")
-    val_t = max(data.val_fraction, float(np.nextafter(u[0], 1)))
+    smallest = summary["smallest"]
+    val_t = max(data.val_fraction, float(np.nextafter(smallest[0], 1)))
     test_t = val_t + data.test_fraction
-    if data.test_fraction > 0 and not np.any((u >= val_t) & (u < test_t)):
-        above = u[u >= val_t]
-        test_t = float(np.nextafter(above[0], 1)) if len(above) else test_t
-    if not np.any(u >= test_t):
-        raise PrepareError(f"every one of the {len(u)} distinct documents fell into a held-out split: lower "
-                           f"data.val_fraction ({data.val_fraction}) or data.test_fraction ({data.test_fraction}), "
-                           "or add documents")
+    if data.test_fraction > 0:
+        # The smallest u >= val_t: above val_fraction, or past the smallest u when val_t moved there.
+        following = summary["min_above_val"] if val_t == data.val_fraction else (
+            smallest[1] if len(smallest) > 1 else None)
+        if following is None or following >= test_t:  # the test split would be empty
+            test_t = float(np.nextafter(following, 1)) if following is not None else test_t
+    if summary["max"] < test_t:
+        raise PrepareError(f"every one of the {summary['count']} distinct documents fell into a held-out split: "
+                           f"lower data.val_fraction ({data.val_fraction}) or data.test_fraction "
+                           f"({data.test_fraction}), or add documents")
     return val_t, test_t
 
 
@@ -82,7 +93,8 @@ def split_documents(data_path: Location, data: DataConfig, split: str) -> Iterat
     thresholds = manifest.get("split_thresholds")
     if thresholds is None:  # prepared before the manifest recorded them
         record = (data_path / "dedup" / "_stage.json").read_json()
-        thresholds = split_thresholds(record["cluster_keys"], data)
+        thresholds = (thresholds_from_summary(record["split_summary"], data) if "split_summary" in record
+                      else split_thresholds(record["cluster_keys"], data))
     seed = manifest.get("split_seed", data.split_seed)
     for keys, texts, clusters in kept_documents(data_path):
         splits = assign_splits({"cluster_key": np.array(clusters, dtype=object)}, seed, *thresholds)["split"]

@@ -1,0 +1,335 @@
+"""Stage 2 of prepare: exact and near-duplicate clusters over the whole corpus, as Ray tasks.
+
+The driver holds nothing per document: it hands object references from one round of tasks to
+the next and adds up counters, so its memory stays flat as the corpus grows. A document's id is
+its position in corpus order (documents shards in order, rows in order).
+
+  1. exact map, per documents shard: (normalized-text hash, id) rows, hash-partitioned.
+  2. exact reduce, per partition: documents with one hash form an exact group; the first in
+     corpus order represents it, the others are copies and take no further part.
+  3. band map, per shard: the representatives' LSH band keys, (band key, id) rows partitioned by key.
+  4. band reduce, per partition: documents sharing a band key are candidate pairs, sent on to the
+     shard of their first document.
+  5. verify, in two hops: a pair picks up its first document's signature and hash in that shard,
+     then meets the second's in its own; it is confirmed when the signatures agree on at least
+     dedup.threshold of their positions.
+  6. components, one task over the confirmed pairs only: connected components (scipy). A cluster's
+     representative is its first document in corpus order, its key the smallest normalized-text
+     hash among its documents (content only: the split assignment survives moving the corpus).
+  7. keep lists, per shard: the rows kept with their cluster keys, and the shard's split summary.
+
+Every step but the Ray calls is a plain function of numpy arrays (tested without Ray).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llm_ray.data import dedup, transforms
+from llm_ray.storage import Location
+
+PAIR = np.int64  # ids
+
+
+# ---------------------------------------------------------------- plain functions
+
+
+def hash_words(hexes: list[str]) -> np.ndarray:
+    """(n, 2) uint64 of 32-digit hex hashes; rows compare (lexicographically) as the strings do."""
+    if not hexes:
+        return np.zeros((0, 2), dtype=np.uint64)
+    return np.frombuffer(bytes.fromhex("".join(hexes)), dtype=">u8").reshape(-1, 2).astype(np.uint64)
+
+
+def hash_hex(word: np.ndarray) -> str:
+    return f"{int(word[0]):016x}{int(word[1]):016x}"
+
+
+def partition(rows: np.ndarray, keys: np.ndarray, parts: int) -> list[np.ndarray]:
+    """rows split into parts by keys % parts (keys uint64)."""
+    which = (keys % np.uint64(parts)).astype(np.int64)
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(1, parts))
+    return np.split(rows[order], bounds)
+
+
+def by_shard(rows: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    """rows split by the shard of ids (offsets: first id of each shard, then the total)."""
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], offsets[1:-1])
+    return np.split(rows[order], bounds)
+
+
+def exact_groups(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rows (n, 3) uint64 [hash hi, hash lo, id] -> (copies (k, 2) [copy id, representative id],
+    sizes (g, 2) [representative id, group size] of the groups with copies)."""
+    if len(rows) == 0:
+        return np.zeros((0, 2), dtype=PAIR), np.zeros((0, 2), dtype=PAIR)
+    rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
+    starts = np.flatnonzero(np.r_[True, np.any(rows[1:, :2] != rows[:-1, :2], axis=1)])
+    sizes = np.diff(np.r_[starts, len(rows)])
+    rep_of_row = np.repeat(rows[starts, 2], sizes).astype(PAIR)
+    is_copy = np.ones(len(rows), dtype=bool)
+    is_copy[starts] = False
+    copies = np.stack([rows[is_copy, 2].astype(PAIR), rep_of_row[is_copy]], axis=1)
+    multi = sizes > 1
+    return copies, np.stack([rows[starts[multi], 2].astype(PAIR), sizes[multi]], axis=1)
+
+
+def candidate_pairs(rows: np.ndarray) -> np.ndarray:
+    """rows (n, 2) uint64 [band key, id] -> unique pairs (i < j) of ids sharing a band key."""
+    if len(rows) < 2:
+        return np.zeros((0, 2), dtype=PAIR)
+    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    starts = np.flatnonzero(np.r_[True, rows[1:, 0] != rows[:-1, 0]])
+    lengths = np.diff(np.r_[starts, len(rows)])
+    ids = rows[:, 1].astype(PAIR)
+    twos = starts[lengths == 2]  # the common case, vectorized
+    pairs = [np.stack([ids[twos], ids[twos + 1]], axis=1)]
+    for start, length in zip(starts[lengths > 2], lengths[lengths > 2]):  # larger buckets: every pair
+        members = ids[start:start + length]
+        i, j = np.triu_indices(length, k=1)
+        pairs.append(np.stack([members[i], members[j]], axis=1))
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def components(edges: np.ndarray, node_hashes: np.ndarray, group_sizes: np.ndarray) -> dict:
+    """Connected components of confirmed pairs.
+
+    edges (e, 2) ids; node_hashes (m, 3) uint64 [id, hash hi, hash lo] covering every node;
+    group_sizes (g, 2) [id, size] of exact groups with copies (a node absent there stands alone).
+    Returns nodes (k,), their cluster's representative (smallest id) and key words (k, 2), and the
+    component sizes in documents.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nodes = np.unique(edges)
+    if len(nodes) == 0:
+        return {"nodes": nodes, "rep": nodes, "key": np.zeros((0, 2), dtype=np.uint64), "sizes": np.zeros(0, int)}
+    a, b = np.searchsorted(nodes, edges[:, 0]), np.searchsorted(nodes, edges[:, 1])
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (a, b)), shape=(len(nodes), len(nodes)))
+    count, label = connected_components(graph, directed=False)
+    hashes = node_hashes[np.unique(node_hashes[:, 0], return_index=True)[1]]
+    words = hashes[np.searchsorted(hashes[:, 0], nodes.astype(np.uint64)), 1:]
+    rep = np.full(count, np.iinfo(PAIR).max, dtype=PAIR)
+    np.minimum.at(rep, label, nodes)  # nodes are sorted: the smallest id of each component
+    first = np.lexsort((words[:, 1], words[:, 0], label))  # by component, then hash
+    starts = first[np.r_[True, label[first][1:] != label[first][:-1]]]
+    key = np.zeros((count, 2), dtype=np.uint64)
+    key[label[starts]] = words[starts]
+    size_of = np.ones(len(nodes), dtype=np.int64)
+    known = np.isin(nodes, group_sizes[:, 0])
+    order = np.argsort(group_sizes[:, 0])
+    size_of[known] = group_sizes[order][np.searchsorted(group_sizes[order, 0], nodes[known]), 1]
+    sizes = np.bincount(label, weights=size_of, minlength=count).astype(np.int64)
+    return {"nodes": nodes, "rep": rep[label], "key": key[label], "sizes": sizes}
+
+
+def split_summary(cluster_keys: list[str], seed: int, val_fraction: float) -> dict:
+    """What the split thresholds need from a set of cluster keys, mergeable across shards (see
+    splits.thresholds_from_summary): count, the two smallest distinct split hashes, the smallest
+    at or above val_fraction, and the largest."""
+    u = np.unique([transforms.split_key(k, seed) for k in cluster_keys])
+    above = u[u >= val_fraction]
+    return {"count": len(cluster_keys), "smallest": u[:2].tolist(),
+            "min_above_val": float(above[0]) if len(above) else None, "max": float(u[-1]) if len(u) else None}
+
+
+def merge_summaries(parts: list[dict]) -> dict:
+    present = [p for p in parts if p["count"]]
+    above = [p["min_above_val"] for p in present if p["min_above_val"] is not None]
+    return {"count": sum(p["count"] for p in parts),
+            "smallest": sorted({u for p in present for u in p["smallest"]})[:2],
+            "min_above_val": min(above) if above else None,
+            "max": max((p["max"] for p in present), default=None)}
+
+
+# ---------------------------------------------------------------- per-shard reading
+
+
+def read_columns(shard: Location, columns: list[str]):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(shard.open_input(), columns=columns)
+
+
+def read_signatures(shard: Location, num_perm: int) -> np.ndarray:
+    column = read_columns(shard, ["signature"]).column("signature").to_pylist()
+    return np.frombuffer(b"".join(column), dtype=np.uint32).reshape(-1, num_perm)
+
+
+def shard_hashes(shard: Location) -> np.ndarray:
+    return hash_words(read_columns(shard, ["exact"]).column("exact").to_pylist())
+
+
+# ---------------------------------------------------------------- Ray tasks (thin: read, call, return)
+
+
+def _returns(chunks: list):
+    """A task's return value for num_returns=len(chunks) (Ray wants the object itself for one)."""
+    return chunks[0] if len(chunks) == 1 else tuple(chunks)
+
+
+def _concat(chunks, width: int, dtype) -> np.ndarray:
+    chunks = [c for c in chunks if len(c)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=dtype)
+
+
+def _exact_map(shard: Location, first: int, parts: int):
+    words = shard_hashes(shard)
+    ids = np.arange(first, first + len(words), dtype=np.uint64)
+    return _returns(partition(np.concatenate([words, ids[:, None]], axis=1), words[:, 0], parts))
+
+
+def _exact_reduce(offsets: np.ndarray, *chunks):
+    copies, sizes = exact_groups(_concat(chunks, 3, np.uint64))
+    return _returns(by_shard(copies, copies[:, 0], offsets) + [sizes])
+
+
+def _band_map(shard: Location, first: int, parts: int, bands: int, rows: int, num_perm: int, *copies):
+    sig = read_signatures(shard, num_perm)
+    ids = np.arange(first, first + len(sig), dtype=np.uint64)
+    mine = ~np.isin(ids.astype(PAIR), _concat(copies, 2, PAIR)[:, 0])  # exact copies take no part
+    keys = dedup.band_keys(sig[mine], bands, rows)  # (m, bands)
+    table = np.stack([keys.ravel(), np.repeat(ids[mine], bands)], axis=1)
+    return _returns(partition(table, table[:, 0], parts))
+
+
+def _band_reduce(offsets: np.ndarray, *chunks):
+    pairs = candidate_pairs(_concat(chunks, 2, np.uint64))
+    return _returns(by_shard(pairs, pairs[:, 0], offsets))
+
+
+def _verify_attach(shard: Location, first: int, offsets: np.ndarray, num_perm: int, *chunks):
+    pairs = np.unique(_concat(chunks, 2, PAIR), axis=0)  # a pair found in several bands counts once
+    sig, words = read_signatures(shard, num_perm), shard_hashes(shard)
+    rows = pairs[:, 0] - first
+    out = by_shard(np.arange(len(pairs)), pairs[:, 1], offsets)
+    return _returns([(pairs[i], words[rows[i]], sig[rows[i]]) for i in out])
+
+
+def _verify_confirm(shard: Location, first: int, num_perm: int, threshold: float, *attached):
+    sig, words = read_signatures(shard, num_perm), shard_hashes(shard)
+    pairs = _concat([a[0] for a in attached], 2, PAIR)
+    words_i = _concat([a[1] for a in attached], 2, np.uint64)
+    sig_i = _concat([a[2] for a in attached], num_perm, np.uint32)
+    rows = pairs[:, 1] - first
+    agreement = (sig_i == sig[rows]).mean(axis=1) if len(pairs) else np.zeros(0)
+    ok = agreement >= threshold
+    hashes = np.concatenate([np.concatenate([pairs[ok, :1].astype(np.uint64), words_i[ok]], axis=1),
+                             np.concatenate([pairs[ok, 1:].astype(np.uint64), words[rows[ok]]], axis=1)])
+    return pairs[ok], hashes, agreement[ok]
+
+
+def _components(offsets: np.ndarray, shards: int, *inputs):
+    confirmed, group_sizes = inputs[:shards], _concat(inputs[shards:], 2, PAIR)
+    edges = _concat([c[0] for c in confirmed], 2, PAIR)
+    agreement = np.concatenate([c[2] for c in confirmed]) if confirmed else np.zeros(0)
+    found = components(edges, _concat([c[1] for c in confirmed], 3, np.uint64), group_sizes)
+    alone = group_sizes[~np.isin(group_sizes[:, 0], found["nodes"])]  # exact groups with no near copy
+    order = np.lexsort((edges[:, 1], edges[:, 0]))[:5]
+    stats = {"near_pairs": len(edges), "clusters_with_copies": len(found["sizes"]) + len(alone),
+             "largest": int(max(found["sizes"].max(initial=1), alone[:, 1].max(initial=1))),
+             "examples": [(int(edges[k, 0]), int(edges[k, 1]), round(float(agreement[k]), 3)) for k in order]}
+    table = np.concatenate([found["nodes"][:, None].astype(np.uint64), found["rep"][:, None].astype(np.uint64),
+                            found["key"]], axis=1)
+    return _returns(by_shard(table, found["nodes"], offsets) + [stats])
+
+
+def _keep_list(shard: Location, first: int, out: Location, seed: int, val_fraction: float, clusters, *copies):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = read_columns(shard, ["doc_key", "exact"])
+    ids = np.arange(first, first + table.num_rows, dtype=PAIR)
+    cluster_keys = np.array(table.column("exact").to_pylist(), dtype=object)
+    copied = _concat(copies, 2, PAIR)[:, 0]
+    member, rows = clusters[:, 0].astype(PAIR), clusters[:, 0].astype(PAIR) - first
+    cluster_keys[rows] = [hash_hex(w) for w in clusters[:, 2:]]
+    keep = ~np.isin(ids, copied)
+    keep[rows[clusters[:, 1].astype(PAIR) != member]] = False  # in a cluster another document represents
+    kept = np.flatnonzero(keep)
+    schema = pa.schema([("row", pa.int64()), ("doc_key", pa.string()), ("cluster_key", pa.string())])
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"row": kept, "doc_key": table.column("doc_key").take(kept),
+                             "cluster_key": cluster_keys[kept].tolist()}, schema=schema), buffer)
+    (out / shard.name).write_bytes(buffer.getvalue().to_pybytes())
+    return {"kept": len(kept), "copies": len(copied), "split": split_summary(cluster_keys[kept].tolist(), seed,
+                                                                             val_fraction)}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def cluster_shards(shards: list[Location], d, out: Location, seed: int, val_fraction: float) -> dict:
+    """Run the rounds above over the documents shards; write one keep list per shard into out.
+
+    d: the DedupConfig. Returns the counters (the driver never holds per-document data)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    def task(fn, returns: int = 1):
+        return ray.remote(fn).options(num_returns=returns).remote
+
+    counts = [pq.read_metadata(s.open_input()).num_rows for s in shards]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(PAIR)
+    S, P = len(shards), max(1, min(len(shards), 256))
+    column = lambda refs, k: [r[k] if isinstance(r, list) else r for r in refs]  # noqa: E731
+    listed = lambda refs: refs if isinstance(refs, list) else [refs]  # noqa: E731
+    copies = [[] for _ in range(S)]  # per shard: refs to (copy id, representative id) arrays
+    sizes = []
+    if d.exact:
+        mapped = [listed(task(_exact_map, P)(s, int(offsets[i]), P)) for i, s in enumerate(shards)]
+        reduced = [listed(task(_exact_reduce, S + 1)(offsets, *column(mapped, p))) for p in range(P)]
+        copies = [column(reduced, i) for i in range(S)]
+        sizes = column(reduced, S)
+    confirmed = []
+    bands, rows = dedup.lsh_params(d.threshold, d.num_perm)
+    if d.near:
+        banded = [listed(task(_band_map, P)(s, int(offsets[i]), P, bands, rows, d.num_perm, *copies[i]))
+                  for i, s in enumerate(shards)]
+        candidates = [listed(task(_band_reduce, S)(offsets, *column(banded, p))) for p in range(P)]
+        attached = [listed(task(_verify_attach, S)(s, int(offsets[i]), offsets, d.num_perm, *column(candidates, i)))
+                    for i, s in enumerate(shards)]
+        confirmed = [task(_verify_confirm)(s, int(offsets[i]), d.num_perm, d.threshold, *column(attached, i))
+                     for i, s in enumerate(shards)]
+    clustered = listed(task(_components, S + 1)(offsets, len(confirmed), *confirmed, *sizes))
+    stats = ray.get(clustered[S])
+    kept = ray.get([task(_keep_list)(s, int(offsets[i]), out, seed, val_fraction, clustered[i], *copies[i])
+                    for i, s in enumerate(shards)])
+    return {"docs_in": int(offsets[-1]), "docs_out": sum(k["kept"] for k in kept),
+            "exact_duplicates": sum(k["copies"] for k in kept), "near_duplicate_pairs": stats["near_pairs"],
+            "clusters_with_copies": stats["clusters_with_copies"], "largest_cluster": stats["largest"],
+            "lsh_bands": bands, "lsh_rows": rows, "examples": stats["examples"], "offsets": offsets,
+            "split_summary": merge_summaries([k["split"] for k in kept])}
+
+
+def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:
+    from llm_ray.data import stages
+    from llm_ray.data.errors import PrepareError
+
+    key = stages.stage_key("dedup", docs_record["key"], cfg.dedup.model_dump())
+    if (record := stages.completed(out, key)) is not None:
+        log("dedup: up to date, skipped")
+        return record
+    stages.begin(out, key)
+    if docs_record["docs_out"] == 0:
+        raise PrepareError("no documents survived cleaning: check data.sources and the cleaning.* thresholds "
+                           f"(drops: {dict(docs_record['drops'])})")
+    shards = [docs_dir / s for s in docs_record["shards"]]
+    found = cluster_shards(shards, cfg.dedup, out, cfg.data.split_seed, cfg.data.val_fraction)
+    examples = []
+    for i, j, agreement in found.pop("examples"):  # document keys of the few example pairs
+        keys = [document_key(shards, found["offsets"], x) for x in (i, j)]
+        examples.append({"documents": keys, "estimated_jaccard": agreement})
+    del found["offsets"]
+    log(f"dedup: {found['docs_in']} documents -> {found['docs_out']} kept; {found['exact_duplicates']} exact copies "
+        f"and {found['near_duplicate_pairs']} near-duplicate pairs; {found['clusters_with_copies']} clusters with "
+        f"copies (LSH {found['lsh_bands']} bands x {found['lsh_rows']} rows)")
+    return stages.finish(out, key, {**found, "example_pairs": examples})
+
+
+def document_key(shards: list[Location], offsets: np.ndarray, doc_id: int) -> str:
+    s = int(np.searchsorted(offsets, doc_id, side="right") - 1)
+    return read_columns(shards[s], ["doc_key"]).column("doc_key")[doc_id - int(offsets[s])].as_py()
