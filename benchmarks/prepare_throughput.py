@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from llm_ray.config import load_config
@@ -160,16 +161,199 @@ def run(label: str, sources: list[str], workdir: Path, cores: int, planted=None)
     return total
 
 
+# ---------------------------------------------------------------- dedup alone, on synthetic signatures
+
+NUM_PERM = 128
+NEAR_SHARE, EXACT_SHARE, DECOY_SHARE = 0.10, 0.02, 0.02  # planted near copies, exact copies, look-alikes
+
+
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64: a well-spread uint64 hash of uint64 inputs (vectorized)."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def planted(ids: np.ndarray, shard_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kind, origin) of each document id: 0 original, 1 near copy, 2 exact copy, 3 look-alike (shares
+    30% of an original's signature: not a duplicate). Even ids are always originals; a copy or
+    look-alike points to an even id one to three shards earlier, so clusters cross shards."""
+    u = (mix(ids * np.uint64(7) + np.uint64(1)) >> np.uint64(11)).astype(np.float64) / 2**53
+    kind = np.select([u < NEAR_SHARE, u < NEAR_SHARE + EXACT_SHARE, u < NEAR_SHARE + EXACT_SHARE + DECOY_SHARE],
+                     [1, 2, 3], 0)
+    offset = np.uint64(shard_size) * (np.uint64(1) + mix(ids) % np.uint64(3)) + mix(ids + np.uint64(5)) % np.uint64(97)
+    reachable = ids >= offset
+    back = np.where(reachable, ids - np.where(reachable, offset, 0), 0)
+    back -= back % np.uint64(2)
+    kind = np.where(reachable & (ids % np.uint64(2) == 1), kind, 0)
+    return kind, np.where(kind > 0, back, ids).astype(np.int64)
+
+
+def synthetic_shard(first: int, count: int, shard_size: int, path: str) -> int:
+    """Write documents [first, first + count) as a documents shard (doc_key, exact, signature)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = np.arange(first, first + count, dtype=np.uint64)
+    kind, origin = planted(ids, shard_size)
+    base = origin.astype(np.uint64)
+    positions = np.arange(NUM_PERM, dtype=np.uint64)
+    sig = mix(base[:, None] * np.uint64(NUM_PERM) + positions)  # the origin's signature
+    own = mix(ids[:, None] * np.uint64(NUM_PERM) + positions + np.uint64(1 << 40))
+    share = (mix(ids[:, None] * np.uint64(31) + positions) >> np.uint64(11)).astype(np.float64) / 2**53
+    changed = np.where(kind[:, None] == 1, share < 0.05 + 0.25 * (share[:, :1]), False)  # 5-30% of positions
+    changed |= (kind[:, None] == 3) & (share >= 0.3)  # look-alikes keep only 30%
+    sig = np.where(changed, own, sig).astype(np.uint32)
+    exact_of = np.where(kind == 2, base, ids)  # exact copies share the origin's text hash
+    exact = [f"{a:016x}{b:016x}" for a, b in zip(mix(exact_of).tolist(), mix(exact_of + np.uint64(1)).tolist())]
+    table = pa.table({"doc_key": [f"doc{i:09d}" for i in ids.tolist()], "exact": exact,
+                      "signature": pa.array([r.tobytes() for r in sig], type=pa.binary())})
+    pq.write_table(table, path)
+    return count
+
+
+def dedup_quality(shard_path: str, keep_path: str, first: int, shard_size: int) -> tuple[int, int, int]:
+    """(dropped planted copies, dropped documents, planted copies) of one shard."""
+    import pyarrow.parquet as pq
+
+    count = pq.read_metadata(shard_path).num_rows
+    kind, _ = planted(np.arange(first, first + count, dtype=np.uint64), shard_size)
+    kept = np.zeros(count, dtype=bool)
+    kept[pq.read_table(keep_path, columns=["row"]).column("row").to_numpy()] = True
+    copy = (kind == 1) | (kind == 2)
+    return int((~kept & copy).sum()), int((~kept).sum()), int(copy.sum())
+
+
+class DriverPeak:
+    """Peak resident memory of this process alone, sampled every 50 ms."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, me.memory_info().rss)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def former_clustering(paths: list[str]) -> dict:
+    """The baseline: the former dedup stage's clustering, every hash and signature read onto the driver
+    (this process plays the driver)."""
+    import pyarrow.parquet as pq
+
+    from llm_ray.config import DedupConfig
+    from llm_ray.data import dedup
+
+    d = DedupConfig()
+    before = psutil.Process().memory_info().rss
+    with DriverPeak() as peak:
+        started = time.time()
+        tables = [pq.read_table(p, columns=["exact", "signature"]) for p in paths]
+        exact = np.array([h for t in tables for h in t.column("exact").to_pylist()], dtype=object)
+        sig = np.frombuffer(b"".join(b for t in tables for b in t.column("signature").to_pylist()),
+                            dtype=np.uint32).reshape(-1, d.num_perm)
+        del tables
+        first, pairs = {}, []
+        for i, h in enumerate(exact):
+            pairs.append((first[h], i)) if h in first else first.setdefault(h, i)
+        bands, rows = dedup.lsh_params(d.threshold, d.num_perm)
+        labels = dedup.clusters(len(exact), pairs + dedup.near_duplicate_pairs(sig, d.threshold, bands, rows))
+        seconds = time.time() - started
+    return {"seconds": seconds, "driver_peak": peak.peak, "driver_before": before, "kept": int((labels == np.arange(
+        len(labels))).sum())}
+
+
+def dedup_only(documents: int, workdir: Path, shard_size: int = 100_000, baseline: bool = False) -> dict:
+    """The dedup stage's clustering alone on synthetic signatures with planted clusters."""
+    import ray
+
+    from llm_ray.config import DedupConfig
+    from llm_ray.data.dedup_stage import cluster_shards
+    from llm_ray.storage import Location
+
+    folder = workdir / f"dedup-{documents}"
+    (folder / "documents").mkdir(parents=True)
+    (folder / "dedup").mkdir()
+    starts = list(range(0, documents, shard_size))
+    paths = [str(folder / "documents" / f"part-{i:05d}.parquet") for i in range(len(starts))]
+    write = ray.remote(synthetic_shard)
+    ray.get([write.remote(s, min(shard_size, documents - s), shard_size, p) for s, p in zip(starts, paths)])
+    shards = [Location(p) for p in paths]
+    before = psutil.Process().memory_info().rss
+    with DriverPeak() as peak:
+        started = time.time()
+        found = cluster_shards(shards, DedupConfig(), Location(str(folder / "dedup")), seed=0, val_fraction=0.05)
+        seconds = time.time() - started
+    former = None
+    if baseline:  # in a process of its own, so that its memory is not this driver's
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            former = pool.submit(former_clustering, paths).result()
+    score = ray.remote(dedup_quality)
+    parts = ray.get([score.remote(p, str(folder / "dedup" / Path(p).name), s, shard_size)
+                     for s, p in zip(starts, paths)])
+    true_drops, drops, planted_copies = (sum(x) for x in zip(*parts))
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"documents": documents, "seconds": seconds, "driver_before": before, "driver_peak": peak.peak,
+            "precision": true_drops / max(1, drops), "recall": true_drops / max(1, planted_copies),
+            "clusters": found["clusters_with_copies"], "near_pairs": found["near_duplicate_pairs"],
+            "kept": found["docs_out"], "former": former, "coordinator": found["coordinator_growth_bytes"]}
+
+
+def print_dedup_only(sizes: list[int], workdir: Path) -> None:
+    print(f"\ndedup alone on synthetic signatures ({NUM_PERM} permutations; planted: {NEAR_SHARE:.0%} near copies "
+          f"with 5-30% of positions changed, {EXACT_SHARE:.0%} exact copies, {DECOY_SHARE:.0%} look-alikes sharing "
+          "30%), the driver's memory sampled every 50 ms:")
+    first = None
+    for n in sizes:
+        r = dedup_only(n, workdir, baseline=first is None)
+        first = first or r
+        growth = (r["driver_peak"] - r["driver_before"]) / 2**20
+        print(f"  {n:>10,} documents: {r['seconds']:6.1f} s ({r['seconds'] / first['seconds']:.2f}x the first size's "
+              f"time for {n / first['documents']:.0f}x the documents) | driver peak {r['driver_peak'] / 2**30:.2f} GiB "
+              f"({r['driver_peak'] / first['driver_peak']:.2f}x the first size's; +{growth:.0f} MiB during dedup) | "
+              f"coordinator task +{r['coordinator'] / 2**20:.0f} MiB | "
+              f"precision {r['precision']:.4f}, recall {r['recall']:.4f} | {r['clusters']:,} clusters, "
+              f"{r['near_pairs']:,} near pairs")
+        if r["former"]:
+            f = r["former"]
+            print(f"  {n:>10,} documents, the former clustering on the driver (baseline): {f['seconds']:6.1f} s, driver "
+                  f"peak {f['driver_peak'] / 2**30:.2f} GiB (+{(f['driver_peak'] - f['driver_before']) / 2**20:.0f} MiB "
+                  "in a process of its own); "
+                  f"distributed: {r['seconds'] / f['seconds']:.2f}x its time, "
+                  f"{(r['driver_peak'] - r['driver_before']) / max(1, f['driver_peak'] - f['driver_before']):.3f}x its "
+                  f"driver growth; documents kept: {r['kept']:,} vs {f['kept']:,}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 200], help="generated corpus sizes")
     parser.add_argument("--skip-demo", action="store_true", help="skip the demo corpus")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
+    parser.add_argument("--dedup-only", type=int, nargs="+", metavar="DOCUMENTS",
+                        help="only the dedup stage, on synthetic signatures of these corpus sizes (e.g. 1000000 5000000)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="llmray-bench-"))
     init_ray(num_cpus=cores)
     try:
+        if args.dedup_only:
+            print_dedup_only(args.dedup_only, workdir)
+            return
         if not args.skip_demo:
             run("demo", ["builtin:shakespeare"], workdir, cores)
         for size in args.sizes_mb:

@@ -1,7 +1,9 @@
 """Exact and near-duplicate detection: normalized-text hashes, MinHash signatures, LSH, clusters.
 
 Plain numpy; ``prepare`` runs the per-document parts on Ray Data workers and the
-clustering once on the driver over compact signatures.
+clustering as rounds of Ray tasks (``dedup_stage``). ``near_duplicate_pairs`` and ``clusters``
+do the same clustering in one process, all pairs in memory: the reference the tests and
+benchmarks compare the rounds with.
 
 MinHash estimates the Jaccard similarity of two documents' shingle sets: with random
 hash functions h_i, P[min h_i(A) == min h_i(B)] = J(A, B). LSH splits each signature

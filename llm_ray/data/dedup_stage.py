@@ -265,9 +265,29 @@ def _keep_list(shard: Location, first: int, out: Location, seed: int, val_fracti
 def cluster_shards(shards: list[Location], d, out: Location, seed: int, val_fraction: float) -> dict:
     """Run the rounds above over the documents shards; write one keep list per shard into out.
 
-    d: the DedupConfig. Returns the counters (the driver never holds per-document data)."""
+    d: the DedupConfig. Returns the counters. The rounds are submitted by one coordinating task
+    rather than by the driver: Ray keeps small task results (under 100 KB) in the memory of the
+    process that submitted the task, and the many small per-partition results of the middle
+    rounds add up with the number of duplicate pairs; in the coordinator they never reach the
+    driver, whose memory stays flat."""
+    import ray
+
+    coordinate = ray.remote(num_cpus=0)(_coordinate)
+    return ray.get(coordinate.remote(shards, d, out, seed, val_fraction))
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fraction: float) -> dict:
     import pyarrow.parquet as pq
     import ray
+
+    rss_before = _rss_bytes()
 
     def task(fn, returns: int = 1):
         return ray.remote(fn).options(num_returns=returns).remote
@@ -302,7 +322,8 @@ def cluster_shards(shards: list[Location], d, out: Location, seed: int, val_frac
             "exact_duplicates": sum(k["copies"] for k in kept), "near_duplicate_pairs": stats["near_pairs"],
             "clusters_with_copies": stats["clusters_with_copies"], "largest_cluster": stats["largest"],
             "lsh_bands": bands, "lsh_rows": rows, "examples": stats["examples"], "offsets": offsets,
-            "split_summary": merge_summaries([k["split"] for k in kept])}
+            "split_summary": merge_summaries([k["split"] for k in kept]),
+            "coordinator_growth_bytes": max(0, _rss_bytes() - rss_before)}  # while holding every round's results
 
 
 def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:
@@ -323,7 +344,7 @@ def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) 
     for i, j, agreement in found.pop("examples"):  # document keys of the few example pairs
         keys = [document_key(shards, found["offsets"], x) for x in (i, j)]
         examples.append({"documents": keys, "estimated_jaccard": agreement})
-    del found["offsets"]
+    del found["offsets"], found["coordinator_growth_bytes"]
     log(f"dedup: {found['docs_in']} documents -> {found['docs_out']} kept; {found['exact_duplicates']} exact copies "
         f"and {found['near_duplicate_pairs']} near-duplicate pairs; {found['clusters_with_copies']} clusters with "
         f"copies (LSH {found['lsh_bands']} bands x {found['lsh_rows']} rows)")
