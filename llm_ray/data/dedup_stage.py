@@ -283,40 +283,50 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def submit(fn, returns: int, *args) -> list:
+    """fn as a Ray task with `returns` return values: the list of their references."""
+    import ray
+
+    refs = ray.remote(fn).options(num_returns=returns).remote(*args)
+    return refs if returns > 1 else [refs]
+
+
+def column(grid: list[list], k: int) -> list:
+    """The k-th reference of each task's list: what one partition (or shard) receives from every task."""
+    return [refs[k] for refs in grid]
+
+
 def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fraction: float) -> dict:
+    """The rounds, submitted from a task (see cluster_shards)."""
     import pyarrow.parquet as pq
     import ray
 
     rss_before = _rss_bytes()
 
-    def task(fn, returns: int = 1):
-        return ray.remote(fn).options(num_returns=returns).remote
-
     counts = [pq.read_metadata(s.open_input()).num_rows for s in shards]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(PAIR)
+    firsts = [int(f) for f in offsets[:-1]]
     S, P = len(shards), max(1, min(len(shards), 256))
-    column = lambda refs, k: [r[k] if isinstance(r, list) else r for r in refs]  # noqa: E731
-    listed = lambda refs: refs if isinstance(refs, list) else [refs]  # noqa: E731
     copies = [[] for _ in range(S)]  # per shard: refs to (copy id, representative id) arrays
     sizes = []
     if d.exact:
-        mapped = [listed(task(_exact_map, P)(s, int(offsets[i]), P)) for i, s in enumerate(shards)]
-        reduced = [listed(task(_exact_reduce, S + 1)(offsets, *column(mapped, p))) for p in range(P)]
+        mapped = [submit(_exact_map, P, s, firsts[i], P) for i, s in enumerate(shards)]
+        reduced = [submit(_exact_reduce, S + 1, offsets, *column(mapped, p)) for p in range(P)]
         copies = [column(reduced, i) for i in range(S)]
         sizes = column(reduced, S)
     confirmed = []
     bands, rows = dedup.lsh_params(d.threshold, d.num_perm)
     if d.near:
-        banded = [listed(task(_band_map, P)(s, int(offsets[i]), P, bands, rows, d.num_perm, *copies[i]))
+        banded = [submit(_band_map, P, s, firsts[i], P, bands, rows, d.num_perm, *copies[i])
                   for i, s in enumerate(shards)]
-        candidates = [listed(task(_band_reduce, S)(offsets, *column(banded, p))) for p in range(P)]
-        attached = [listed(task(_verify_attach, S)(s, int(offsets[i]), offsets, d.num_perm, *column(candidates, i)))
+        candidates = [submit(_band_reduce, S, offsets, *column(banded, p)) for p in range(P)]
+        attached = [submit(_verify_attach, S, s, firsts[i], offsets, d.num_perm, *column(candidates, i))
                     for i, s in enumerate(shards)]
-        confirmed = [task(_verify_confirm)(s, int(offsets[i]), d.num_perm, d.threshold, *column(attached, i))
+        confirmed = [submit(_verify_confirm, 1, s, firsts[i], d.num_perm, d.threshold, *column(attached, i))[0]
                      for i, s in enumerate(shards)]
-    clustered = listed(task(_components, S + 1)(offsets, len(confirmed), *confirmed, *sizes))
+    clustered = submit(_components, S + 1, offsets, len(confirmed), *confirmed, *sizes)
     stats = ray.get(clustered[S])
-    kept = ray.get([task(_keep_list)(s, int(offsets[i]), out, seed, val_fraction, clustered[i], *copies[i])
+    kept = ray.get([submit(_keep_list, 1, s, firsts[i], out, seed, val_fraction, clustered[i], *copies[i])[0]
                     for i, s in enumerate(shards)])
     return {"docs_in": int(offsets[-1]), "docs_out": sum(k["kept"] for k in kept),
             "exact_duplicates": sum(k["copies"] for k in kept), "near_duplicate_pairs": stats["near_pairs"],
