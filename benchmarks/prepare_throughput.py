@@ -32,10 +32,11 @@ from llm_ray.ray_utils import init_ray
 
 
 class PeakMemory:
-    """Peak of the summed RSS of this process and all its descendants (Ray's processes included)."""
+    """Peak of the summed RSS of this process and all its descendants (Ray's processes included), or
+    of this process alone (children=False)."""
 
-    def __init__(self, interval_s: float = 0.25):
-        self.peak = 0
+    def __init__(self, interval_s: float = 0.25, children: bool = True):
+        self.peak, self.children = 0, children
         self.parts: dict[str, tuple[int, int]] = {}  # process name -> (processes, summed RSS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
@@ -44,7 +45,7 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             total, parts = 0, {}
-            for p in [me, *me.children(recursive=True)]:
+            for p in [me, *me.children(recursive=True)] if self.children else [me]:
                 try:
                     rss = p.memory_info().rss
                     name = " ".join(p.cmdline()[:1]).split("/")[-1][:40] if p != me else "driver"
@@ -226,28 +227,6 @@ def dedup_quality(shard_path: str, keep_path: str, first: int, shard_size: int) 
     return int((~kept & copy).sum()), int((~kept).sum()), int(copy.sum())
 
 
-class DriverPeak:
-    """Peak resident memory of this process alone, sampled every 50 ms."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, me.memory_info().rss)
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def former_clustering(paths: list[str]) -> dict:
     """The baseline: the former dedup stage's clustering, every hash and signature read onto the driver
     (this process plays the driver)."""
@@ -258,7 +237,7 @@ def former_clustering(paths: list[str]) -> dict:
 
     d = DedupConfig()
     before = psutil.Process().memory_info().rss
-    with DriverPeak() as peak:
+    with PeakMemory(0.05, children=False) as peak:
         started = time.time()
         tables = [pq.read_table(p, columns=["exact", "signature"]) for p in paths]
         exact = np.array([h for t in tables for h in t.column("exact").to_pylist()], dtype=object)
@@ -292,7 +271,7 @@ def dedup_only(documents: int, workdir: Path, shard_size: int = 100_000, baselin
     ray.get([write.remote(s, min(shard_size, documents - s), shard_size, p) for s, p in zip(starts, paths)])
     shards = [Location(p) for p in paths]
     before = psutil.Process().memory_info().rss
-    with DriverPeak() as peak:
+    with PeakMemory(0.05, children=False) as peak:
         started = time.time()
         found = cluster_shards(shards, DedupConfig(), Location(str(folder / "dedup")), seed=0, val_fraction=0.05)
         seconds = time.time() - started

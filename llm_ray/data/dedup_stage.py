@@ -29,6 +29,9 @@ from llm_ray.data import dedup, transforms
 from llm_ray.storage import Location
 
 PAIR = np.int64  # ids
+# Inside a Ray Tune trial (a sweep's trial prepares its data variant), tasks would otherwise be
+# placed in the trial's placement group, which reserves nothing for them; Ray Data does the same.
+OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
 
 
 # ---------------------------------------------------------------- plain functions
@@ -272,7 +275,7 @@ def cluster_shards(shards: list[Location], d, out: Location, seed: int, val_frac
     driver, whose memory stays flat."""
     import ray
 
-    coordinate = ray.remote(num_cpus=0)(_coordinate)
+    coordinate = ray.remote(num_cpus=0, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)(_coordinate)
     return ray.get(coordinate.remote(shards, d, out, seed, val_fraction))
 
 
@@ -287,7 +290,7 @@ def submit(fn, returns: int, *args) -> list:
     """fn as a Ray task with `returns` return values: the list of their references."""
     import ray
 
-    refs = ray.remote(fn).options(num_returns=returns).remote(*args)
+    refs = ray.remote(fn).options(num_returns=returns, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS).remote(*args)
     return refs if returns > 1 else [refs]
 
 
