@@ -31,6 +31,13 @@ class StorageError(Exception):
     """A storage location that cannot be used, described for the user (the config field named)."""
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(s3_json: str):
     from llm_ray.data.sources import s3_filesystem
@@ -167,6 +174,7 @@ class Location:
         # first attempt) never share one, and a reader never sees half a file.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain write would not
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)

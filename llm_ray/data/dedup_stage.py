@@ -23,6 +23,8 @@ Every step but the Ray calls is a plain function of numpy arrays (tested without
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from llm_ray.data import dedup, transforms
@@ -225,8 +227,9 @@ def _verify_confirm(shard: Location, first: int, num_perm: int, threshold: float
     return pairs[ok], hashes, agreement[ok]
 
 
-def _components(offsets: np.ndarray, shards: int, *inputs):
-    confirmed, group_sizes = inputs[:shards], _concat(inputs[shards:], 2, PAIR)
+def _components(offsets: np.ndarray, confirmed_count: int, *inputs):
+    """inputs: the confirmed_count verify results, then the exact reducers' group sizes."""
+    confirmed, group_sizes = inputs[:confirmed_count], _concat(inputs[confirmed_count:], 2, PAIR)
     edges = _concat([c[0] for c in confirmed], 2, PAIR)
     agreement = np.concatenate([c[2] for c in confirmed]) if confirmed else np.zeros(0)
     found = components(edges, _concat([c[1] for c in confirmed], 3, np.uint64), group_sizes)
@@ -280,17 +283,26 @@ def cluster_shards(shards: list[Location], d, out: Location, seed: int, val_frac
 
 
 def _rss_bytes() -> int:
+    """This process's resident memory (0 where /proc is missing, e.g. macOS): a figure for benchmarks."""
     import os
 
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _remote(fn):
+    import ray
+
+    return ray.remote(fn)  # once per function, not once per task
 
 
 def submit(fn, returns: int, *args) -> list:
     """fn as a Ray task with `returns` return values: the list of their references."""
-    import ray
-
-    refs = ray.remote(fn).options(num_returns=returns, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS).remote(*args)
+    refs = _remote(fn).options(num_returns=returns, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS).remote(*args)
     return refs if returns > 1 else [refs]
 
 
@@ -343,7 +355,10 @@ def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) 
     from llm_ray.data import stages
     from llm_ray.data.errors import PrepareError
 
-    key = stages.stage_key("dedup", docs_record["key"], cfg.dedup.model_dump())
+    # The record's split summary depends on the split seed and validation share; "rounds" marks the
+    # record's format (records of the former driver-side stage had no summary).
+    key = stages.stage_key("dedup", "rounds", docs_record["key"], cfg.dedup.model_dump(), cfg.data.split_seed,
+                           cfg.data.val_fraction)
     if (record := stages.completed(out, key)) is not None:
         log("dedup: up to date, skipped")
         return record

@@ -142,7 +142,7 @@ def _pack_batch(batch: dict, keep_dir: Location, **kwargs) -> dict:
 def pack_stage(cfg: Config, shards: list[Location], keep_dir: Location, thresholds, tok_record: dict,
                tokenizer_path: Location, out: Location, log) -> dict:
 
-    key = stages.stage_key("pack", tok_record["key"], cfg.data.block_size)
+    key = stages.stage_key("pack", "documents-counted", tok_record["key"], cfg.data.block_size)
     if (record := stages.completed(out, key)) is not None:
         log("pack: up to date, skipped")
         return record
@@ -206,7 +206,14 @@ def prepare(cfg: Config, log=print) -> dict:
 
     # Tasks on other nodes write the shards: a local folder is only right on a shared filesystem.
     try:
-        check_shared({"output_dir": out}, alive_nodes(), cfg.data.shared_filesystem)
+        from llm_ray.data.corpus import cache_dir
+
+        # Every task reads the files it is given: local sources exist on the driver's node only (a
+        # built-in corpus too: it is cached there).
+        local_sources = {f"data.sources ({s})": Location(str(cache_dir())) if s.startswith("builtin:")
+                         else Location.parse(s, field="data.sources") for s in cfg.data.sources
+                         if not s.startswith("s3://")}
+        check_shared({"output_dir": out, **local_sources}, alive_nodes(), cfg.data.shared_filesystem)
     except StorageError as e:
         raise ConfigError(str(e)) from None
     out.mkdir()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from llm_ray.data.tokenizer import EOT, PAD
-from llm_ray.storage import Location, local_folder
+from llm_ray.storage import as_location, local_folder
 
 METHODS = ("gradient_x_input", "integrated_gradients", "kernel_shap", "lime")
 
@@ -100,7 +100,7 @@ def explain(checkpoint: str | Path, text: str, target: str | None = None, out_ro
     agreement = {f"{a} ~ {b}": rank_correlation(scores[a], scores[b])
                  for i, a in enumerate(METHODS) for b in METHODS[i + 1:]}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "text"
-    target_folder = (Location(str(Path(out_root).resolve())) if out_root
+    target_folder = (as_location(out_root, cfg.data.s3, "--out") if out_root
                      else eval_folder(cfg, model_dir).parent / "explain") / slug
     attention = attention_maps(model, ids)
     result = {"text": text, "tokens": tokens, "target": tokenizer.decode([target_id]), "target_id": target_id,

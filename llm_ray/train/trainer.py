@@ -97,7 +97,8 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "tokenizer_json": tokenizer_json,
-            "tracking_dir": str(tracking_dir(cfg)),  # absolute: workers run in their own folders
+            # absolute: workers run in their own folders; None: the worker's own node cache (a run on S3)
+            "tracking_dir": None if cfg.run_location.remote else str(tracking_dir(cfg)),
             "train_shards": shards["train"],
             "val_shards": shards["val"],
             "data_key": data_key,
