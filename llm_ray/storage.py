@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import shutil
@@ -168,19 +169,10 @@ class Location:
             with self.filesystem.open_output_stream(self.path, metadata={}) as f:
                 f.write(data)
             return
-        target = Path(self.uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # A unique temporary name beside the target: two writers (a retried Ray task beside its
-        # first attempt) never share one, and a reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain write would not
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # A unique temporary name beside the target (mkstemp, made readable as a plain write would
+        # be): two writers (a retried Ray task beside its first attempt) never share one, and a
+        # reader never sees half a file.
+        self._write_stream(io.BytesIO(data))
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
@@ -196,30 +188,51 @@ class Location:
         if self.is_dir():
             self.filesystem.delete_dir(self.path)
 
-    def upload(self, local: Path) -> None:
-        """Copy a local file or folder here (a folder's files keep their relative paths)."""
-        local = Path(local)
-        if not local.is_dir():
-            self.write_bytes(local.read_bytes())
-            return
-        for file in sorted(p for p in local.rglob("*") if p.is_file()):
-            (self / file.relative_to(local).as_posix()).write_bytes(file.read_bytes())
-
-    def download(self, dest: Path) -> Path:
-        """Copy this file, or this folder's files, to the local dest (atomically per file)."""
+    def files(self) -> list[str]:
+        """The relative paths of the files under this folder, sorted."""
         from pyarrow import fs
 
+        infos = self.filesystem.get_file_info(fs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        return sorted(i.path[len(self.path):].lstrip("/") for i in infos if i.type == fs.FileType.File)
+
+    def upload(self, local: Path) -> None:
+        """Copy a local file or folder here (a folder's files keep their relative paths), streamed."""
+        local = Path(local)
+        if not local.is_dir():
+            with open(local, "rb") as src:
+                self._write_stream(src)
+            return
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            (self / file.relative_to(local).as_posix()).upload(file)
+
+    def download(self, dest: Path) -> Path:
+        """Copy this file, or this folder's files, to the local dest: streamed, atomically per file."""
         dest = Path(dest)
-        if self.is_file():
-            Location(str(dest.resolve())).write_bytes(self.read_bytes())
+        if not self.is_file():
+            for rel in self.files():
+                (self / rel).download(dest / rel)
             return dest
-        selector = fs.FileSelector(self.path, recursive=True)
-        for info in self.filesystem.get_file_info(selector):
-            if info.type == fs.FileType.File:
-                rel = info.path[len(self.path):].lstrip("/")
-                Location(str((dest / rel).resolve())).write_bytes(Location(
-                    (S3 + info.path) if self.remote else info.path, self.s3).read_bytes())
+        with self.filesystem.open_input_stream(self.path, compression=None) as src:
+            Location(str(dest.resolve()))._write_stream(src)
         return dest
+
+    def _write_stream(self, src) -> None:
+        """Write what the binary stream src holds here, in 8 MiB pieces (atomic like write_bytes)."""
+        if self.remote:
+            with self.filesystem.open_output_stream(self.path, metadata={}) as f:
+                shutil.copyfileobj(src, f, 8 << 20)
+            return
+        target = Path(self.uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(src, f, 8 << 20)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def as_location(value: "str | Path | Location", s3: S3Config | None = None, field: str = "--data") -> Location:
@@ -285,8 +298,15 @@ def local_copy(location: Location, cache: Path) -> Path:
     if not location.remote:
         return Path(location.uri)
     target = cache / location.name
-    if not target.is_file():
-        location.download(target)
+    if target.is_file():
+        return target
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{location.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other workers wait for this copy instead of making theirs
+        if not target.is_file():
+            location.download(target)
     return target
 
 

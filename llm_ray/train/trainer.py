@@ -154,9 +154,12 @@ def publish_model(cfg: Config, checkpoint: Location, log) -> Path:
     source.download(incoming)
     shutil.rmtree(local, ignore_errors=True)  # no file of an older checkpoint stays behind
     incoming.rename(local)
-    if run.remote:
-        (run / MODEL_DIR).rmtree()
-        (run / MODEL_DIR).upload(local)
+    if run.remote:  # new files first, then the stale ones go: model/ is never empty meanwhile
+        published = run / MODEL_DIR
+        stale = set(published.files()) - {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+        published.upload(local)
+        for rel in stale:
+            published.filesystem.delete_file((published / rel).path)
         log(f"train: checkpoint {checkpoint}; inference files in {run / MODEL_DIR} (local copy {local})")
     else:
         log(f"train: checkpoint {checkpoint}; inference files copied to {local}")
