@@ -134,9 +134,9 @@ def pack_shard(path: Location, keep_dir: Location, tokenizer_json: str, seed: in
 
 
 def _pack_batch(batch: dict, keep_dir: Location, **kwargs) -> dict:
-    for name in batch["name"]:
-        pack_shard(keep_dir.parent / "documents" / str(name), keep_dir, **kwargs)
-    return {"name": batch["name"]}
+    for uri in batch["uri"]:
+        pack_shard(Location(str(uri), keep_dir.s3), keep_dir, **kwargs)
+    return {"uri": batch["uri"]}
 
 
 def pack_stage(cfg: Config, shards: list[Location], keep_dir: Location, thresholds, tok_record: dict,
@@ -151,7 +151,7 @@ def pack_stage(cfg: Config, shards: list[Location], keep_dir: Location, threshol
     todo = [p for p in shards if not (out / f"{p.stem}.json").is_file()]
     log(f"pack: tokenizing {len(shards)} shards ({len(shards) - len(todo)} already done)")
     if todo:
-        task_per_item([{"name": p.name} for p in todo], _pack_batch, keep_dir=keep_dir,
+        task_per_item([{"uri": p.uri} for p in todo], _pack_batch, keep_dir=keep_dir,
                       tokenizer_json=tokenizer_path.read_text(), seed=cfg.data.split_seed,
                       thresholds=tuple(thresholds), block_size=cfg.data.block_size, dtype=dtype.name,
                       out_dir=out).materialize()

@@ -29,14 +29,12 @@ def read_kept(docs_shard: Location, keep_dir: Location):
 def _load_kept(batch: dict, keep_dir: Location):
     import pyarrow as pa
 
-    return pa.concat_tables([read_kept(keep_dir.parent / "documents" / str(name), keep_dir)
-                             for name in batch["name"]])
+    return pa.concat_tables([read_kept(Location(str(uri), keep_dir.s3), keep_dir) for uri in batch["uri"]])
 
 
 def read_kept_shards(shards: list[Location], keep_dir: Location):
-    """A dataset over the kept documents (doc_key, text, cluster_key), one task per shard (shards: the
-    documents stage's, beside keep_dir)."""
-    return task_per_item([{"name": p.name} for p in shards], _load_kept, keep_dir=keep_dir)
+    """A dataset over the kept documents (doc_key, text, cluster_key), one task per documents shard."""
+    return task_per_item([{"uri": p.uri} for p in shards], _load_kept, keep_dir=keep_dir)
 
 
 def split_thresholds(cluster_keys: list[str], data: DataConfig) -> tuple[float, float]:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from llm_ray import __version__
@@ -26,15 +23,6 @@ STAGE_FILE = "_stage.json"
 def stage_key(name: str, *parts: Any) -> str:
     blob = json.dumps([name, __version__, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that a reader never sees half a file (write to a temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def completed(directory: Location, key: str) -> dict | None:

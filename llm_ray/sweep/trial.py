@@ -18,7 +18,8 @@ import math
 from pathlib import Path
 
 from llm_ray.config import Config, ConfigError, set_path, validate
-from llm_ray.data.stages import stage_key, write_json_atomic
+from llm_ray.data.stages import stage_key
+from llm_ray.storage import Location
 
 STATUS_FILE = "trial.json"
 DATA_SECTIONS = ("data", "cleaning", "dedup", "tokenizer")  # what the prepared data depends on
@@ -128,7 +129,7 @@ def objective_callback(objective: str, max_steps: int):
 
 def write_status(folder: Path, record: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / STATUS_FILE, record)
+    Location(str(folder.resolve() / STATUS_FILE)).write_json(record)  # atomic: a reader never sees half
 
 
 def read_status(folder: Path) -> dict | None:
