@@ -1,15 +1,14 @@
-"""Entry point for `ray job submit --working-dir . -- python jobs/pipeline.py --config demo`.
+"""The whole pipeline on the cluster: prepare, train, sample, evaluate.
 
-Runs prepare -> train -> samples on the cluster the job was submitted to (Ray sets
-RAY_ADDRESS for the job). Same arguments as `llm-ray pipeline`.
+Run as `ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/pipeline.py --config gpt2-124m`.
+Same arguments as `llm-ray pipeline`; `llm-ray preflight` runs first and stops the job on a failed check.
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds llm_ray/
-
-from llm_ray.cli import main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    sys.exit(run("pipeline"))

@@ -1,16 +1,15 @@
-"""Entry point for `ray job submit --working-dir . -- python jobs/serve.py --run demo`.
+"""Serve a checkpoint (or a run's or sweep's best) behind the OpenAI-compatible API until `ray job stop`.
+For a long-lived service, `serve deploy jobs/serve_config.yaml` or a KubeRay RayService (cluster/kuberay/).
 
-Same arguments as `llm-ray serve`: the job keeps the app up until it is stopped
-(`ray job stop`). For a long-lived service, `serve deploy jobs/serve_config.yaml` (or a
-KubeRay RayService) manages the app without a job holding it.
+Run as `ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/serve.py --run gpt2-124m`.
+Same arguments as `llm-ray serve`; `llm-ray preflight` runs first and stops the job on a failed check.
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds llm_ray/
-
-from llm_ray.cli import main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    sys.exit(run("serve"))

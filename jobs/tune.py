@@ -1,15 +1,14 @@
-"""Entry point for `ray job submit --working-dir . -- python jobs/tune.py --sweep tuning/gpt2-124m.yaml`.
+"""A Ray Tune sweep (Bayesian by default); after a failure, submit it again with --resume.
 
-Same arguments as `llm-ray tune`. If the job dies, submit it again with --resume: finished
-trials are kept, unfinished ones resume from their checkpoints.
+Run as `ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/tune.py --sweep tuning/gpt2-124m.yaml`.
+Same arguments as `llm-ray tune`; `llm-ray preflight` runs first and stops the job on a failed check.
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds llm_ray/
-
-from llm_ray.cli import main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    sys.exit(run("tune"))

@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "go to <output_dir>/<name>/checkpoints or train.storage_path (s3:// too). "
                                    "Rerunning the same name resumes.")
     _add_config_args(p, "demo")
-    p.add_argument("--data", type=Path, default=None, metavar="DIR",
-                   help="prepared data folder (default: <output_dir>/<name>/data)")
+    p.add_argument("--data", default=None, metavar="DIR|URI",
+                   help="prepared data folder or s3:// URI (default: <output_dir>/<name>/data)")
 
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint",
                        description="Load a checkpoint's safetensors weights and print a continuation.")
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_arg(p)
     p.add_argument("--split", choices=("auto", "val", "test"), default=None,
                    help="held-out split (default: eval.split, auto = test when there is one, else val)")
-    p.add_argument("--data", type=Path, default=None, metavar="DIR",
-                   help="prepared data folder (default: the checkpoint's run's data)")
+    p.add_argument("--data", default=None, metavar="DIR|URI",
+                   help="prepared data folder or s3:// URI (default: the checkpoint's run's data)")
     p.add_argument("--eval-data", default=None, metavar="PATH",
                    help="score these files or folder instead (any prepare format: .txt, .jsonl, .parquet, gzip)")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs", metavar="DIR",
                    help="where --run and --sweep names are looked up (default: runs)")
 
+    p = sub.add_parser("preflight", help="check a config against its data, storage and cluster before a run",
+                       description="Validate the config; check its sources and storage are reachable, prepared "
+                                   "data agrees with the model, the workers fit the cluster's CPUs and GPUs, the "
+                                   "memory estimate per worker fits, and the object store. Prints a table; exit 1 "
+                                   "when a check fails. Every jobs/ entrypoint runs it first.")
+    _add_config_args(p, "demo")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster to check against (default: $RAY_ADDRESS, else this machine)")
+    p.add_argument("--sweep", type=Path, default=None, metavar="FILE", help="check a sweep file's base config")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="check a checkpoint for eval or serve instead of a training config")
+
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
     _add_config_args(p, "demo")
@@ -158,6 +170,8 @@ def _run(args) -> int:
         return _tune(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "preflight":
+        return _preflight(args)
     cfg = load_config(args.config, args.overrides)
     from llm_ray.data.sources import check_uri
 
@@ -203,6 +217,24 @@ def _run(args) -> int:
         print(f"llm-ray {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _preflight(args) -> int:
+    from llm_ray.preflight import failed, preflight, preflight_checkpoint, table
+
+    if args.checkpoint:
+        rows = preflight_checkpoint(args.checkpoint, args.address)
+    elif args.sweep:
+        from llm_ray.config.loading import validate
+        from llm_ray.config.sweep import load_sweep
+        from llm_ray.sweep.runner import base_tree
+
+        sweep, folder = load_sweep(args.sweep)
+        rows = preflight(validate(base_tree(sweep, folder)), args.address)
+    else:
+        rows = preflight(load_config(args.config, args.overrides), args.address)
+    print(table(rows), flush=True)
+    return EXIT_FAILURE if failed(rows) else 0
 
 
 def _tune(args) -> int:
@@ -304,7 +336,12 @@ def _serve(args) -> int:
     import time
 
     from llm_ray.config.serve import load_serve_config
-    from llm_ray.serve.launch import check_port_free, choose_checkpoint, hf_export_for_vllm, start
+    from llm_ray.serve.launch import (
+        check_port_free,
+        choose_checkpoint,
+        hf_export_for_vllm,
+        start,
+    )
 
     overrides = list(args.overrides) + ([f"engine={args.engine}"] if args.engine else [])
     cfg = load_serve_config(args.config, overrides)

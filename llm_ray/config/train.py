@@ -18,6 +18,10 @@ class TrainConfig(Section):
         description="CPU cores Ray reserves for each training worker; a fraction (such as 0.5 with as many "
         "workers as cores) leaves room for other Ray tasks on the same machine.",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on the nodes: PACK fills as few nodes as it can, SPREAD "
+        "puts them on different nodes where it can, STRICT_* insist (Ray's placement group strategies)."
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per worker; null keeps Ray's setting (its CPU reservation)."
     )

@@ -35,6 +35,7 @@ kernel may run instead, which this estimate does not model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from llm_ray.config import Config, model_spec
@@ -143,3 +144,39 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
         activations=activation_bytes(cfg), runtime=RUNTIME_BYTES["gpu" if t.use_gpu else "cpu"],
         offloaded=offloaded,
     )
+
+
+def cluster_memory(may_use_gpu: bool) -> dict:
+    """What a worker's memory estimate is compared against, read from the Ray cluster this process
+    joined: the largest live node's memory and CPUs, and one GPU's memory when GPUs may be used."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, key=lambda n: n["Resources"].get("memory", 0), default=None)
+    memory = {"node": int(largest["Resources"].get("memory", 0)) if largest else None,
+              "node_cpus": largest["Resources"].get("CPU", 1) if largest else 1}
+    if may_use_gpu and ray.cluster_resources().get("GPU"):
+
+        @ray.remote(num_gpus=1)
+        def gpu_memory() -> int:
+            import torch
+
+            return torch.cuda.mem_get_info()[1]
+
+        memory["gpu"] = ray.get(gpu_memory.remote(), timeout=300)
+    return memory
+
+
+def worker_budget(memory: dict, cfg: Config, concurrent_runs: int = 1) -> int | None:
+    """Bytes one training worker may use: memory["per_worker"] when set, else the GPU's memory,
+    else the largest node's memory shared by the workers (of concurrent_runs runs) it can hold at once."""
+    if memory.get("per_worker"):
+        return memory["per_worker"]
+    t = cfg.train
+    if t.use_gpu:
+        return memory.get("gpu")
+    if not memory.get("node"):
+        return None
+    fit_by_cpus = max(1, math.floor(memory["node_cpus"] / t.cpus_per_worker))
+    sharing = max(1, min(t.num_workers * concurrent_runs, fit_by_cpus))
+    return memory["node"] // sharing

@@ -113,24 +113,11 @@ def make_scheduler(sweep: SweepConfig, base: Config):
 
 def cluster_memory(sweep: SweepConfig, may_use_gpu: bool) -> dict:
     """What the memory pre-flight compares against: the sweep's setting, or the cluster's."""
-    import ray
+    from llm_ray.sweep.memory import cluster_memory as measured
 
     if sweep.memory_per_worker_gb:
         return {"per_worker": int(sweep.memory_per_worker_gb * 1024**3)}
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    largest = max(nodes, key=lambda n: n["Resources"].get("memory", 0), default=None)
-    memory = {"node": int(largest["Resources"].get("memory", 0)) if largest else None,
-              "node_cpus": largest["Resources"].get("CPU", 1) if largest else 1}
-    if may_use_gpu and ray.cluster_resources().get("GPU"):
-
-        @ray.remote(num_gpus=1)
-        def gpu_memory() -> int:
-            import torch
-
-            return torch.cuda.mem_get_info()[1]
-
-        memory["gpu"] = ray.get(gpu_memory.remote(), timeout=300)
-    return memory
+    return measured(may_use_gpu)
 
 
 def prepare_base_data(sweep: SweepConfig, base: Config, dims: list[Dimension], log) -> dict:

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import fcntl
 import json
-import math
 from pathlib import Path
 
 from llm_ray.config import Config, ConfigError, set_path, validate
@@ -61,19 +60,10 @@ def data_variant(cfg: Config) -> dict:
 
 
 def worker_budget(plan: dict, cfg: Config) -> int | None:
-    """Bytes one worker of this trial may use: the sweep's setting, else the GPU's memory, else
-    the largest node's memory shared by the workers that can run on it at once."""
-    memory = plan["memory"]
-    if memory.get("per_worker"):
-        return memory["per_worker"]
-    t = cfg.train
-    if t.use_gpu:
-        return memory.get("gpu")
-    if not memory.get("node"):
-        return None
-    fit_by_cpus = max(1, math.floor(memory["node_cpus"] / t.cpus_per_worker))
-    sharing = max(1, min(t.num_workers * plan["concurrent_trials"], fit_by_cpus))
-    return memory["node"] // sharing
+    """Bytes one worker of this trial may use (see memory.worker_budget; trials share the nodes)."""
+    from llm_ray.sweep.memory import worker_budget as budget
+
+    return budget(plan["memory"], cfg, plan["concurrent_trials"])
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ class TrainState:
     skipped_batches: int = 0  # micro-batches the loss guard rejected
     parameters: int = 0  # elements of the whole model (tied weights once)
     parameters_held: list[int] = field(default_factory=list)  # elements each worker held after building
+    worker_nodes: list[str] = field(default_factory=list)  # the Ray node id of each worker (rank order)
 
 
 def reduce_over_workers(value: torch.Tensor, op: str) -> float:

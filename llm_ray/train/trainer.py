@@ -70,8 +70,9 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     callbacks (a sweep's trial passes one that reports to Ray Tune). test_hooks is a testing
     seam passed to the workers (see worker.nan_loss_hook); users never set it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from llm_ray.train.process_group import LoopbackTorchConfig
     from llm_ray.train.worker import train_loop_per_worker
 
     path = as_location(data_path, cfg.data.s3) if data_path else data_dir(cfg)
@@ -107,9 +108,10 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
             "damaged_checkpoints": [p for p, _ in point.skipped],
             **(test_hooks or {}),
         },
-        torch_config=TorchConfig(timeout_s=int(t.collective_timeout_s)),
+        torch_config=LoopbackTorchConfig(timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
+            placement_strategy=t.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.name,

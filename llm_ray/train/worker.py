@@ -230,6 +230,8 @@ def train_loop_per_worker(payload: dict) -> None:
         state = TrainState(world_size=world, data_key=payload["data_key"], data_path=payload.get("data_path"))
     state.parameters_held = [held for held, _ in shares]
     state.parameters = shares[0][1]
+    state.worker_nodes = [None] * world
+    dist.all_gather_object(state.worker_nodes, ray.get_runtime_context().get_node_id())
     if rank == 0 and cfg.train.zero_stage == 3:
         worker_log(f"ZeRO-3: each worker holds {min(state.parameters_held):,} to {max(state.parameters_held):,} of "
                    f"the model's {state.parameters:,} parameters")

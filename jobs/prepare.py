@@ -1,0 +1,14 @@
+"""Prepare a corpus on the cluster: clean, deduplicate, split, train the tokenizer, pack blocks.
+
+Run as `ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/prepare.py --config gpt2-124m`.
+Same arguments as `llm-ray prepare`; `llm-ray preflight` runs first and stops the job on a failed check.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _entry import run  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run("prepare"))

@@ -1,0 +1,277 @@
+"""`llm-ray preflight`: what would stop a run, found before any worker or GPU is reserved.
+
+Each check returns a row (name, "pass" / "warn" / "FAIL", what it found). The config itself is
+validated when it loads (vocabulary and block size against the model included); the checks here
+look at what the config meets: its data sources, its storage, the data it was prepared into, and
+the cluster (or this machine) it will run on. Every job entrypoint (jobs/) runs them first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_ray.config import Config
+
+GIB = 1024**3
+PASS, WARN, FAIL = "pass", "warn", "FAIL"
+# Ray Data's prepare stages stream blocks of up to this size per running task.
+DATA_BLOCK_BYTES = 128 * 1024**2
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+@dataclass
+class Node:
+    cpus: float
+    gpus: float
+    memory: int  # bytes Ray may give tasks and actors
+    object_store: int
+
+
+@dataclass
+class Cluster:
+    nodes: list[Node]
+    where: str  # for the table: "the Ray cluster at ...", or this machine
+    joined: bool  # a Ray cluster was joined (its GPUs can be asked for their memory)
+
+
+def this_machine() -> Cluster:
+    """What a local Ray started by llm-ray would have: every CPU and GPU, and the machine's
+    available memory split as Ray splits it (30% object store, the rest for tasks)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    object_store = int(0.3 * available)
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        pass
+    node = Node(float(os.cpu_count() or 1), float(gpus), available - object_store, object_store)
+    return Cluster([node], "this machine (a local Ray, estimated)", joined=False)
+
+
+def join_cluster(address: str) -> Cluster:
+    import ray
+
+    from llm_ray.ray_utils import join
+
+    if not ray.is_initialized():
+        join(address, logging_level="ERROR", log_to_driver=False)
+    nodes = [Node(float(r.get("CPU", 0)), float(r.get("GPU", 0)), int(r.get("memory", 0)),
+                  int(r.get("object_store_memory", 0)))
+             for r in (n["Resources"] for n in ray.nodes() if n.get("Alive"))]
+    return Cluster(nodes, f"the Ray cluster at {address}", joined=True)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
+    """Every source's syntax; local sources exist (and are refused on a multi-node cluster unless the
+    filesystem is shared, as prepare refuses them); S3 sources have credentials and exist."""
+    from llm_ray.data.corpus import CorpusError
+    from llm_ray.data.sources import (
+        check_credentials,
+        check_uri,
+        s3_error,
+        s3_filesystem,
+    )
+
+    found = []
+    try:
+        for source in cfg.data.sources:
+            scheme = check_uri(source)
+            nodes = len(cluster.nodes) if cluster else 1
+            if scheme != "s3" and nodes > 1 and not cfg.data.shared_filesystem:
+                raise CorpusError(f"data.sources: {source} is on this machine's disk, and this Ray cluster has "
+                                  f"{nodes} nodes: use s3:// sources, or data.shared_filesystem: true")
+            if scheme == "builtin":
+                found.append(f"{source} (fetched and cached by prepare)")
+            elif scheme == "s3":
+                check_credentials(source, cfg.data.s3)
+                try:
+                    info = s3_filesystem(cfg.data.s3).get_file_info(source.removeprefix("s3://").rstrip("/"))
+                except OSError as e:
+                    raise s3_error(source, e) from None
+                if info.type.name == "NotFound":
+                    raise CorpusError(f"data.sources: {source}: no such object or prefix")
+                found.append(source)
+            elif not Path(source).expanduser().exists():
+                raise CorpusError(f"data.sources: {source}: no such file or folder on this machine")
+            else:
+                found.append(source)
+    except CorpusError as e:
+        return Check("data sources", FAIL, str(e))
+    return Check("data sources", PASS, ", ".join(found))
+
+
+def check_storage(cfg: Config, cluster: Cluster) -> Check:
+    """output_dir (and train.storage_path) writable; shared by every node of a multi-node cluster."""
+    from llm_ray.storage import StorageError, as_location, check_shared, check_writable
+
+    try:
+        check_writable(cfg.run_location)
+        places = {"output_dir": cfg.run_location}
+        if cfg.train.storage_path:
+            places["train.storage_path"] = as_location(cfg.train.storage_path, cfg.data.s3)
+            check_writable(places["train.storage_path"], "train.storage_path")
+        check_shared(places, len(cluster.nodes), cfg.data.shared_filesystem)
+    except StorageError as e:
+        return Check("storage", FAIL, str(e))
+    return Check("storage", PASS, f"{cfg.run_location.uri} is writable")
+
+
+def check_vocabulary(cfg: Config) -> Check:
+    """The model's vocabulary holds the tokenizer's; blocks fit the context; prepared data (when
+    there is some) was packed with this block size and a tokenizer the model can hold."""
+    from llm_ray.data.prepare import data_dir
+
+    detail = (f"tokenizer {cfg.tokenizer.vocab_size} tokens, model vocabulary {cfg.vocab_size}; blocks of "
+              f"{cfg.data.block_size} tokens in a context of {cfg.model.context_length}")
+    manifest_file = data_dir(cfg) / "manifest.json"
+    try:
+        if not manifest_file.is_file():
+            return Check("vocabulary and blocks", PASS, detail + "; no prepared data yet")
+        manifest = manifest_file.read_json()
+    except (OSError, ValueError) as e:
+        return Check("vocabulary and blocks", FAIL, f"{manifest_file.uri}: cannot read it: {e}")
+    if manifest["vocab_size"] > cfg.vocab_size:
+        return Check("vocabulary and blocks", FAIL, f"the prepared tokenizer ({manifest_file.parent.uri}) has "
+                     f"{manifest['vocab_size']} tokens, more than the model's vocabulary ({cfg.vocab_size})")
+    if manifest["block_size"] != cfg.data.block_size:
+        return Check("vocabulary and blocks", FAIL, f"data at {manifest_file.parent.uri} was packed with block_size "
+                     f"{manifest['block_size']}, the config says data.block_size {cfg.data.block_size}")
+    return Check("vocabulary and blocks", PASS, detail + f"; prepared data agrees ({manifest['vocab_size']} tokens)")
+
+
+def check_workers(cfg: Config, cluster: Cluster) -> Check:
+    """The training workers fit on the nodes (CPUs, and one GPU each, of one node per worker) under
+    train.placement_strategy."""
+    t = cfg.train
+    per_node = [min(int(n.cpus // t.cpus_per_worker), int(n.gpus) if t.use_gpu else t.num_workers)
+                for n in cluster.nodes]
+    if t.placement_strategy == "STRICT_PACK":  # all on one node
+        fits = max(per_node, default=0)
+    elif t.placement_strategy == "STRICT_SPREAD":  # one per node
+        fits = sum(1 for k in per_node if k >= 1)
+    else:
+        fits = sum(per_node)
+    cpus = sum(n.cpus for n in cluster.nodes)
+    gpus = sum(n.gpus for n in cluster.nodes)
+    have = f"{len(cluster.nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
+    want = (f"train.num_workers {t.num_workers} x (train.cpus_per_worker {t.cpus_per_worker:g} CPUs"
+            + (" + 1 GPU" if t.use_gpu else "") + ")")
+    if fits < t.num_workers:
+        return Check("workers", FAIL, f"{want} do not fit: {have} hold {fits} such worker(s) "
+                     f"(train.placement_strategy {t.placement_strategy})")
+    if not t.use_gpu and gpus:
+        return Check("workers", WARN, f"{want} fit ({have}); train.use_gpu is false, the GPUs stay idle")
+    return Check("workers", PASS, f"{want} fit ({have})")
+
+
+def check_memory(cfg: Config, cluster: Cluster) -> Check:
+    """The estimated memory of one worker (sweep.memory, shared with Tune's pre-flight) against
+    what a worker gets: a GPU's memory, or its share of the largest node's."""
+    from llm_ray.sweep.memory import cluster_memory, estimate_memory, worker_budget
+
+    estimate = estimate_memory(cfg)
+    where = "per GPU" if cfg.train.use_gpu else "per worker"
+    if cluster.joined:
+        memory = cluster_memory(cfg.train.use_gpu)
+    else:
+        largest = max(cluster.nodes, key=lambda n: n.memory)
+        memory = {"node": largest.memory, "node_cpus": largest.cpus}
+        if cfg.train.use_gpu:
+            memory["gpu"] = local_gpu_memory()
+    budget = worker_budget(memory, cfg)
+    stage = f"ZeRO-{cfg.train.zero_stage}" + (" with offload" if cfg.train.offload_optimizer else "")
+    if budget is None:
+        return Check("memory", WARN, f"{stage}: needs about {estimate.describe()}; the memory {where} is unknown")
+    detail = f"{stage}: needs about {estimate.describe()}; {budget / GIB:.2f} GiB {where}"
+    return Check("memory", PASS if estimate.total <= budget else FAIL, detail)
+
+
+def local_gpu_memory() -> int | None:
+    try:
+        import torch
+
+        return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def check_object_store(cfg: Config, cluster: Cluster) -> Check:
+    """Ray Data's prepare keeps a few blocks per running task in the object store; less than two
+    per CPU of a node means spilling to disk (slower, not wrong): a warning."""
+    smallest = min(cluster.nodes, key=lambda n: n.object_store / max(n.cpus, 1))
+    wanted = int(2 * DATA_BLOCK_BYTES * max(smallest.cpus, 1))
+    detail = (f"{smallest.object_store / GIB:.2f} GiB on the node with the least per CPU ({smallest.cpus:g} CPUs); "
+              f"prepare streams 128 MiB blocks: {wanted / GIB:.2f} GiB holds two per CPU")
+    return Check("object store", PASS if smallest.object_store >= wanted else WARN,
+                 detail + ("" if smallest.object_store >= wanted else "; Ray will spill blocks to disk"))
+
+
+# ------------------------------------------------------------------ runs
+
+
+def preflight(cfg: Config, address: str | None = None) -> list[Check]:
+    """Every check of a training config against the cluster at address ($RAY_ADDRESS when None;
+    this machine when neither is set)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    rows = [Check("config", PASS, f"{cfg.name}: valid")]
+    try:
+        cluster = join_cluster(address) if address else this_machine()
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        return [*rows, Check("cluster", FAIL, f"cannot join the Ray cluster at {address}: {e}")]
+    if not cluster.nodes:
+        return [*rows, Check("cluster", FAIL, f"{cluster.where} has no live node")]
+    rows.append(Check("cluster", PASS, f"{cluster.where}: {len(cluster.nodes)} node(s)"))
+    rows += [check_sources(cfg, cluster), check_storage(cfg, cluster), check_vocabulary(cfg), check_workers(cfg, cluster),
+             check_memory(cfg, cluster), check_object_store(cfg, cluster)]
+    return rows
+
+
+def preflight_checkpoint(checkpoint: str | Path, address: str | None = None) -> list[Check]:
+    """The checks of an eval or serve job: the checkpoint's files and config, and the cluster."""
+    from tokenizers import Tokenizer
+
+    from llm_ray.checkpoint import find_model_dir, read_config
+
+    try:
+        model_dir = find_model_dir(checkpoint)
+        cfg = read_config(model_dir)
+        vocab = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size()
+    except Exception as e:  # noqa: BLE001 - yaml, pydantic and tokenizers errors alike: one row naming the file
+        return [Check("checkpoint", FAIL, f"{checkpoint}: {type(e).__name__}: {e}")]
+    status = PASS if vocab <= cfg.vocab_size else FAIL
+    rows = [Check("checkpoint", status, f"{model_dir}: tokenizer {vocab} tokens, model vocabulary {cfg.vocab_size}")]
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        cluster = join_cluster(address) if address else this_machine()
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        return [*rows, Check("cluster", FAIL, f"cannot join the Ray cluster at {address}: {e}")]
+    cpus = sum(n.cpus for n in cluster.nodes)
+    rows.append(Check("cluster", PASS if cpus >= 1 else FAIL, f"{cluster.where}: {cpus:g} CPUs"))
+    return rows
+
+
+def failed(rows: list[Check]) -> bool:
+    return any(r.status == FAIL for r in rows)
+
+
+def table(rows: list[Check]) -> str:
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'check':<{width}}  result  detail"]
+    lines += [f"{r.name:<{width}}  {r.status:<6}  {r.detail}" for r in rows]
+    verdict = "preflight: FAILED" if failed(rows) else "preflight: all checks passed"
+    return "\n".join([*lines, verdict])

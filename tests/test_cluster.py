@@ -1,0 +1,262 @@
+"""Clusters for real: a Ray head started with `ray start` on 127.0.0.1 and jobs sent with `ray job
+submit`; a simulated two-node cluster (ray.cluster_utils) with the run on S3; what a local Ray
+started by llm-ray listens on. Every Ray here is its own set of processes, not the tests' shared
+Ray: these tests stop only the processes they started (never `ray stop`, which stops every Ray
+on the machine)."""
+
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llm_ray.ray_utils import SINGLE_MACHINE_ENV
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LLM_RAY, RAY = str(BIN / "llm-ray"), str(BIN / "ray")
+RAY_SETTINGS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+DEBUG = ["--config", "debug", "--set", "data.max_files=null", "--set", "train.eval_every=10",
+         "--set", "train.checkpoint_every=10"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def clean_env(**extra) -> dict:
+    """This environment without the tests' Ray settings, the venv's bin first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in (*RAY_SETTINGS, SINGLE_MACHINE_ENV)}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def listening_sockets(root: psutil.Process) -> dict[tuple[str, int], str]:
+    """(address, port) -> process name of every listening socket of root and its descendants."""
+    found = {}
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for proc in processes:
+        try:
+            for c in proc.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    found[(c.laddr.ip, c.laddr.port)] = proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_a_local_run_listens_on_loopback_only(tmp_path, corpus_dir):
+    """`llm-ray pipeline` on one machine: every socket of its Ray (GCS, raylet, workers, agents,
+    dashboard) and of training (torch's rendezvous store, gloo) listens on 127.0.0.1 only."""
+    cmd = [LLM_RAY, "pipeline", *DEBUG, "--set", f"output_dir={tmp_path}", "--set", f"data.sources=[{corpus_dir}]",
+           "--set", "train.max_steps=20"]
+    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115 - the child writes it
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
+    seen: dict[tuple[str, int], str] = {}
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        seen.update(listening_sockets(root))
+        time.sleep(0.2)
+    log.close()
+    assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    names = set(seen.values())
+    assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= names, names  # the sampling saw the whole run
+    assert len(seen) >= 15
+    exposed = {k: v for k, v in seen.items() if not is_loopback(k[0])}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+# ------------------------------------------------------------------ a head started with `ray start`
+
+
+@dataclass
+class Head:
+    address: str  # the dashboard (Jobs API) URL
+    temp_dir: str
+    token: str  # what `ray get-auth-token` would print on the head
+
+
+def token_env(token: str) -> dict:
+    """Ray's token authentication on, with this token (a client or node would have it in ~/.ray/auth_token
+    or RAY_AUTH_TOKEN_PATH; the tests keep theirs out of the home folder)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def stop_processes_of(marker: str) -> None:
+    """SIGKILL every process whose command line holds marker, and their descendants."""
+    doomed = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(proc.info["cmdline"] or []):
+            doomed[proc.pid] = proc
+            try:
+                doomed.update((c.pid, c) for c in proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    for proc in doomed.values():
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(doomed.values()), timeout=20)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 from the venv (so a job's `python` is the venv's), in single-machine
+    mode (without it Ray swaps 127.0.0.1 for the machine's routable address), ports of its own, and token
+    authentication on (`ray start` turns it on only when asked or when a token already exists)."""
+    token = secrets.token_hex(32)
+    temp_dir = tempfile.mkdtemp(prefix="llmray-head-", dir="/tmp")  # short: Ray's socket paths must fit
+    dashboard = free_port()
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+           f"--port={free_port()}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
+    started = subprocess.run(cmd, env=clean_env(**{SINGLE_MACHINE_ENV: "0"}, **token_env(token)), capture_output=True,
+                             text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield Head(f"http://127.0.0.1:{dashboard}", temp_dir, token)
+    finally:
+        stop_processes_of(temp_dir)
+
+
+def submit(head: Head, entry: list[str], token: bool = True, wait: bool = True, timeout: int = 600):
+    cmd = [RAY, "job", "submit", "--address", head.address, "--working-dir", str(ROOT),
+           *([] if wait else ["--no-wait"]), "--", "python", *entry]
+    env = clean_env(**(token_env(head.token) if token else {}))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def job_status(head: Head, job_id: str) -> str:
+    done = subprocess.run([RAY, "job", "status", "--address", head.address, job_id], capture_output=True, text=True,
+                          env=clean_env(**token_env(head.token)), timeout=60)
+    return done.stdout + done.stderr
+
+
+def newest_step(checkpoints: Path) -> int:
+    states = [json.loads(p.read_text()) for p in checkpoints.glob("checkpoint_*/model/train_state.json")]
+    return max((s["step"] for s in states), default=0)
+
+
+def test_job_submit_needs_token_mode_then_a_killed_pipeline_resumes_when_resubmitted(ray_head, tmp_path):
+    out = tmp_path / "runs"
+    entry = ["jobs/pipeline.py", *DEBUG, "--set", f"output_dir={out}", "--set", "data.sources=[tests/data/corpus]",
+             "--set", "train.max_steps=60"]
+    # README's line without RAY_AUTH_MODE=token: the head's token authentication refuses it
+    refused = submit(ray_head, entry, token=False, timeout=120)
+    assert refused.returncode != 0
+    assert "auth" in (refused.stdout + refused.stderr).lower()
+    print("without RAY_AUTH_MODE=token:", (refused.stdout + refused.stderr)[-600:])
+
+    first = submit(ray_head, entry, wait=False, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", first.stdout).group(0)
+    checkpoints = out / "debug" / "checkpoints" / "debug"
+    deadline = time.time() + 400
+    while newest_step(checkpoints) < 10:
+        assert time.time() < deadline, job_status(ray_head, job_id)
+        time.sleep(1)
+    drivers = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"].startswith("python")
+               and "jobs/pipeline.py" in " ".join(p.info["cmdline"] or []) and str(out) in " ".join(p.info["cmdline"])]
+    assert len(drivers) == 1  # (Ray starts it through a shell, which stays)
+    drivers[0].send_signal(signal.SIGKILL)  # the driver dies mid-training
+    deadline = time.time() + 120
+    while "failed" not in (status := job_status(ray_head, job_id)).lower():
+        assert time.time() < deadline, status
+        time.sleep(1)
+    killed_at = newest_step(checkpoints)
+    assert 10 <= killed_at < 60
+
+    again = submit(ray_head, entry)  # follows the job's logs until it ends
+    logs = again.stdout + again.stderr
+    assert again.returncode == 0, logs[-4000:]
+    assert "preflight: all checks passed" in logs
+    assert "pack: up to date, skipped" in logs  # prepare's stages were complete
+    assert f"train: resuming from step {killed_at}" in logs
+    state = json.loads(max(checkpoints.glob("checkpoint_*/model/train_state.json"),
+                           key=lambda p: json.loads(p.read_text())["step"]).read_text())
+    assert state["step"] == 60 and state["resumed_from"] == [killed_at]
+    assert (out / "debug" / "eval" / "eval.json").is_file() and (out / "debug" / "loss_curve.png").is_file()
+
+
+# ------------------------------------------------------------------ a simulated two-node cluster
+
+
+def test_two_node_cluster_spreads_the_workers_and_keeps_the_run_on_s3(s3_server, tmp_path, corpus_dir):
+    from llm_ray.checkpoint import read_train_state
+
+    endpoint, client = s3_server
+    client.create_bucket(Bucket="two-nodes")
+    for f in sorted(corpus_dir.iterdir()):
+        client.put_object(Bucket="two-nodes", Key=f"corpus/{f.name}", Body=f.read_bytes())
+    auth = token_env(secrets.token_hex(32))
+    cluster = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_two_node_cluster.py"), str(free_port())],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env(**auth), cwd=ROOT)
+    try:
+        info = json.loads(cluster.stdout.readline())
+        env = clean_env(RAY_ADDRESS=info["address"], **auth)
+        s3 = ["--set", f"data.s3.endpoint_url={endpoint}"]
+
+        def run(*args):
+            return subprocess.run([LLM_RAY, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+
+        local = run("prepare", *DEBUG, *s3, "--set", f"output_dir={tmp_path}",
+                    "--set", "data.sources=[s3://two-nodes/corpus/]")
+        assert local.returncode == 2 and "2 nodes" in local.stderr and "output_dir" in local.stderr
+
+        spread = run("pipeline", *DEBUG, *s3, "--set", "output_dir=s3://two-nodes/runs", "--set", "train.max_steps=20",
+                     "--set", "data.sources=[s3://two-nodes/corpus/]", "--set", "train.placement_strategy=SPREAD")
+        assert spread.returncode == 0, (spread.stdout + spread.stderr)[-4000:]
+        state = read_train_state(model_folder(spread.stdout))
+        assert sorted(state["worker_nodes"]) == sorted(info["nodes"])  # one worker on each node
+        assert client.list_objects_v2(Bucket="two-nodes", Prefix="runs/debug/model/")["KeyCount"] >= 3
+        assert not (tmp_path / "runs").exists()
+
+        packed = run("train", *DEBUG, *s3, "--set", "output_dir=s3://two-nodes/runs", "--set", "name=packed",
+                     "--set", "train.max_steps=4", "--set", "train.placement_strategy=PACK",
+                     "--data", "s3://two-nodes/runs/debug/data")
+        assert packed.returncode == 0, (packed.stdout + packed.stderr)[-4000:]
+        assert len(set(read_train_state(model_folder(packed.stdout))["worker_nodes"])) == 1
+    finally:
+        cluster.stdin.close()
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for proc in [*psutil.Process(cluster.pid).children(recursive=True), cluster]:
+                proc.kill()
+
+
+def model_folder(stdout: str) -> str:
+    """The local copy of the final model a run on S3 prints ("... local copy <dir>)" or "copied to <dir>")."""
+    for line in stdout.splitlines():
+        for marker in ("local copy ", "copied to "):
+            if line.startswith("train: checkpoint") and marker in line:
+                return line.split(marker, 1)[1].rstrip(")")
+    raise AssertionError(f"no model folder in the output:\n{stdout[-3000:]}")
