@@ -333,6 +333,8 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
+    import os
+    import signal
     import time
 
     from llm_ray.config.serve import load_serve_config
@@ -357,11 +359,16 @@ def _serve(args) -> int:
     check_port_free(cfg.host, cfg.port)
     url = start(cfg, app=app)
     print(f"serving {checkpoint} at {url} (OpenAI base_url {url}/v1; playground {url}/); Ctrl-C stops", flush=True)
+    # `ray job stop` sends SIGTERM and kills 3 s later: leave through the finally below as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
     finally:
-        serve.shutdown()
+        if os.environ.get("RAY_ADDRESS"):  # a shared cluster (a job): remove this app only, without waiting
+            serve.delete("llm-ray", _blocking=False)
+        else:  # the Ray this command started
+            serve.shutdown()
 
 
 if __name__ == "__main__":

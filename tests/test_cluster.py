@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,22 @@ def newest_step(checkpoints: Path) -> int:
     return max((s["step"] for s in states), default=0)
 
 
-def test_job_submit_needs_token_mode_then_a_killed_pipeline_resumes_when_resubmitted(ray_head, tmp_path):
+def job_logs(head: Head, job_id: str) -> str:
+    done = subprocess.run([RAY, "job", "logs", "--address", head.address, job_id], capture_output=True, text=True,
+                          env=clean_env(**token_env(head.token)), timeout=60)
+    return (done.stdout + done.stderr)[-4000:]
+
+
+def app_answers(port: int) -> bool:
+    """True while llm-ray's API answers on the port (Serve's proxy may stay, answering 404)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+            return r.status == 200
+    except OSError:  # refused, or an HTTP error status
+        return False
+
+
+def test_ray_job_submit_path_end_to_end_with_a_killed_driver_resubmitted_and_serving(ray_head, tmp_path):
     out = tmp_path / "runs"
     entry = ["jobs/pipeline.py", *DEBUG, "--set", f"output_dir={out}", "--set", "data.sources=[tests/data/corpus]",
              "--set", "train.max_steps=60"]
@@ -204,6 +220,29 @@ def test_job_submit_needs_token_mode_then_a_killed_pipeline_resumes_when_resubmi
                            key=lambda p: json.loads(p.read_text())["step"]).read_text())
     assert state["step"] == 60 and state["resumed_from"] == [killed_at]
     assert (out / "debug" / "eval" / "eval.json").is_file() and (out / "debug" / "loss_curve.png").is_file()
+
+    # serve the run's best checkpoint as a job (README's line), ask it, stop the job: the app goes with it
+    port = free_port()
+    served = submit(ray_head, ["jobs/serve.py", "--run", "debug", "--output-dir", str(out), "--set", f"port={port}"],
+                    wait=False, timeout=120)
+    serve_id = re.search(r"raysubmit_[A-Za-z0-9]+", served.stdout).group(0)
+    deadline = time.time() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+                models = json.loads(r.read())
+            break
+        except OSError:
+            assert time.time() < deadline, job_logs(ray_head, serve_id)
+            time.sleep(1)
+    assert models["data"], models
+    stopped = subprocess.run([RAY, "job", "stop", "--address", ray_head.address, serve_id], capture_output=True,
+                             text=True, env=clean_env(**token_env(ray_head.token)), timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    deadline = time.time() + 60
+    while app_answers(port):
+        assert time.time() < deadline, "the Serve app outlived its job"
+        time.sleep(1)
 
 
 # ------------------------------------------------------------------ a simulated two-node cluster
