@@ -26,7 +26,7 @@ def check_environment() -> bool:
     for module in ("pydantic", "yaml", "torch", "ray", "deepspeed", "llm_ray.cli"):
         try:
             __import__(module)
-        except ImportError as e:
+        except Exception as e:  # noqa: BLE001 - ImportError mostly; deepspeed may raise others on a bad install
             print(ADVICE.format(python=sys.executable, module=module, error=e), file=sys.stderr)
             return False
     return True
@@ -41,15 +41,20 @@ def preflight_args(command: str, argv: list[str]) -> list[str] | None:
     p.add_argument("--sweep")
     p.add_argument("--run")
     p.add_argument("--output-dir", default="runs")
+    p.add_argument("--data")
+    p.add_argument("--engine")
     known, _ = p.parse_known_args(argv)
     if command in ("prepare", "train", "pipeline", "cv"):
+        data = ["--data", known.data] if command == "train" and known.data else []
         return ["--config", known.config or ("debug" if command == "cv" else "demo"),
-                *(f"--set={o}" for o in known.overrides)]
+                *(f"--set={o}" for o in known.overrides), *data]
     if command == "tune":
         return ["--sweep", known.sweep] if known.sweep else None
     if command == "eval":
         return ["--checkpoint", known.checkpoint] if known.checkpoint else None
     if command == "serve":
+        if known.engine == "vllm" or any(o.replace(" ", "") == "engine=vllm" for o in known.overrides):
+            return None  # vLLM reads a Hugging Face export (or s3://) itself; its server checks it
         if known.checkpoint and "://" not in known.checkpoint:
             return ["--checkpoint", known.checkpoint]
         if known.run or known.sweep:

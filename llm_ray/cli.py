@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", type=Path, default=None, metavar="FILE", help="check a sweep file's base config")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="check a checkpoint for eval or serve instead of a training config")
+    p.add_argument("--data", default=None, metavar="DIR|URI", help="the prepared data `train --data` will read")
 
     p = sub.add_parser("pipeline", help="prepare, train and sample in one go",
                        description="Run prepare -> train -> samples and print where everything went.")
@@ -232,7 +233,7 @@ def _preflight(args) -> int:
         sweep, folder = load_sweep(args.sweep)
         rows = preflight(validate(base_tree(sweep, folder)), args.address)
     else:
-        rows = preflight(load_config(args.config, args.overrides), args.address)
+        rows = preflight(load_config(args.config, args.overrides), args.address, args.data)
     print(table(rows), flush=True)
     return EXIT_FAILURE if failed(rows) else 0
 
@@ -351,24 +352,40 @@ def _serve(args) -> int:
     if cfg.engine == "vllm":
         checkpoint = hf_export_for_vllm(checkpoint)
     cfg = cfg.model_copy(update={"checkpoint": checkpoint})
-    from ray import serve
-
     from llm_ray.serve.app import build_app
 
     app = build_app(cfg.model_dump(mode="json"))  # every config problem before the port or Ray
     check_port_free(cfg.host, cfg.port)
-    url = start(cfg, app=app)
-    print(f"serving {checkpoint} at {url} (OpenAI base_url {url}/v1; playground {url}/); Ctrl-C stops", flush=True)
     # `ray job stop` sends SIGTERM and kills 3 s later: leave through the finally below as Ctrl-C does
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        url = start(cfg, app=app)
+        print(f"serving {checkpoint} at {url} (OpenAI base_url {url}/v1; playground {url}/); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     finally:
-        if os.environ.get("RAY_ADDRESS"):  # a shared cluster (a job): remove this app only, without waiting
-            serve.delete("llm-ray", _blocking=False)
-        else:  # the Ray this command started
-            serve.shutdown()
+        stop_serving(joined=bool(os.environ.get("RAY_ADDRESS")))
+
+
+def stop_serving(joined: bool, name: str = "llm-ray") -> None:
+    """Remove the app. On a cluster this command joined (a job), other apps stay; Serve itself (its
+    controller and the proxy holding the port) goes only when no other app is left."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():  # stopped before Ray was reached
+        return
+    if not joined:  # the Ray this command started
+        serve.shutdown()
+        return
+    try:
+        others = [a for a in serve.status().applications if a != name]
+    except Exception:  # noqa: BLE001 - Serve never started (the deploy failed): nothing to stop
+        return
+    if others:
+        serve.delete(name, _blocking=False)
+    else:
+        serve.shutdown()
 
 
 if __name__ == "__main__":

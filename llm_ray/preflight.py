@@ -39,7 +39,7 @@ class Node:
 class Cluster:
     nodes: list[Node]
     where: str  # for the table: "the Ray cluster at ...", or this machine
-    joined: bool  # a Ray cluster was joined (its GPUs can be asked for their memory)
+    joined: bool  # a Ray cluster was joined (its GPUs can be asked for their memory; it may grow)
 
 
 def this_machine() -> Cluster:
@@ -61,16 +61,38 @@ def this_machine() -> Cluster:
 
 
 def join_cluster(address: str) -> Cluster:
+    """The live nodes of the cluster at address (joined for the rest of this process: a job's command
+    then runs on the same connection)."""
     import ray
 
     from llm_ray.ray_utils import join
 
     if not ray.is_initialized():
-        join(address, logging_level="ERROR", log_to_driver=False)
+        join(address)
     nodes = [Node(float(r.get("CPU", 0)), float(r.get("GPU", 0)), int(r.get("memory", 0)),
                   int(r.get("object_store_memory", 0)))
              for r in (n["Resources"] for n in ray.nodes() if n.get("Alive"))]
     return Cluster(nodes, f"the Ray cluster at {address}", joined=True)
+
+
+def cluster_row(address: str | None) -> tuple[Cluster | None, Check]:
+    """(cluster, its row): $RAY_ADDRESS's or address's cluster joined, else this machine described."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        cluster = this_machine()
+    else:
+        try:
+            cluster = join_cluster(address)
+        except Exception as e:  # noqa: BLE001 - connection, token (ray.exceptions.AuthenticationError), address
+            advice = (" (a cluster with token authentication: set RAY_AUTH_MODE=token and its token in "
+                      "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)" if "auth" in str(e).lower() else "")
+            return None, Check("cluster", FAIL, f"cannot join the Ray cluster at {address}: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{advice}")
+    if not cluster.nodes:
+        return None, Check("cluster", FAIL, f"{cluster.where} has no live node")
+    cpus, gpus = sum(n.cpus for n in cluster.nodes), sum(n.gpus for n in cluster.nodes)
+    detail = f"{cluster.where}: {len(cluster.nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
+    return cluster, Check("cluster", PASS, detail)
 
 
 # ------------------------------------------------------------------ checks
@@ -131,34 +153,41 @@ def check_storage(cfg: Config, cluster: Cluster) -> Check:
     return Check("storage", PASS, f"{cfg.run_location.uri} is writable")
 
 
-def check_vocabulary(cfg: Config) -> Check:
-    """The model's vocabulary holds the tokenizer's; blocks fit the context; prepared data (when
-    there is some) was packed with this block size and a tokenizer the model can hold."""
+def check_vocabulary(cfg: Config, data_path: str | None = None) -> Check:
+    """The model's vocabulary holds the tokenizer's; blocks fit the context; prepared data (data_path,
+    else the run's data folder, when there is some) was packed with this block size and a tokenizer
+    the model can hold."""
     from llm_ray.data.prepare import data_dir
+    from llm_ray.storage import StorageError, as_location
 
     detail = (f"tokenizer {cfg.tokenizer.vocab_size} tokens, model vocabulary {cfg.vocab_size}; blocks of "
               f"{cfg.data.block_size} tokens in a context of {cfg.model.context_length}")
-    manifest_file = data_dir(cfg) / "manifest.json"
     try:
+        manifest_file = (as_location(data_path, cfg.data.s3) if data_path else data_dir(cfg)) / "manifest.json"
         if not manifest_file.is_file():
+            if data_path:
+                return Check("vocabulary and blocks", FAIL, f"--data {data_path}: no prepared data (manifest.json)")
             return Check("vocabulary and blocks", PASS, detail + "; no prepared data yet")
         manifest = manifest_file.read_json()
-    except (OSError, ValueError) as e:
-        return Check("vocabulary and blocks", FAIL, f"{manifest_file.uri}: cannot read it: {e}")
-    if manifest["vocab_size"] > cfg.vocab_size:
+        vocab, block = manifest["vocab_size"], manifest["block_size"]
+    except (OSError, ValueError, KeyError, StorageError) as e:
+        return Check("vocabulary and blocks", FAIL, f"{data_path or data_dir(cfg).uri}: cannot read its manifest: "
+                     f"{type(e).__name__}: {e}")
+    if vocab > cfg.vocab_size:
         return Check("vocabulary and blocks", FAIL, f"the prepared tokenizer ({manifest_file.parent.uri}) has "
-                     f"{manifest['vocab_size']} tokens, more than the model's vocabulary ({cfg.vocab_size})")
-    if manifest["block_size"] != cfg.data.block_size:
+                     f"{vocab} tokens, more than the model's vocabulary ({cfg.vocab_size})")
+    if block != cfg.data.block_size:
         return Check("vocabulary and blocks", FAIL, f"data at {manifest_file.parent.uri} was packed with block_size "
-                     f"{manifest['block_size']}, the config says data.block_size {cfg.data.block_size}")
-    return Check("vocabulary and blocks", PASS, detail + f"; prepared data agrees ({manifest['vocab_size']} tokens)")
+                     f"{block}, the config says data.block_size {cfg.data.block_size}")
+    return Check("vocabulary and blocks", PASS, detail + f"; prepared data agrees ({vocab} tokens)")
 
 
 def check_workers(cfg: Config, cluster: Cluster) -> Check:
     """The training workers fit on the nodes (CPUs, and one GPU each, of one node per worker) under
     train.placement_strategy."""
     t = cfg.train
-    per_node = [min(int(n.cpus // t.cpus_per_worker), int(n.gpus) if t.use_gpu else t.num_workers)
+    unit = lambda x: round(x * 10_000)  # noqa: E731 - Ray counts resources in units of 1e-4
+    per_node = [min(unit(n.cpus) // unit(t.cpus_per_worker), int(n.gpus) if t.use_gpu else t.num_workers)
                 for n in cluster.nodes]
     if t.placement_strategy == "STRICT_PACK":  # all on one node
         fits = max(per_node, default=0)
@@ -172,8 +201,11 @@ def check_workers(cfg: Config, cluster: Cluster) -> Check:
     want = (f"train.num_workers {t.num_workers} x (train.cpus_per_worker {t.cpus_per_worker:g} CPUs"
             + (" + 1 GPU" if t.use_gpu else "") + ")")
     if fits < t.num_workers:
-        return Check("workers", FAIL, f"{want} do not fit: {have} hold {fits} such worker(s) "
-                     f"(train.placement_strategy {t.placement_strategy})")
+        detail = (f"{want} do not fit: {have} hold {fits} such worker(s) "
+                  f"(train.placement_strategy {t.placement_strategy})")
+        if cluster.joined:  # Ray Train waits for the resources: an autoscaler may add nodes (never, without one)
+            return Check("workers", WARN, detail + " alive now; Ray Train waits until an autoscaler adds nodes")
+        return Check("workers", FAIL, detail)
     if not t.use_gpu and gpus:
         return Check("workers", WARN, f"{want} fit ({have}); train.use_gpu is false, the GPUs stay idle")
     return Check("workers", PASS, f"{want} fit ({have})")
@@ -187,7 +219,7 @@ def check_memory(cfg: Config, cluster: Cluster) -> Check:
     estimate = estimate_memory(cfg)
     where = "per GPU" if cfg.train.use_gpu else "per worker"
     if cluster.joined:
-        memory = cluster_memory(cfg.train.use_gpu)
+        memory = cluster_memory(cfg.train.use_gpu, gpu_timeout_s=30)
     else:
         largest = max(cluster.nodes, key=lambda n: n.memory)
         memory = {"node": largest.memory, "node_cpus": largest.cpus}
@@ -224,19 +256,16 @@ def check_object_store(cfg: Config, cluster: Cluster) -> Check:
 # ------------------------------------------------------------------ runs
 
 
-def preflight(cfg: Config, address: str | None = None) -> list[Check]:
+def preflight(cfg: Config, address: str | None = None, data_path: str | None = None) -> list[Check]:
     """Every check of a training config against the cluster at address ($RAY_ADDRESS when None;
-    this machine when neither is set)."""
-    address = address or os.environ.get("RAY_ADDRESS")
+    this machine when neither is set); data_path: the prepared data a `train --data` reads."""
     rows = [Check("config", PASS, f"{cfg.name}: valid")]
-    try:
-        cluster = join_cluster(address) if address else this_machine()
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        return [*rows, Check("cluster", FAIL, f"cannot join the Ray cluster at {address}: {e}")]
-    if not cluster.nodes:
-        return [*rows, Check("cluster", FAIL, f"{cluster.where} has no live node")]
-    rows.append(Check("cluster", PASS, f"{cluster.where}: {len(cluster.nodes)} node(s)"))
-    rows += [check_sources(cfg, cluster), check_storage(cfg, cluster), check_vocabulary(cfg), check_workers(cfg, cluster),
+    cluster, row = cluster_row(address)
+    rows.append(row)
+    if cluster is None:
+        return rows
+    rows += [check_sources(cfg, cluster), check_storage(cfg, cluster), check_vocabulary(cfg, data_path),
+             check_workers(cfg, cluster),
              check_memory(cfg, cluster), check_object_store(cfg, cluster)]
     return rows
 
@@ -255,14 +284,8 @@ def preflight_checkpoint(checkpoint: str | Path, address: str | None = None) -> 
         return [Check("checkpoint", FAIL, f"{checkpoint}: {type(e).__name__}: {e}")]
     status = PASS if vocab <= cfg.vocab_size else FAIL
     rows = [Check("checkpoint", status, f"{model_dir}: tokenizer {vocab} tokens, model vocabulary {cfg.vocab_size}")]
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        cluster = join_cluster(address) if address else this_machine()
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        return [*rows, Check("cluster", FAIL, f"cannot join the Ray cluster at {address}: {e}")]
-    cpus = sum(n.cpus for n in cluster.nodes)
-    rows.append(Check("cluster", PASS if cpus >= 1 else FAIL, f"{cluster.where}: {cpus:g} CPUs"))
-    return rows
+    _, row = cluster_row(address)
+    return [*rows, row]
 
 
 def failed(rows: list[Check]) -> bool:

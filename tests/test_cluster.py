@@ -80,9 +80,12 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, corpus_dir):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
     seen: dict[tuple[str, int], str] = {}
     root = psutil.Process(proc.pid)
+    deadline = time.time() + 600
     while proc.poll() is None:
         seen.update(listening_sockets(root))
         time.sleep(0.2)
+        if time.time() > deadline:
+            proc.kill()
     log.close()
     assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
     names = set(seen.values())
@@ -172,6 +175,11 @@ def job_logs(head: Head, job_id: str) -> str:
     return (done.stdout + done.stderr)[-4000:]
 
 
+def port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def app_answers(port: int) -> bool:
     """True while llm-ray's API answers on the port (Serve's proxy may stay, answering 404)."""
     try:
@@ -240,7 +248,7 @@ def test_ray_job_submit_path_end_to_end_with_a_killed_driver_resubmitted_and_ser
                              text=True, env=clean_env(**token_env(ray_head.token)), timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     deadline = time.time() + 60
-    while app_answers(port):
+    while app_answers(port) or port_taken(port):  # Serve goes too (no other app): the port is free for the next
         assert time.time() < deadline, "the Serve app outlived its job"
         time.sleep(1)
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llm_ray.cli import main
 from llm_ray.preflight import (
     FAIL,
@@ -26,6 +28,11 @@ from tests.conftest import debug_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAPTOP = Cluster([Node(cpus=2, gpus=0, memory=16 * GIB, object_store=4 * GIB)], "a laptop", joined=False)
+
+
+@pytest.fixture(autouse=True)
+def _this_machine(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the checks describe this machine, whatever the shell says
 
 
 def two_nodes(cpus=2, gpus=0, memory=16 * GIB):
@@ -56,6 +63,17 @@ def test_workers_that_do_not_fit_fail_with_the_fields_and_what_the_cluster_has(t
     assert check_workers(gpu, two_nodes(gpus=0)).status == FAIL
     assert check_workers(gpu, two_nodes(gpus=1)).status == PASS
     assert check_workers(debug_config(tmp_path, corpus_dir), two_nodes(gpus=1)).status == WARN  # GPUs left idle
+
+
+def test_fractional_cpus_count_as_ray_counts_them_and_a_joined_cluster_may_still_grow(
+        tmp_path, corpus_dir):
+    tenth = debug_config(tmp_path, corpus_dir, "train.num_workers=30", "train.cpus_per_worker=0.1",
+                         "train.micro_batch_size=1", "train.total_batch_tokens=1920")
+    assert check_workers(tenth, Cluster([Node(3, 0, GIB, GIB)], "", False)).status == PASS  # 3 // 0.1 is 29.0
+    gpus = debug_config(tmp_path, corpus_dir, "train.use_gpu=true")
+    assert check_workers(gpus, LAPTOP).status == FAIL  # this machine will not grow
+    row = check_workers(gpus, Cluster([Node(8, 0, 16 * GIB, GIB)], "head", joined=True))
+    assert row.status == WARN and "autoscaler" in row.detail  # a cluster may: Ray Train waits
 
 
 def test_placement_strategy_changes_what_fits(tmp_path, corpus_dir):
@@ -139,8 +157,8 @@ def test_cli_prints_the_table_and_exits_1_on_a_failure(tmp_path, corpus_dir, cap
     assert "workers" in out and "FAIL" in out and "preflight: FAILED" in out
 
 
-def test_job_entrypoints_map_their_arguments_to_the_preflight():
-    sys.path.insert(0, str(ROOT / "jobs"))
+def test_job_entrypoints_map_their_arguments_to_the_preflight(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
     from _entry import preflight_args
 
     assert preflight_args("train", ["--config", "debug", "--set", "a=1"]) == ["--config", "debug", "--set=a=1"]
@@ -148,6 +166,9 @@ def test_job_entrypoints_map_their_arguments_to_the_preflight():
     assert preflight_args("tune", ["--sweep", "tuning/debug.yaml", "--resume"]) == ["--sweep", "tuning/debug.yaml"]
     assert preflight_args("eval", ["--checkpoint", "x"]) == ["--checkpoint", "x"]
     assert preflight_args("serve", ["--checkpoint", "s3://b/hf"]) is None  # vLLM reads it itself
+    assert preflight_args("serve", ["--checkpoint", "hf-export", "--engine", "vllm"]) is None
+    assert preflight_args("train", ["--config", "demo", "--data", "s3://b/data"]) == [
+        "--config", "demo", "--data", "s3://b/data"]
     for name in ("prepare", "pretrain", "eval", "tune", "serve", "pipeline"):
         assert (ROOT / "jobs" / f"{name}.py").is_file()
 

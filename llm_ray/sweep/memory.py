@@ -146,9 +146,10 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
     )
 
 
-def cluster_memory(may_use_gpu: bool) -> dict:
+def cluster_memory(may_use_gpu: bool, gpu_timeout_s: float = 300) -> dict:
     """What a worker's memory estimate is compared against, read from the Ray cluster this process
-    joined: the largest live node's memory and CPUs, and one GPU's memory when GPUs may be used."""
+    joined: the largest live node's memory and CPUs, and one GPU's memory when GPUs may be used
+    (asked of a task holding one GPU for a moment, within gpu_timeout_s)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -163,7 +164,11 @@ def cluster_memory(may_use_gpu: bool) -> dict:
 
             return torch.cuda.mem_get_info()[1]
 
-        memory["gpu"] = ray.get(gpu_memory.remote(), timeout=300)
+        probe = gpu_memory.remote()
+        try:  # a busy cluster may have no GPU free now: the budget is then unknown, not a failure
+            memory["gpu"] = ray.get(probe, timeout=gpu_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(probe, force=True)
     return memory
 
 

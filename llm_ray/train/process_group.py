@@ -52,9 +52,10 @@ def join_process_group(backend: str, rank: int, world_size: int, port: int, time
     import torch.distributed as dist
 
     interface = loopback_interface()
-    if interface:  # gloo's and NCCL's own sockets on the loopback interface too
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+    if interface:  # gloo's and NCCL's own sockets on the loopback interface too (every worker is here)
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = interface
+    if backend == "nccl":  # as Ray Train's own set-up: a timed-out collective fails instead of hanging
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = LOOPBACK, str(port)
     timeout = timedelta(seconds=timeout_s)
     store = _server[1] if rank == 0 else dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
@@ -68,8 +69,10 @@ class _LoopbackTorchBackend(_TorchBackend):
             return super().on_start(worker_group, backend_config)
         import ray
 
-        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
-        backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
+        resources = worker_group.get_resources_per_worker()
+        if resources.get("TPU", 0) or backend_config.backend not in (None, "gloo", "nccl"):
+            return super().on_start(worker_group, backend_config)  # TPUs and custom backends: Ray's set-up
+        backend = backend_config.backend or ("nccl" if resources.get("GPU", 0) > 0 else "gloo")
         n, timeout_s = len(worker_group), backend_config.timeout_s
         port = worker_group.execute_single(0, serve_store, n, timeout_s)
         worker_group.execute(_set_torch_distributed_env_vars)
