@@ -1,6 +1,7 @@
 """Throughput, peak memory and near-dedup quality of `llm-ray prepare`.
 
     python benchmarks/prepare_throughput.py [--sizes-mb 50 200] [--skip-demo]
+    python benchmarks/prepare_throughput.py --pii [DOCUMENTS]   # redaction: throughput ratio, precision/recall
 
 (a) the demo corpus (builtin:shakespeare); (b) generated corpora of the given sizes:
 documents stitched from random Shakespeare paragraphs (distinct from each other), with
@@ -318,6 +319,48 @@ def print_dedup_only(sizes: list[int], workdir: Path) -> None:
                   f"driver growth; documents kept: {r['kept']:,} vs {f['kept']:,}")
 
 
+def pii_benchmark(workdir: Path, documents: int, rounds: int = 3) -> None:
+    """The documents stage's work (read, clean, MinHash, write a shard) on one core, with and without
+    cleaning.pii, alternated `rounds` times on the same generated files; then redaction's precision and
+    recall on the planted items (benchmarks/_pii_set.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _pii_set import generated_set, precision_recall
+
+    from llm_ray.data.documents import read_and_clean
+
+    paragraphs = []
+    for path in sorted(shakespeare_dir().glob("*.txt")):
+        paragraphs += [p.strip() for p in re.split(r"\n\s*\n", path.read_text(errors="replace")) if len(p) > 200]
+    docs = generated_set(paragraphs, documents)
+    folder = workdir / "pii"
+    folder.mkdir(parents=True, exist_ok=True)
+    uris = []
+    for i, (text, _) in enumerate(docs):
+        (folder / f"doc{i:05d}.txt").write_text(text)
+        uris.append(str(folder / f"doc{i:05d}.txt"))
+    mb = sum(len(t.encode()) for t, _ in docs) / 1e6
+    base = load_config("demo", [])
+    variants = {"without": base.cleaning.model_copy(update={"pii": base.cleaning.pii.model_copy(update={"enabled": False})}),
+                "with": base.cleaning}
+    seconds = {k: [] for k in variants}
+    for r in range(rounds):
+        for label, cleaning in variants.items():
+            started = time.perf_counter()
+            read_and_clean(uris, base.data, cleaning, base.dedup, str(workdir / f"pii-{label}-{r}.parquet"))
+            seconds[label].append(time.perf_counter() - started)
+    rate = {k: mb / min(v) for k, v in seconds.items()}
+    print(f"\nredaction in the documents stage: {documents} documents, {mb:.1f} MB, one core, best of {rounds}")
+    for label in variants:
+        print(f"   {label + ' redaction':<18} {rate[label]:6.2f} MB/s per core")
+    print(f"   with / without: {rate['with'] / rate['without']:.3f}x throughput "
+          f"({(1 - rate['with'] / rate['without']) * 100:+.1f}% slower; target at most 15%)")
+    precision, recall, planted = precision_recall(docs)
+    print(f"   on {planted['all']} planted items: " + ", ".join(
+        f"{k} P {precision[k]:.3f} R {recall[k]:.3f} (n={planted[k]})" for k in planted))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 200], help="generated corpus sizes")
@@ -325,9 +368,18 @@ def main():
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
     parser.add_argument("--dedup-only", type=int, nargs="+", metavar="DOCUMENTS",
                         help="only the dedup stage, on synthetic signatures of these corpus sizes (e.g. 1000000 5000000)")
+    parser.add_argument("--pii", type=int, nargs="?", const=400, metavar="DOCUMENTS",
+                        help="only redaction: documents stage MB/s per core with and without it, precision/recall")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="llmray-bench-"))
+    if args.pii:
+        try:
+            pii_benchmark(workdir, args.pii)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return
     init_ray(num_cpus=cores)
     try:
         if args.dedup_only:

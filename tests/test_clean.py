@@ -482,7 +482,7 @@ def test_clean_document_switches():
 def test_drop_reasons_lists_every_reason():
     assert set(DROP_REASONS) == {
         "too_few_words", "too_many_words", "mean_word_length", "symbol_word_ratio", "ellipsis_lines",
-        "duplicate_lines", "top_2gram", "duplicate_5grams", "alpha_words", "empty",
+        "duplicate_lines", "top_2gram", "duplicate_5grams", "alpha_words", "empty", "pii",
     }
 
 

@@ -19,6 +19,7 @@ PLANTED = [  # (text with one item, the item, its kind)
     ("aws_access_key_id = AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE", "secret"),
     ("Authorization: Bearer abcDEF1234567890ghijKLmn.op-qr_st", "abcDEF1234567890ghijKLmn.op-qr_st", "secret"),
     ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789 leaked", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "secret"),
+    ("slack xoxb-123456789012-abcdefABCDEF in chat", "xoxb-123456789012-abcdefABCDEF", "secret"),
     # Chinese
     ("如有问题请发邮件至zhang.san@example.cn，谢谢。", "zhang.san@example.cn", "email"),
     ("我的手机号是13800138000，请回电。", "13800138000", "phone"),
@@ -49,6 +50,7 @@ LOOK_ALIKES = [
     "В 2023 году тираж составил 1 250 000 экземпляров, цена 350,00 руб.",
     "Call at 5 p.m.; room 1203, floor 12, building 7.",
     "Coordinates 48.8566, 2.3522 and scale 1:50000.",
+    "The words cowghp_abcdefghijklmnopqrstuvwxyz0123456789 and PAKIAIOSFODNN7EXAMPLE are glued to others.",
 ]
 
 
@@ -105,3 +107,26 @@ def test_redaction_is_stable_and_counts_what_it_replaced(text):
     assert redact(first.text).text == first.text  # nothing left to find, placeholders are not matched
     assert sum(first.counts.values()) == sum(first.text.count(PLACEHOLDER[k]) for k in KINDS) - sum(
         text.count(PLACEHOLDER[k]) for k in KINDS)
+
+
+def test_clean_document_redacts_before_the_quality_rules_and_drops_what_is_mostly_personal_data():
+    from llm_ray.config import CleaningConfig
+    from llm_ray.data.clean import clean_document
+    from llm_ray.data.pii import Redaction
+
+    prose = ("The harbour was quiet that morning, and the boats rocked gently against the old stone wall while "
+             "the fishermen mended their nets and talked about the weather and the price of bread. Later a cart "
+             "came down the hill carrying barrels of apples, which the children counted twice before running off "
+             "toward the lighthouse where their grandmother kept goats, chickens and a very patient grey donkey. "
+             "Nobody expected the storm that evening, yet every window was shuttered long before sunset. ")
+    text = prose + "Write to mary.jones@example.com with questions."
+    found = Redaction("")
+    cleaned, reason = clean_document(text, CleaningConfig(), found)
+    assert reason is None and cleaned.endswith("Write to <EMAIL> with questions.")
+    assert dict(found.counts) == {"email": 1} and found.chars == len("mary.jones@example.com")
+    off = CleaningConfig(pii={"enabled": False})
+    assert clean_document(text, off)[0] == text
+    assert clean_document(text, CleaningConfig(pii={"kinds": ["phone"]}))[0] == text
+    listing = prose[:200] + " " + " ".join(f"user{i}@example.com" for i in range(30))
+    assert clean_document(listing, CleaningConfig()) == (None, "pii")
+    assert clean_document(listing, CleaningConfig(pii={"max_share": 1.0}))[1] != "pii"  # (other rules may drop it)

@@ -97,10 +97,27 @@ class DedupConfig(Section):
     seed: int = Field(42, description="Seed of the MinHash permutations.")
 
 
+class PiiConfig(Section):
+    """Personal data and secrets replaced by a placeholder of their kind (llm_ray/data/pii.py)."""
+
+    enabled: StrictBool = Field(True, description="Find and redact personal data and secrets before filtering.")
+    kinds: list[Literal["email", "phone", "ip", "card", "secret"]] = Field(
+        ["email", "phone", "ip", "card", "secret"], description="What to redact: e-mail addresses, phone numbers, "
+        "IPv4/IPv6 addresses, Luhn-valid payment cards, secrets (AWS key ids, private keys, bearer tokens); each "
+        "becomes <EMAIL>, <PHONE>, <IP>, <CARD> or <SECRET> in plain text."
+    )
+    max_share: float = Field(
+        0.3, ge=0, le=1, description="Drop a document (reason pii) when what was redacted covers more than this "
+        "share of its characters."
+    )
+    examples: int = Field(5, ge=0, le=100, description="Redacted excerpts kept in prepare_report (shown redacted).")
+
+
 class CleaningConfig(Section):
     """Normalization and quality rules (in the spirit of Gopher and C4), applied per document."""
 
     enabled: StrictBool = Field(True, description="Apply cleaning and quality filters at all.")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="Redaction of personal data and secrets.")
     normalize_unicode: StrictBool = Field(True, description="NFC-normalize, drop control characters, tidy whitespace.")
     strip_boilerplate: StrictBool = Field(
         True, description="Remove Project Gutenberg headers/footers and license blocks before filtering."

@@ -9,6 +9,7 @@ import unicodedata
 import numpy as np
 
 from llm_ray.config import CleaningConfig
+from llm_ray.data.pii import Redaction, redact
 
 DROP_REASONS: tuple[str, ...] = (
     "too_few_words",
@@ -21,6 +22,7 @@ DROP_REASONS: tuple[str, ...] = (
     "duplicate_5grams",
     "alpha_words",
     "empty",
+    "pii",
 )
 
 # Scripts written without spaces between words: each character is one word, so a Chinese
@@ -264,8 +266,9 @@ def quality_reason(text: str, cfg: CleaningConfig) -> str | None:
     return None
 
 
-def clean_document(text: str, cfg: CleaningConfig) -> tuple[str | None, str | None]:
-    """(cleaned text, None) when kept, (None, reason) when dropped; reason is one of DROP_REASONS."""
+def clean_document(text: str, cfg: CleaningConfig, found: Redaction | None = None) -> tuple[str | None, str | None]:
+    """(cleaned text, None) when kept, (None, reason) when dropped; reason is one of DROP_REASONS.
+    With found, what redaction replaced is added to it (counts per kind, characters)."""
     if not cfg.enabled:
         return text, None
     if cfg.normalize_unicode:
@@ -274,5 +277,14 @@ def clean_document(text: str, cfg: CleaningConfig) -> tuple[str | None, str | No
         text = strip_boilerplate(text)
     if not text.strip():
         return None, "empty"
+    if cfg.pii.enabled:
+        redaction = redact(text, tuple(cfg.pii.kinds))
+        if found is not None:
+            found.counts.update(redaction.counts)
+            found.chars += redaction.chars
+            found.text = redaction.text if redaction.counts else ""
+        if redaction.chars > cfg.pii.max_share * len(text):
+            return None, "pii"
+        text = redaction.text
     reason = quality_reason(text, cfg)
     return (None, reason) if reason else (text, None)

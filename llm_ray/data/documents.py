@@ -8,6 +8,7 @@ from llm_ray.config import CleaningConfig, Config, DataConfig, DedupConfig
 from llm_ray.data import dedup, stages
 from llm_ray.data.clean import clean_document
 from llm_ray.data.errors import PrepareError
+from llm_ray.data.pii import Redaction, example
 from llm_ray.data.sources import FileRef, read_file
 from llm_ray.data.stages import task_per_item
 from llm_ray.storage import Location
@@ -24,7 +25,7 @@ def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, 
     import pyarrow.parquet as pq
 
     stats = {"files": len(uris), "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
-             "drops": Counter(), "notes": Counter(), "doc_chars": []}
+             "drops": Counter(), "notes": Counter(), "doc_chars": [], **pii_totals()}
     keys, texts = [], []
     for uri in uris:
         result = read_file(uri, data)
@@ -35,7 +36,14 @@ def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, 
             continue
         for key, text in result.docs:
             stats["docs_in"] += 1
-            cleaned, reason = clean_document(text, cleaning)
+            found = Redaction("")
+            cleaned, reason = clean_document(text, cleaning, found)
+            if found.counts:
+                stats["pii"].update(found.counts)
+                stats["pii_chars"] += found.chars
+                stats["pii_docs"] += 1
+                if len(stats["pii_examples"]) < cleaning.pii.examples:
+                    stats["pii_examples"].append(example(found.text))
             if cleaned is None:
                 stats["drops"][reason] += 1
                 continue
@@ -56,6 +64,11 @@ def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, 
     out.write_bytes(buffer.getvalue().to_pybytes())  # the shard appears whole or not at all
     out.with_suffix(".json").write_json(stats)  # the shard's completion marker
     return stats
+
+
+def pii_totals() -> dict:
+    """What redaction found: counts per kind, characters replaced, documents touched, redacted excerpts."""
+    return {"pii": Counter(), "pii_chars": 0, "pii_docs": 0, "pii_examples": []}
 
 
 def _read_clean_batch(batch: dict, data: dict, cleaning: dict, dedup_cfg: dict) -> dict:
@@ -107,11 +120,13 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> di
         task_per_item(todo, _read_clean_batch, data=cfg.data.model_dump(), cleaning=cfg.cleaning.model_dump(),
                       dedup_cfg=cfg.dedup.model_dump()).materialize()
     totals = {"files": 0, "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
-              "drops": Counter(), "notes": Counter(), "doc_chars": []}
+              "drops": Counter(), "notes": Counter(), "doc_chars": [], **pii_totals()}
     for path in shard_paths:
         stats = path.with_suffix(".json").read_json()
-        for k in ("files", "bytes_in", "docs_in", "docs_out", "bytes_out"):
+        for k in ("files", "bytes_in", "docs_in", "docs_out", "bytes_out", "pii_chars", "pii_docs"):
             totals[k] += stats[k]
+        totals["pii"].update(stats["pii"])
+        totals["pii_examples"] += stats["pii_examples"][:max(0, cfg.cleaning.pii.examples - len(totals["pii_examples"]))]
         totals["failed"] += stats["failed"]
         totals["drops"].update(stats["drops"])
         totals["notes"].update(stats["notes"])

@@ -24,6 +24,7 @@ outside a match.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections import Counter
@@ -33,7 +34,7 @@ KINDS = ("email", "phone", "ip", "card", "secret")
 PLACEHOLDER = {kind: f"<{kind.upper()}>" for kind in KINDS}
 _FULL_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # full-width ASCII, ideographic space
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+"
+_EMAIL = re.compile(r"[A-Za-z0-9](?<![\w.%+-][A-Za-z0-9])[A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+"
                     r"[A-Za-z]{2,24}(?![\w-])", re.ASCII)
 _PHONE = re.compile(
     r"(?<![\w+])(?:"
@@ -43,19 +44,20 @@ _PHONE = re.compile(
     r"|8\s?\(\d{3}\)\s?\d{3}-\d{2}-\d{2}"  # 8 (495) 123-45-67
     r"|1[3-9]\d[ -]?\d{4}[ -]?\d{4}"  # 138 0013 8000
     r")(?![\w])", re.ASCII)
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(r"(?=\d)(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
                    r"(?![\w]|\.\d)", re.ASCII)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|\d{1,3}(?:\.\d{1,3}){3})(?![\w:])",
                    re.ASCII)
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])", re.ASCII)
+_CARD = re.compile(r"\d(?<![\w-]\d)(?:[ -]?\d){12,18}(?![\w-])", re.ASCII)
 _CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|3[068]|6(?:011|5|22|4[4-9])|35|62")
-_SECRET = re.compile(
-    r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"
-    r"|-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z]+ )*PRIVATE KEY-----"
-    r"|(?<=Bearer )[A-Za-z0-9\-._~+/]{20,}=*"
-    r"|(?<![\w])gh[pousr]_[A-Za-z0-9]{36}(?![\w])"
-    r"|(?<![\w])xox[abprs]-[A-Za-z0-9-]{10,}",
-    re.DOTALL | re.ASCII)
+_SECRETS = (  # (substrings one of which a text must hold, pattern)
+    (("AKIA", "ASIA"), re.compile(r"(?:AKIA|ASIA)(?<![A-Z0-9]....)[A-Z0-9]{16}(?![A-Z0-9])", re.ASCII)),
+    (("PRIVATE KEY",), re.compile(r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z]+ )*PRIVATE KEY-----",
+                                  re.DOTALL | re.ASCII)),
+    (("Bearer ",), re.compile(r"(?<=Bearer )[A-Za-z0-9\-._~+/]{20,}=*", re.ASCII)),
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), re.compile(r"gh[pousr]_(?<![\w]....)[A-Za-z0-9]{36}(?![\w])", re.ASCII)),
+    (("xox",), re.compile(r"xox[abprs]-(?<![\w].....)[A-Za-z0-9-]{10,}", re.ASCII)),
+)
 
 
 def luhn(digits: str) -> bool:
@@ -83,17 +85,32 @@ def _is_ipv6(match: str) -> bool:
     return True
 
 
-# kind, pattern, a cheap test of the mapped text that must hold for the pattern to be tried, validator
-_FINDERS = (
-    ("secret", _SECRET, lambda t: "AKIA" in t or "ASIA" in t or "PRIVATE KEY" in t or "Bearer " in t
-     or "gh" in t or "xox" in t, None),
-    ("email", _EMAIL, lambda t: "@" in t, None),
-    ("card", _CARD, None, _is_card),
-    ("ip", _IPV4, lambda t: "." in t, None),
-    ("ip", _IPV6, lambda t: "::" in t or t.count(":") >= 7, _is_ipv6),
-    ("phone", _PHONE, None, None),
-)
-_HAS_DIGIT = re.compile(r"[0-9]")
+_DIGIT_RUN = re.compile(r"[0-9][0-9 ().-]{5,}[0-9]")  # 7+ characters of digits and separators: phone or card
+_DOTTED = re.compile(r"[0-9]\.[0-9]{1,3}\.[0-9]")
+_HEX_COLON = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f:]")
+
+
+def _candidates(text: str, kinds) -> list[tuple[str, re.Pattern, object]]:
+    """(kind, pattern, validator) worth running on text: cheap substring and short-regex tests first,
+    so prose without any candidate costs a few scans (benchmarks/prepare_throughput.py measures it)."""
+    found = [("secret", pattern, None) for hints, pattern in _SECRETS if "secret" in kinds
+             and any(h in text for h in hints)]
+    if "email" in kinds and "@" in text:
+        found.append(("email", _EMAIL, None))
+    if not any(d in text for d in "0123456789"):
+        return found
+    if ("card" in kinds or "phone" in kinds) and _DIGIT_RUN.search(text):
+        found += [(k, p, v) for k, p, v in (("card", _CARD, _is_card), ("phone", _PHONE, None)) if k in kinds]
+    if "ip" in kinds:
+        if _DOTTED.search(text):
+            found.append(("ip", _IPV4, None))
+        if "::" in text or _HEX_COLON.search(text):
+            found.append(("ip", _IPV6, _is_ipv6))
+    return sorted(found, key=lambda f: KINDS_ORDER.index(f[0]))
+
+
+KINDS_ORDER = ("secret", "email", "card", "ip", "phone")  # where two matches overlap, the earlier kind wins
+_FULL_WIDTH_CHARS = re.compile("[\uff01-\uff5e\u3000]")
 
 
 @dataclass
@@ -104,22 +121,19 @@ class Redaction:
 
 
 def find(text: str, kinds: tuple[str, ...] = KINDS) -> list[tuple[int, int, str]]:
-    """(start, end, kind) of every match, earlier kinds in _FINDERS first where two overlap."""
-    mapped = text.translate(_FULL_WIDTH)
-    digits = _HAS_DIGIT.search(mapped) is not None
-    taken: list[tuple[int, int, str]] = []
-    for kind, pattern, worth_trying, valid in _FINDERS:
-        if kind not in kinds or (kind in ("card", "ip", "phone") and not digits):
-            continue
-        if worth_trying is not None and not worth_trying(mapped):
-            continue
+    """(start, end, kind) of every match; where two overlap, the kind earlier in KINDS_ORDER wins."""
+    full_width = not text.isascii() and _FULL_WIDTH_CHARS.search(text) is not None
+    mapped = text.translate(_FULL_WIDTH) if full_width else text
+    taken: list[tuple[int, int, str]] = []  # sorted, never overlapping: a new match meets at most its neighbours
+    for kind, pattern, valid in _candidates(mapped, kinds):
         for m in pattern.finditer(mapped):
             if valid is not None and not valid(m.group()):
                 continue
-            if any(m.start() < end and start < m.end() for start, end, _ in taken):
+            i = bisect.bisect_left(taken, (m.start(),))
+            if (i > 0 and taken[i - 1][1] > m.start()) or (i < len(taken) and taken[i][0] < m.end()):
                 continue
-            taken.append((m.start(), m.end(), kind))
-    return sorted(taken)
+            taken.insert(i, (m.start(), m.end(), kind))
+    return taken
 
 
 def redact(text: str, kinds: tuple[str, ...] = KINDS) -> Redaction:

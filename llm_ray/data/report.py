@@ -23,6 +23,8 @@ def build_report(manifest: dict, docs: dict, dedup: dict, tok: dict, timings: di
         "files": {"read": docs["files"], "failed": docs["failed"]},
         "stages": stages,
         "drops": dict(sorted(docs["drops"].items())),
+        "pii": {"redacted": dict(sorted(docs.get("pii", {}).items())), "characters": docs.get("pii_chars", 0),
+                "documents": docs.get("pii_docs", 0), "examples": docs.get("pii_examples", [])},
         "notes": dict(sorted(docs["notes"].items())),
         "dedup": {k: dedup[k] for k in ("exact_duplicates", "near_duplicate_pairs", "clusters_with_copies",
                                         "largest_cluster", "lsh_bands", "lsh_rows", "example_pairs")},
@@ -55,6 +57,10 @@ def format_table(r: dict) -> str:
         lines.append("dropped by rule: " + ", ".join(f"{k} {v}" for k, v in r["drops"].items()))
     if r["notes"]:
         lines.append("notes: " + ", ".join(f"{k} {v}" for k, v in r["notes"].items()))
+    p = r["pii"]
+    if p["redacted"]:
+        lines.append("redacted: " + ", ".join(f"{k} {v}" for k, v in p["redacted"].items())
+                     + f" in {p['documents']} documents ({p['characters']:,} characters)")
     d = r["dedup"]
     lines.append(f"duplicates: {d['exact_duplicates']} exact, {d['near_duplicate_pairs']} near pairs, "
                  f"{d['clusters_with_copies']} clusters with copies (largest {d['largest_cluster']})")
@@ -75,6 +81,9 @@ def write_report(report: dict, docs: dict, tok: dict, out: Location) -> None:
         md += [f"| {a} | {b} | {p['estimated_jaccard']} |"
                for p in report["dedup"]["example_pairs"] for a, b in [p["documents"]]]
         md.append("")
+    if report["pii"]["examples"]:
+        md += ["## Redacted personal data (examples, shown redacted)", ""]
+        md += ["- `" + e.replace("`", "'") + "`" for e in report["pii"]["examples"]] + [""]
     if report["files"]["failed"]:
         md += ["## Files that could not be read", ""] + [f"- `{u}`: {w}" for u, w in report["files"]["failed"]] + [""]
     md.append("![histograms](prepare_report.png)")
