@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,6 +150,7 @@ def ray_head():
         yield Head(f"http://127.0.0.1:{dashboard}", temp_dir, token)
     finally:
         stop_processes_of(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(head: Head, entry: list[str], token: bool = True, wait: bool = True, timeout: int = 600):
