@@ -102,21 +102,20 @@ def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
     """Every source's syntax; local sources exist (and are refused on a multi-node cluster unless the
     filesystem is shared, as prepare refuses them); S3 sources have credentials and exist."""
     from llm_ray.data.corpus import CorpusError
+    from llm_ray.data.prepare import local_sources
     from llm_ray.data.sources import (
         check_credentials,
         check_uri,
         s3_error,
         s3_filesystem,
     )
+    from llm_ray.storage import StorageError, check_shared
 
     found = []
     try:
+        check_shared(local_sources(cfg), len(cluster.nodes) if cluster else 1, cfg.data.shared_filesystem)
         for source in cfg.data.sources:
             scheme = check_uri(source)
-            nodes = len(cluster.nodes) if cluster else 1
-            if scheme != "s3" and nodes > 1 and not cfg.data.shared_filesystem:
-                raise CorpusError(f"data.sources: {source} is on this machine's disk, and this Ray cluster has "
-                                  f"{nodes} nodes: use s3:// sources, or data.shared_filesystem: true")
             if scheme == "builtin":
                 found.append(f"{source} (fetched and cached by prepare)")
             elif scheme == "s3":
@@ -132,7 +131,7 @@ def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
                 raise CorpusError(f"data.sources: {source}: no such file or folder on this machine")
             else:
                 found.append(source)
-    except CorpusError as e:
+    except (CorpusError, StorageError) as e:
         return Check("data sources", FAIL, str(e))
     return Check("data sources", PASS, ", ".join(found))
 

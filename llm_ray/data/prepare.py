@@ -52,6 +52,15 @@ ENCODE_CHUNK_DOCS = 256
 SPLITS = ("train", "val", "test")
 
 
+def local_sources(cfg: Config) -> dict[str, Location]:
+    """The sources on this machine's disk, by field name. Every task reads the files it is given: local
+    sources exist on the driver's node only (a built-in corpus too: it is cached there)."""
+    from llm_ray.data.corpus import cache_dir
+
+    return {f"data.sources ({s})": Location(str(cache_dir())) if s.startswith("builtin:")
+            else Location.parse(s, field="data.sources") for s in cfg.data.sources if not s.startswith("s3://")}
+
+
 def data_dir(cfg: Config) -> Location:
     """<output_dir>/<name>/data: a local folder or an S3 prefix."""
     return cfg.run_location / "data"
@@ -206,14 +215,7 @@ def prepare(cfg: Config, log=print) -> dict:
 
     # Tasks on other nodes write the shards: a local folder is only right on a shared filesystem.
     try:
-        from llm_ray.data.corpus import cache_dir
-
-        # Every task reads the files it is given: local sources exist on the driver's node only (a
-        # built-in corpus too: it is cached there).
-        local_sources = {f"data.sources ({s})": Location(str(cache_dir())) if s.startswith("builtin:")
-                         else Location.parse(s, field="data.sources") for s in cfg.data.sources
-                         if not s.startswith("s3://")}
-        check_shared({"output_dir": out, **local_sources}, alive_nodes(), cfg.data.shared_filesystem)
+        check_shared({"output_dir": out, **local_sources(cfg)}, alive_nodes(), cfg.data.shared_filesystem)
     except StorageError as e:
         raise ConfigError(str(e)) from None
     out.mkdir()
