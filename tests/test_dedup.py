@@ -141,11 +141,13 @@ def test_exact_groups_keep_the_first_document_and_count_group_sizes():
     assert sizes.tolist() == [[10, 3]]
 
 
-def test_candidate_pairs_cover_every_bucket_once():
-    from llm_ray.data.dedup_stage import candidate_pairs
+def test_star_edges_link_each_bucket_member_to_the_smallest_id_once():
+    from llm_ray.data.dedup_stage import star_edges
 
     rows = np.array([[7, 3], [7, 1], [9, 4], [7, 2], [9, 5], [8, 6], [5, 1], [5, 3]], dtype=np.uint64)
-    assert candidate_pairs(rows).tolist() == [[1, 2], [1, 3], [2, 3], [4, 5]]  # (1, 3) twice: once
+    # Bucket 7 = {1, 2, 3}: (1, 2) and (1, 3), no (2, 3) (components make it transitive); (1, 3) also
+    # comes from bucket 5 and counts once; 6 is alone.
+    assert star_edges(rows).tolist() == [[1, 2], [1, 3], [4, 5]]
 
 
 def test_components_pick_the_first_document_and_the_smallest_hash():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, field_validator
 
 from llm_ray.config.base import Section
+from llm_ray.config.languages import LANGID_CODES, unknown_language_message
 
 
 class S3Config(Section):
@@ -142,6 +143,16 @@ class CleaningConfig(Section):
         "codes (e.g. [en, zh]), detected by langid (its model ships inside the package); others are dropped "
         "(reason language) and the report counts documents per language. Empty: no language filter."
     )
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, codes: list[str]) -> list[str]:
+        codes = [code.strip().lower() for code in codes]  # EN, ' zh' from YAML or --set mean en, zh
+        for code in codes:
+            if code not in LANGID_CODES:  # a typo would otherwise drop every document silently
+                raise ValueError(unknown_language_message(code))
+        return codes
+
     min_words: int = Field(50, ge=0, description="Drop documents with fewer words (CJK characters count as words).")
     max_words: int = Field(2_000_000, ge=1, description="Drop documents with more words.")
     min_mean_word_length: float = Field(

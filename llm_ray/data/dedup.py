@@ -1,16 +1,17 @@
 """Exact and near-duplicate detection: normalized-text hashes, MinHash signatures, LSH, clusters.
 
 Plain numpy; ``prepare`` runs the per-document parts on Ray Data workers and the
-clustering as rounds of Ray tasks (``dedup_stage``). ``near_duplicate_pairs`` and ``clusters``
-do the same clustering in one process, all pairs in memory: the reference the tests and
-benchmarks compare the rounds with.
+clustering as rounds of Ray tasks (``dedup_stage``), which link each LSH bucket's members to
+one representative (edges linear in bucket size). ``near_duplicate_pairs`` and ``clusters``
+do the same clustering in one process from every pair in a bucket, quadratic in bucket size:
+the exact reference the tests and benchmarks compare the rounds with, never the production path.
 
 MinHash estimates the Jaccard similarity of two documents' shingle sets: with random
 hash functions h_i, P[min h_i(A) == min h_i(B)] = J(A, B). LSH splits each signature
 into b bands of r rows; two documents become candidates when any band matches, which
 happens with probability 1 - (1 - J^r)^b, an S-curve around the threshold. Candidates
 are then checked against the threshold on their full signatures, and duplicate
-clusters are the connected components of the confirmed pairs.
+clusters are the connected components of the confirmed pairs (or star edges).
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ class UnionFind:
 
 
 def near_duplicate_pairs(signatures: np.ndarray, threshold: float, bands: int, rows: int) -> list[tuple[int, int]]:
-    """Pairs (i < j) sharing an LSH band whose signatures agree on at least `threshold` of positions."""
+    """Pairs (i < j) sharing an LSH band whose signatures agree on at least `threshold` of positions.
+
+    Every pair of every bucket: the reference for tests and benchmarks. A bucket of k templated pages
+    costs k (k - 1) / 2 pairs here; production (dedup_stage.star_edges) proposes k - 1 edges.
+    """
     keys = band_keys(signatures, bands, rows)
     pairs = set()
     for band in range(bands):

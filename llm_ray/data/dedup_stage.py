@@ -8,12 +8,12 @@ its position in corpus order (documents shards in order, rows in order).
   2. exact reduce, per partition: documents with one hash form an exact group; the first in
      corpus order represents it, the others are copies and take no further part.
   3. band map, per shard: the representatives' LSH band keys, (band key, id) rows partitioned by key.
-  4. band reduce, per partition: documents sharing a band key are candidate pairs, sent on to the
-     shard of their first document.
-  5. verify, in two hops: a pair picks up its first document's signature and hash in that shard,
-     then meets the second's in its own; it is confirmed when the signatures agree on at least
+  4. band reduce, per partition: each document sharing a band key (a bucket) is linked to the
+     bucket's smallest id (star_edges), the edge sent on to the shard of that representative.
+  5. verify, in two hops: an edge picks up its representative's signature and hash in that shard,
+     then meets the member's in its own; it is confirmed when the signatures agree on at least
      dedup.threshold of their positions.
-  6. components, one task over the confirmed pairs only: connected components (scipy). A cluster's
+  6. components, one task over the confirmed edges only: connected components (scipy). A cluster's
      representative is its first document in corpus order, its key the smallest normalized-text
      hash among its documents (content only: the split assignment survives moving the corpus).
   7. keep lists, per shard: the rows kept with their cluster keys, and the shard's split summary.
@@ -81,21 +81,41 @@ def exact_groups(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return copies, np.stack([rows[starts[multi], 2].astype(PAIR), sizes[multi]], axis=1)
 
 
-def candidate_pairs(rows: np.ndarray) -> np.ndarray:
-    """rows (n, 2) uint64 [band key, id] -> unique pairs (i < j) of ids sharing a band key."""
+def star_edges(rows: np.ndarray) -> np.ndarray:
+    """rows (n, 2) uint64 [band key, id] -> unique edges (representative, member), representative < member:
+    each document sharing a band key (a bucket) linked to the bucket's smallest id.
+
+    Star edges, as datatrove's MinHash buckets: a bucket of k documents gives k - 1 edges, not the
+    k (k - 1) / 2 pairs, so templated pages (thousands of documents in one bucket) cost linear time and
+    memory. The components round makes the clusters transitive again.
+    """
     if len(rows) < 2:
         return np.zeros((0, 2), dtype=PAIR)
-    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]  # by key, then id: a bucket's first row is its smallest id
     starts = np.flatnonzero(np.r_[True, rows[1:, 0] != rows[:-1, 0]])
-    lengths = np.diff(np.r_[starts, len(rows)])
     ids = rows[:, 1].astype(PAIR)
-    twos = starts[lengths == 2]  # the common case, vectorized
-    pairs = [np.stack([ids[twos], ids[twos + 1]], axis=1)]
-    for start, length in zip(starts[lengths > 2], lengths[lengths > 2]):  # larger buckets: every pair
-        members = ids[start:start + length]
-        i, j = np.triu_indices(length, k=1)
-        pairs.append(np.stack([members[i], members[j]], axis=1))
-    return np.unique(np.concatenate(pairs), axis=0)
+    representative = np.repeat(ids[starts], np.diff(np.r_[starts, len(rows)]))
+    member = ids != representative
+    return np.unique(np.stack([representative[member], ids[member]], axis=1), axis=0)
+
+
+def signature_agreement(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
+    """(e,) share of positions on which rows of two (e, num_perm) signature arrays agree: MinHash's
+    estimate of the documents' Jaccard similarity."""
+    return (sig_a == sig_b).mean(axis=1) if len(sig_a) else np.zeros(0)
+
+
+def size_histogram(sizes: np.ndarray) -> list[list[int]]:
+    """[lower bound, clusters] per power-of-two bin of cluster sizes >= 2: 2, 3-4, 5-8, 9-16, ... up to the
+    bin of the largest cluster (empty bins included, so the bins line up between runs). At most
+    log2(largest) + 1 rows, whatever the corpus."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    sizes = sizes[sizes >= 2]
+    if len(sizes) == 0:
+        return []
+    bins = np.frexp((sizes - 1).astype(np.float64))[1]  # bit length of size - 1: 2 -> 1, 3..4 -> 2, 5..8 -> 3
+    counts = np.bincount(bins)[1:]
+    return [[2 ** k + 1, int(c)] for k, c in enumerate(counts)]
 
 
 def components(edges: np.ndarray, node_hashes: np.ndarray, group_sizes: np.ndarray) -> dict:
@@ -202,12 +222,13 @@ def _band_map(shard: Location, first: int, parts: int, bands: int, rows: int, nu
 
 
 def _band_reduce(offsets: np.ndarray, *chunks):
-    pairs = candidate_pairs(_concat(chunks, 2, np.uint64))
-    return _returns(by_shard(pairs, pairs[:, 0], offsets))
+    """The partition's star edges by the shard of their representative, then their count (a small stat)."""
+    edges = star_edges(_concat(chunks, 2, np.uint64))
+    return _returns(by_shard(edges, edges[:, 0], offsets) + [len(edges)])
 
 
 def _verify_attach(shard: Location, first: int, offsets: np.ndarray, num_perm: int, *chunks):
-    pairs = np.unique(_concat(chunks, 2, PAIR), axis=0)  # a pair found in several bands counts once
+    pairs = np.unique(_concat(chunks, 2, PAIR), axis=0)  # an edge proposed in several partitions counts once
     sig, words = read_signatures(shard, num_perm), shard_hashes(shard)
     rows = pairs[:, 0] - first
     out = by_shard(np.arange(len(pairs)), pairs[:, 1], offsets)
@@ -220,7 +241,14 @@ def _verify_confirm(shard: Location, first: int, num_perm: int, threshold: float
     words_i = _concat([a[1] for a in attached], 2, np.uint64)
     sig_i = _concat([a[2] for a in attached], num_perm, np.uint32)
     rows = pairs[:, 1] - first
-    agreement = (sig_i == sig[rows]).mean(axis=1) if len(pairs) else np.zeros(0)
+    # A member that fails against its bucket's representative gets no second chance (datatrove has
+    # none either): a retry against the other members is the all-pairs cost again, for templated
+    # buckets too. It loses its edge to a similar member only if a dissimilar document is the
+    # smallest id of every bucket the two share; similar documents share several bands, dissimilar
+    # ones few. On chains of overlapping windows (neighbours at Jaccard 0.6, ends at 0.33) that left
+    # 2 of 600 documents outside clusters all pairs found. Star edges are a subset of the pairs, so
+    # the error only ever keeps a near copy: it never merges documents all pairs keep apart.
+    agreement = signature_agreement(sig_i, sig[rows])
     ok = agreement >= threshold
     hashes = np.concatenate([np.concatenate([pairs[ok, :1].astype(np.uint64), words_i[ok]], axis=1),
                              np.concatenate([pairs[ok, 1:].astype(np.uint64), words[rows[ok]]], axis=1)])
@@ -235,8 +263,9 @@ def _components(offsets: np.ndarray, confirmed_count: int, *inputs):
     found = components(edges, _concat([c[1] for c in confirmed], 3, np.uint64), group_sizes)
     alone = group_sizes[~np.isin(group_sizes[:, 0], found["nodes"])]  # exact groups with no near copy
     order = np.lexsort((edges[:, 1], edges[:, 0]))[:5]
-    stats = {"near_pairs": len(edges), "clusters_with_copies": len(found["sizes"]) + len(alone),
-             "largest": int(max(found["sizes"].max(initial=1), alone[:, 1].max(initial=1))),
+    cluster_sizes = np.concatenate([found["sizes"], alone[:, 1]])  # near-duplicate components, exact-only groups
+    stats = {"near_pairs": len(edges), "clusters_with_copies": len(cluster_sizes),
+             "largest": int(cluster_sizes.max(initial=1)), "histogram": size_histogram(cluster_sizes),
              "examples": [(int(edges[k, 0]), int(edges[k, 1]), round(float(agreement[k]), 3)) for k in order]}
     table = np.concatenate([found["nodes"][:, None].astype(np.uint64), found["rep"][:, None].astype(np.uint64),
                             found["key"]], axis=1)
@@ -329,12 +358,13 @@ def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fractio
         reduced = [submit(_exact_reduce, S + 1, offsets, *column(mapped, p)) for p in range(P)]
         copies = [column(reduced, i) for i in range(S)]
         sizes = column(reduced, S)
-    confirmed = []
+    confirmed, candidate_counts = [], []
     bands, rows = dedup.lsh_params(d.threshold, d.num_perm)
     if d.near:
         banded = [submit(_band_map, P, s, firsts[i], P, bands, rows, d.num_perm, *copies[i])
                   for i, s in enumerate(shards)]
-        candidates = [submit(_band_reduce, S, offsets, *column(banded, p)) for p in range(P)]
+        candidates = [submit(_band_reduce, S + 1, offsets, *column(banded, p)) for p in range(P)]
+        candidate_counts = column(candidates, S)
         attached = [submit(_verify_attach, S, s, firsts[i], offsets, d.num_perm, *column(candidates, i))
                     for i, s in enumerate(shards)]
         confirmed = [submit(_verify_confirm, 1, s, firsts[i], d.num_perm, d.threshold, *column(attached, i))[0]
@@ -344,8 +374,14 @@ def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fractio
     kept = ray.get([submit(_keep_list, 1, s, firsts[i], out, seed, val_fraction, clustered[i], *copies[i])[0]
                     for i, s in enumerate(shards)])
     return {"docs_in": int(offsets[-1]), "docs_out": sum(k["kept"] for k in kept),
-            "exact_duplicates": sum(k["copies"] for k in kept), "near_duplicate_pairs": stats["near_pairs"],
+            "exact_duplicates": sum(k["copies"] for k in kept),
+            # The confirmed star edges (representative, member), not every similar pair: 2,000 templated
+            # pages give about 11,500 (a few representatives per band), all pairs would be 2 million.
+            "near_duplicate_pairs": stats["near_pairs"],
+            # Before verification, summed over band partitions: an edge two partitions propose counts twice.
+            "candidate_edges": sum(ray.get(candidate_counts)),
             "clusters_with_copies": stats["clusters_with_copies"], "largest_cluster": stats["largest"],
+            "cluster_size_histogram": stats["histogram"],
             "lsh_bands": bands, "lsh_rows": rows, "examples": stats["examples"], "offsets": offsets,
             "split_summary": merge_summaries([k["split"] for k in kept]),
             "coordinator_growth_bytes": max(0, _rss_bytes() - rss_before)}  # while holding every round's results
@@ -355,9 +391,9 @@ def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) 
     from llm_ray.data import stages
     from llm_ray.data.errors import PrepareError
 
-    # The record's split summary depends on the split seed and validation share; "rounds" marks the
-    # record's format (records of the former driver-side stage had no summary).
-    key = stages.stage_key("dedup", "rounds", docs_record["key"], cfg.dedup.model_dump(), cfg.data.split_seed,
+    # The record's split summary depends on the split seed and validation share; "star-edges" marks the
+    # record's format (records of the all-pairs rounds had no candidate_edges nor cluster_size_histogram).
+    key = stages.stage_key("dedup", "star-edges", docs_record["key"], cfg.dedup.model_dump(), cfg.data.split_seed,
                            cfg.data.val_fraction)
     if (record := stages.completed(out, key)) is not None:
         log("dedup: up to date, skipped")
@@ -374,7 +410,8 @@ def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) 
         examples.append({"documents": keys, "estimated_jaccard": agreement})
     del found["offsets"], found["coordinator_growth_bytes"]
     log(f"dedup: {found['docs_in']} documents -> {found['docs_out']} kept; {found['exact_duplicates']} exact copies "
-        f"and {found['near_duplicate_pairs']} near-duplicate pairs; {found['clusters_with_copies']} clusters with "
+        f"and {found['near_duplicate_pairs']} near-duplicate edges (of {found['candidate_edges']} candidates); "
+        f"{found['clusters_with_copies']} clusters with "
         f"copies (LSH {found['lsh_bands']} bands x {found['lsh_rows']} rows)")
     return stages.finish(out, key, {**found, "example_pairs": examples})
 
