@@ -211,6 +211,7 @@ def synthetic_shard(first: int, count: int, shard_size: int, path: str) -> int:
     exact_of = np.where(kind == 2, base, ids)  # exact copies share the origin's text hash
     exact = [f"{a:016x}{b:016x}" for a, b in zip(mix(exact_of).tolist(), mix(exact_of + np.uint64(1)).tolist())]
     table = pa.table({"doc_key": [f"doc{i:09d}" for i in ids.tolist()], "exact": exact,
+                      "bytes": pa.array(np.full(len(exact), 2000, dtype=np.int64)),  # a stand-in size
                       "signature": pa.array([r.tobytes() for r in sig], type=pa.binary())})
     pq.write_table(table, path)
     return count

@@ -103,13 +103,8 @@ def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
     filesystem is shared, as prepare refuses them); S3 sources have credentials and exist."""
     from llm_ray.data.corpus import CorpusError
     from llm_ray.data.prepare import local_sources
-    from llm_ray.data.sources import (
-        check_credentials,
-        check_uri,
-        s3_error,
-        s3_filesystem,
-    )
-    from llm_ray.storage import StorageError, check_shared
+    from llm_ray.data.sources import check_uri
+    from llm_ray.storage import StorageError, check_credentials, check_shared, s3_error, s3_filesystem
 
     found = []
     try:
@@ -119,11 +114,11 @@ def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
             if scheme == "builtin":
                 found.append(f"{source} (fetched and cached by prepare)")
             elif scheme == "s3":
-                check_credentials(source, cfg.data.s3)
+                check_credentials(source, cfg.data.s3, "data.sources")
                 try:
                     info = s3_filesystem(cfg.data.s3).get_file_info(source.removeprefix("s3://").rstrip("/"))
                 except OSError as e:
-                    raise s3_error(source, e) from None
+                    raise s3_error(source, e, "data.sources") from None
                 if info.type.name == "NotFound":
                     raise CorpusError(f"data.sources: {source}: no such object or prefix")
                 found.append(source)

@@ -17,19 +17,38 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from llm_ray.config import S3Config
 
 S3 = "s3://"
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
+# The AWS SDK's error code in pyarrow's messages ("AWS Error SLOW_DOWN during GetObject operation"),
+# and the HTTP status it adds for codes it does not name ("AWS Error UNKNOWN (HTTP status 503)").
+_AWS_CODE = re.compile(r"AWS Error ([A-Z_]+)")
+_HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
+_DENIED = {"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "MISSING_AUTHENTICATION_TOKEN",
+           "INVALID_CLIENT_TOK_ID", "UNRECOGNIZED_CLIENT", "EXPIRED_TOKEN"}
+_SERVER = {"SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTLING", "REQUEST_TIMEOUT",
+           "REQUEST_TIME_TOO_SKEWED"}
 
 
 class StorageError(Exception):
     """A storage location that cannot be used, described for the user (the config field named)."""
+
+
+def cache_dir() -> Path:
+    """This node's llm-ray cache: $LLM_RAY_CACHE, else $XDG_CACHE_HOME/llm-ray, else ~/.cache/llm-ray."""
+    if os.environ.get("LLM_RAY_CACHE"):
+        return Path(os.environ["LLM_RAY_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llm-ray"
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,10 +58,79 @@ def _umask() -> int:
     return mask
 
 
+# ---------------------------------------------------------------- S3 plumbing
+
+
+def check_s3_uri(uri: str, field: str) -> None:
+    """Raise StorageError, naming field, unless uri is a plain s3://bucket/key (checked before any I/O)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3":
+        raise StorageError(f"{field}: {uri!r}: unsupported scheme {parts.scheme!r}; "
+                           "use a local path or s3://bucket/prefix")
+    if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
+        raise StorageError(f"{field}: {uri!r} is not a valid s3://bucket/prefix URI")
+    if not BUCKET_NAME.fullmatch(parts.netloc) or ".." in parts.netloc:
+        raise StorageError(f"{field}: {uri!r}: {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
+                           "letters, digits, dots and hyphens, starting and ending with a letter or digit)")
+    if any(seg in ("..", ".") for seg in parts.path.split("/")):
+        raise StorageError(f"{field}: {uri!r}: '.' and '..' segments are not allowed in S3 keys")
+
+
+def s3_filesystem(s3: S3Config):
+    """pyarrow's S3 filesystem: credentials from the AWS chain. The AWS SDK's standard retry strategy is
+    the only retry layer: it retries throttling, 5xx and connection errors by their error codes, with
+    backoff, at most s3.max_attempts requests per call."""
+    from pyarrow import fs
+
+    kwargs = dict(region=s3.region, connect_timeout=s3.connect_timeout_s, request_timeout=s3.request_timeout_s,
+                  retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
+                  anonymous=s3.anonymous)
+    if s3.endpoint_url:
+        parts = urlsplit(s3.endpoint_url)
+        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
+    return fs.S3FileSystem(**kwargs)
+
+
+def check_credentials(uri: str, s3: S3Config, field: str) -> None:
+    """Raise StorageError, naming the URI, when the AWS chain (environment, shared files, profile,
+    container or instance role) has no credentials; pyarrow would otherwise send unsigned requests.
+
+    The check asks boto3's chain; pyarrow reads with the AWS C++ SDK's, which covers the same
+    common sources but may differ on exotic ones (SSO, credential_process)."""
+    if s3.anonymous:
+        return
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise StorageError(f"{field}: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY, a profile, or an instance role; or data.s3.anonymous: true "
+                           "for a public bucket)")
+
+
+def s3_error(uri: str, err: Exception, field: str) -> StorageError:
+    """A StorageError naming field and uri for an S3 error, classified by the AWS SDK's error code
+    (never by matching words of the message, which may quote a key or a server's text)."""
+    text = str(err)
+    code = (_AWS_CODE.search(text) or [None, ""])[1]
+    status = int((_HTTP_STATUS.search(text) or [None, "0"])[1])
+    if code in ("NO_SUCH_BUCKET",):
+        why = "the bucket does not exist"
+    elif code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND") or status == 404:
+        why = "no such object"
+    elif code in _DENIED or status == 403:
+        why = "access denied or no credentials (set them through the standard AWS chain: environment, profile, role)"
+    elif code == "NETWORK_CONNECTION":
+        why = "cannot connect to the endpoint (check data.s3.endpoint_url and data.s3.region)"
+    elif code in _SERVER or status >= 500:
+        why = (f"the server kept failing ({code or status}) after data.s3.max_attempts attempts; "
+               "raise data.s3.max_attempts or retry later")
+    else:
+        why = f"{type(err).__name__} ({code or 'no AWS error code'})"
+    return StorageError(f"{field}: {uri}: {why}")
+
+
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(s3_json: str):
-    from llm_ray.data.sources import s3_filesystem
-
     return s3_filesystem(S3Config.model_validate_json(s3_json))
 
 
@@ -56,18 +144,14 @@ class Location:
     @classmethod
     def parse(cls, value: str | Path, s3: S3Config | None = None, field: str = "output_dir") -> "Location":
         """A Location from a config value, checked (scheme, bucket name, '..' segments) before any I/O."""
-        from llm_ray.data.corpus import CorpusError
-        from llm_ray.data.sources import check_uri
-
         text = str(value)
-        try:
-            scheme = check_uri(text, field)
-        except CorpusError as e:
-            raise StorageError(str(e)) from None
-        if scheme == "s3":
-            return cls(S3 + text[len(S3):].strip("/"), s3 or S3Config())
-        if scheme == "builtin":
+        if text.startswith("builtin:"):
             raise StorageError(f"{field}: {text!r} is a built-in corpus, not a folder")
+        if "\x00" in text:
+            raise StorageError(f"{field}: {text!r} contains a NUL byte")
+        if "://" in text:
+            check_s3_uri(text, field)
+            return cls(S3 + text[len(S3):].strip("/"), s3 or S3Config())
         return cls(str(Path(text).expanduser().resolve()))
 
     # ------------------------------------------------------------ path arithmetic
@@ -252,22 +336,16 @@ def check_writable(location: Location, field: str = "output_dir") -> None:
         except OSError as e:
             raise StorageError(f"{field}: cannot write the folder {folder}: {e.strerror or type(e).__name__}") from None
         return
-    from llm_ray.data.corpus import CorpusError
-    from llm_ray.data.sources import check_credentials, s3_error
-
     s3 = location.s3 or S3Config()
     if s3.anonymous:
         raise StorageError(f"{field}: {location.uri}: cannot write anonymously; set data.s3.anonymous: false "
                            "and provide credentials")
-    try:
-        check_credentials(location.uri, s3, field)
-    except CorpusError as e:
-        raise StorageError(str(e)) from None
+    check_credentials(location.uri, s3, field)
     bucket = location.path.split("/")[0]
     try:
         missing = location.filesystem.get_file_info(bucket).type.name == "NotFound"
     except OSError as e:
-        raise StorageError(str(s3_error(location.uri, e, field))) from None
+        raise s3_error(location.uri, e, field) from None
     if missing:
         raise StorageError(f"{field}: {location.uri}: the bucket does not exist")
 
@@ -287,8 +365,6 @@ def local_folder(target: Location) -> Iterator[Path]:
 
 def node_cache(*parts: str) -> Path:
     """A folder of this node's cache ($LLM_RAY_CACHE, else ~/.cache/llm-ray) for copies of remote files."""
-    from llm_ray.data.corpus import cache_dir
-
     return cache_dir().joinpath(*parts)
 
 

@@ -155,6 +155,7 @@ def test_dedup_rounds_report_candidate_edges_and_cluster_sizes(ray_session, tmp_
         shards.append(root / "documents" / f"part-{n}.parquet")
         buffer = pa.BufferOutputStream()
         pq.write_table(pa.table({"doc_key": [f"doc{i:04d}" for i in range(lo, hi)], "exact": exact[lo:hi],
+                                 "bytes": [len(t.encode()) for t in texts[lo:hi]],
                                  "signature": [s.tobytes() for s in sigs[lo:hi]]}), buffer)
         shards[-1].write_bytes(buffer.getvalue().to_pybytes())
     found = cluster_shards(shards, d, root / "dedup", seed=0, val_fraction=0.2)

@@ -108,7 +108,7 @@ def test_wandb_mode(monkeypatch):
 
 
 def test_s3_region_reaches_the_filesystem():
-    from llm_ray.data.sources import s3_filesystem
+    from llm_ray.storage import s3_filesystem
 
     assert s3_filesystem(S3Config(region="eu-west-3")).region == "eu-west-3"
     assert s3_filesystem(S3Config()).region == "us-east-1"

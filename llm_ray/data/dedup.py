@@ -17,6 +17,7 @@ clusters are the connected components of the confirmed pairs (or star edges).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import unicodedata
 import zlib
@@ -55,7 +56,11 @@ def shingle_hashes(text: str, unit: str, ngram: int) -> np.ndarray:
     units = shingle_units(text, unit)
     if not units:
         return np.zeros(0, dtype=np.uint64)
-    h = np.fromiter((zlib.crc32(u.encode("utf-8")) for u in units), dtype=np.uint64, count=len(units))
+    # crc32 once per distinct unit (a document repeats most of its words), then gathered by position.
+    ids: dict[str, int] = {}
+    positions = np.fromiter(map(ids.setdefault, units, itertools.count()), dtype=np.int64, count=len(units))
+    distinct = np.fromiter((zlib.crc32(u.encode("utf-8")) for u in ids), dtype=np.uint64, count=len(ids))
+    h = distinct[np.unique(positions, return_inverse=True)[1]]
     n = min(ngram, len(h))
     # Polynomial rolling combination of n consecutive unit hashes, modulo 2^32.
     combined = np.zeros(len(h) - n + 1, dtype=np.uint64)

@@ -276,7 +276,7 @@ def _keep_list(shard: Location, first: int, out: Location, seed: int, val_fracti
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = read_columns(shard, ["doc_key", "exact"])
+    table = read_columns(shard, ["doc_key", "exact", "bytes"])
     ids = np.arange(first, first + table.num_rows, dtype=PAIR)
     cluster_keys = np.array(table.column("exact").to_pylist(), dtype=object)
     copied = _concat(copies, 2, PAIR)[:, 0]
@@ -290,8 +290,10 @@ def _keep_list(shard: Location, first: int, out: Location, seed: int, val_fracti
     pq.write_table(pa.table({"row": kept, "doc_key": table.column("doc_key").take(kept),
                              "cluster_key": cluster_keys[kept].tolist()}, schema=schema), buffer)
     (out / shard.name).write_bytes(buffer.getvalue().to_pybytes())
-    return {"kept": len(kept), "copies": len(copied), "split": split_summary(cluster_keys[kept].tolist(), seed,
-                                                                             val_fraction)}
+    sizes = table.column("bytes").to_numpy()
+    return {"kept": len(kept), "copies": len(copied), "kept_bytes": int(sizes[kept].sum()),
+            "copy_bytes": int(sizes[np.isin(ids, copied)].sum()),
+            "split": split_summary(cluster_keys[kept].tolist(), seed, val_fraction)}
 
 
 # ---------------------------------------------------------------- the stage
@@ -374,7 +376,9 @@ def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fractio
     kept = ray.get([submit(_keep_list, 1, s, firsts[i], out, seed, val_fraction, clustered[i], *copies[i])[0]
                     for i, s in enumerate(shards)])
     return {"docs_in": int(offsets[-1]), "docs_out": sum(k["kept"] for k in kept),
+            "bytes_out": sum(k["kept_bytes"] for k in kept),  # UTF-8 bytes of the kept documents
             "exact_duplicates": sum(k["copies"] for k in kept),
+            "exact_duplicate_bytes": sum(k["copy_bytes"] for k in kept),
             # The confirmed star edges (representative, member), not every similar pair: 2,000 templated
             # pages give about 11,500 (a few representatives per band), all pairs would be 2 million.
             "near_duplicate_pairs": stats["near_pairs"],

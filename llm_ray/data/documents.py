@@ -1,81 +1,167 @@
-"""Stage 1 of prepare: read every file, clean, filter, hash and MinHash, one parquet shard per group of files."""
+"""Stage 1 of prepare: stream every file, clean, filter, hash and MinHash into parquet shards.
+
+Files are taken in groups (data.files_per_task files or data.mb_per_task MB as stored; a larger
+file is a group alone). A reader task per group streams its documents (``sources.iter_documents``)
+and cuts them into chunks of about data.mb_per_task MB of text; each chunk is cleaned by a task of
+its own, which writes one documents shard. So one 15 GB ``.jsonl.zst`` keeps every core busy, and
+no task holds more than a chunk, whatever the size of its file. A reader keeps at most as many
+chunks in flight as the cluster has CPUs; the driver runs two readers at a time and receives only
+each group's totals (``doc_stats``), never a record per document.
+
+A shard holds each document's key, text, UTF-8 size, exact-duplicate hash and MinHash signature,
+so that the dedup stage reads a few bytes per document instead of every text again. A shard's
+``.json`` beside it is its completion marker, and a group's ``group-<id>.json`` lists its shards:
+an interrupted run redoes only the chunks that were not finished.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from llm_ray.config import CleaningConfig, Config, DataConfig, DedupConfig
-from llm_ray.data import dedup, stages
+from llm_ray.data import dedup, doc_stats, stages
 from llm_ray.data.clean import clean_document
+from llm_ray.data.decontaminate import Screens, build_screens
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.pii import Redaction, example
-from llm_ray.data.sources import FileRef, read_file
-from llm_ray.data.stages import task_per_item
+from llm_ray.data.sources import FileRef, ReadError, iter_documents
+from llm_ray.memory import TaskMemory
 from llm_ray.storage import Location
 
+READERS_IN_FLIGHT = 2  # one streams while the other waits for its last chunks
 
-def read_and_clean(uris: list[str], data: DataConfig, cleaning: CleaningConfig, dedup_cfg: DedupConfig,
-                   out_path: str | Location) -> dict:
-    """Read and clean a group of files into one parquet shard; return the group's statistics.
 
-    The shard also holds each document's exact-duplicate hash and MinHash signature, so that
-    the dedup stage reads a few bytes per document instead of every text again.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+# ---------------------------------------------------------------- one chunk (plain: tested without Ray)
 
-    stats = {"files": len(uris), "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
-             "drops": Counter(), "notes": Counter(), "doc_chars": [], **pii_totals()}
-    keys, texts = [], []
-    for uri in uris:
-        result = read_file(uri, data)
-        stats["bytes_in"] += result.bytes_read
-        stats["notes"].update(result.counts)
-        if result.error:
-            stats["failed"].append([uri, result.error])
+
+def clean_chunk(docs: list[tuple[str, str]], cleaning: CleaningConfig, dedup_cfg: DedupConfig, screens: Screens,
+                out: Location) -> dict:
+    """Clean, filter, hash and MinHash a chunk of (doc_key, text); write its shard and marker at out
+    (a .parquet Location); return the chunk's statistics."""
+    started = time.time()
+    stats = doc_stats.new_stats()
+    keys, texts, sizes = [], [], []
+    for key, text in docs:
+        size = len(text.encode("utf-8"))
+        stats["docs_in"] += 1
+        stats["text_bytes_in"] += size
+        cleaned, reason = _clean_one(key, text, cleaning, screens, stats)
+        if cleaned is None:
+            stats["drops"][reason] += 1
+            stats["drop_bytes"][reason] += size
             continue
-        for key, text in result.docs:
-            stats["docs_in"] += 1
-            found = Redaction("")
-            cleaned, reason = clean_document(text, cleaning, found)
-            if found.counts:
-                stats["pii"].update(found.counts)
-                stats["pii_chars"] += found.chars
-                stats["pii_docs"] += 1
-                if len(stats["pii_examples"]) < cleaning.pii.examples:
-                    stats["pii_examples"].append(example(found.text))
-            if cleaned is None:
-                stats["drops"][reason] += 1
-                continue
-            keys.append(key)
-            texts.append(cleaned)
-            stats["bytes_out"] += len(cleaned.encode("utf-8"))
-            stats["doc_chars"].append(len(cleaned))
-    stats["docs_out"] = len(keys)
-    a, b = dedup.permutations(dedup_cfg.num_perm, dedup_cfg.seed)
-    signatures = [dedup.minhash(dedup.shingle_hashes(t, dedup_cfg.shingle, dedup_cfg.ngram), a, b).tobytes()
-                  for t in texts] if dedup_cfg.near else [b""] * len(texts)
-    out = Location.parse(out_path, data.s3, "output_dir") if isinstance(out_path, str) else out_path
-    schema = pa.schema([("doc_key", pa.string()), ("text", pa.string()), ("exact", pa.string()),
-                        ("signature", pa.binary())])  # typed even when every document was dropped
-    buffer = pa.BufferOutputStream()
-    pq.write_table(pa.table({"doc_key": keys, "text": texts, "exact": [dedup.exact_hash(t) for t in texts],
-                             "signature": signatures}, schema=schema), buffer)
-    out.write_bytes(buffer.getvalue().to_pybytes())  # the shard appears whole or not at all
-    out.with_suffix(".json").write_json(stats)  # the shard's completion marker
+        keys.append(key)
+        texts.append(cleaned)
+        sizes.append(len(cleaned.encode("utf-8")))
+        stats["length_histogram"][doc_stats.length_bin(len(cleaned))] += 1
+    stats["docs_out"], stats["bytes_out"] = len(keys), sum(sizes)
+    _write_shard(out, keys, texts, sizes, dedup_cfg)
+    stats["chunks"]["cleaned"] += 1
+    # The shard's completion marker; "ran" (wall-clock span) is not a total, for tests and benchmarks only.
+    out.with_suffix(".json").write_json({**stats, "ran": [started, time.time()]})
     return stats
 
 
-def pii_totals() -> dict:
-    """What redaction found: counts per kind, characters replaced, documents touched, redacted excerpts."""
-    return {"pii": Counter(), "pii_chars": 0, "pii_docs": 0, "pii_examples": []}
+def _clean_one(key: str, text: str, cleaning: CleaningConfig, screens: Screens, stats: dict):
+    """(cleaned text, None) or (None, drop reason): the cleaning rules, then language, then contamination."""
+    found = Redaction("")
+    cleaned, reason = clean_document(text, cleaning, found)
+    if found.counts:
+        stats["pii"].update(found.counts)
+        stats["pii_chars"] += found.chars
+        stats["pii_docs"] += 1
+        if len(stats["pii_examples"]) < cleaning.pii.examples:
+            stats["pii_examples"].append(example(found.text))
+    if cleaned is None:
+        return None, reason
+    return screens.check(key, cleaned, stats)
 
 
-def _read_clean_batch(batch: dict, data: dict, cleaning: dict, dedup_cfg: dict) -> dict:
-    configs = DataConfig.model_validate(data), CleaningConfig.model_validate(cleaning)
-    for uris, out in zip(batch["uris"], batch["out"]):
-        read_and_clean(list(uris), *configs, DedupConfig.model_validate(dedup_cfg), str(out))
-    return {"out": batch["out"]}
+def _write_shard(out: Location, keys: list[str], texts: list[str], sizes: list[int], d: DedupConfig) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    a, b = dedup.permutations(d.num_perm, d.seed)
+    signatures = [dedup.minhash(dedup.shingle_hashes(t, d.shingle, d.ngram), a, b).tobytes()
+                  for t in texts] if d.near else [b""] * len(texts)
+    schema = pa.schema([("doc_key", pa.string()), ("text", pa.string()), ("bytes", pa.int64()),
+                        ("exact", pa.string()), ("signature", pa.binary())])  # typed even when empty
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"doc_key": keys, "text": texts, "bytes": sizes,
+                             "exact": [dedup.exact_hash(t) for t in texts], "signature": signatures},
+                            schema=schema), buffer)
+    out.write_bytes(buffer.getvalue().to_pybytes())  # the shard appears whole or not at all
+
+
+# ---------------------------------------------------------------- a group of files (a Ray task)
+
+
+def read_group(files: list[tuple[str, int]], gid: str, cfg_parts: dict, out: Location, in_flight: int,
+               screens_box: list) -> dict:
+    """Stream a group's files into chunks, clean each chunk in a task of its own, write the group's
+    marker; return the group's totals. files: (uri, size as stored); screens_box: [a reference to
+    the Screens] (in a list, so that Ray hands this task the reference, not the value)."""
+    import ray
+
+    memory = TaskMemory()
+    data = DataConfig.model_validate(cfg_parts["data"])
+    cleaning = cfg_parts["cleaning"]
+    chunk_chars = int(data.mb_per_task * 1e6)
+    totals, shards, pending = doc_stats.new_stats(), [], []
+    chunk, chars = [], 0
+
+    def flush() -> None:
+        nonlocal chunk, chars, pending
+        shard = out / f"part-{gid}-{len(shards):05d}.parquet"
+        shards.append(shard.name)
+        if shard.with_suffix(".json").is_file():  # finished by an interrupted run
+            done = shard.with_suffix(".json").read_json()
+            done["chunks"] = {"reused": 1}
+            doc_stats.merge(totals, done, _examples(cleaning))
+        else:
+            pending.append(stages.task(clean_chunk_task).remote(chunk, cfg_parts, screens_box[0], shard))
+        while len(pending) >= in_flight:  # bounded: the reader never runs far ahead of the cleaners
+            done, pending = ray.wait(pending, num_returns=1)
+            doc_stats.merge(totals, ray.get(done[0]), _examples(cleaning))
+        chunk, chars = [], 0
+
+    for uri, size in files:
+        counts = Counter()
+        totals["files"] += 1
+        totals["bytes_in"] += size
+        try:
+            for doc in iter_documents(uri, data, counts):
+                chunk.append(doc)
+                chars += len(doc[1])
+                if chars >= chunk_chars:
+                    flush()
+        except ReadError as e:  # the documents before the failure are kept
+            totals["failed"].append([uri, str(e)])
+        totals["notes"].update(counts)
+    if chunk:
+        flush()
+    for stats in ray.get(pending):
+        doc_stats.merge(totals, stats, _examples(cleaning))
+    doc_stats.merge(totals, doc_stats.task_memory("read_group", memory), 0)
+    (out / f"group-{gid}.json").write_json({"shards": shards, **totals})
+    return {"shards": shards, **totals}
+
+
+def _examples(cleaning: dict) -> int:
+    return cleaning["pii"]["examples"]
+
+
+def clean_chunk_task(docs: list, cfg_parts: dict, screens: Screens, out: Location) -> dict:
+    """clean_chunk in a Ray task; its record also holds the task's peak memory (from the moment its
+    arguments, the chunk, were in memory)."""
+    memory = TaskMemory()
+    stats = clean_chunk(docs, CleaningConfig.model_validate(cfg_parts["cleaning"]),
+                        DedupConfig.model_validate(cfg_parts["dedup"]), screens, out)
+    return doc_stats.merge(stats, doc_stats.task_memory("clean_chunk", memory), 0)
+
+
+# ---------------------------------------------------------------- the stage (driver)
 
 
 def signature_fields(cfg: Config) -> dict:
@@ -99,42 +185,48 @@ def file_groups(files: list[FileRef], max_files: int, max_mb: float) -> list[lis
 
 
 def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> dict:
+    import ray
 
-    key = stages.stage_key("documents", [f.fingerprint for f in files], cfg.data.text_field, cfg.data.txt_mode,
-                           cfg.data.invalid_utf8, cfg.cleaning.model_dump(), signature_fields(cfg))
+    from llm_ray.data.sources import list_sources
+
+    eval_sets = list_sources(cfg.data.decontaminate, cfg.data, "data.decontaminate") if cfg.data.decontaminate \
+        else []
+    key = stages.stage_key("documents", "streamed-chunks", [f.fingerprint for f in files], cfg.data.text_field,
+                           cfg.data.txt_mode, cfg.data.invalid_utf8, cfg.data.max_document_mb, cfg.data.mb_per_task,
+                           cfg.cleaning.model_dump(), signature_fields(cfg),
+                           [f.fingerprint for f in eval_sets], cfg.data.decontaminate_threshold)
     if (record := stages.completed(out, key)) is not None:
         log("documents: up to date, skipped")
         return record
     stages.begin(out, key)
     groups = file_groups(files, cfg.data.files_per_task, cfg.data.mb_per_task)
-    todo, shard_paths = [], []
-    for group in groups:
-        gid = stages.stage_key("group", key, [f.fingerprint for f in group])
-        path = out / f"part-{gid}.parquet"
-        shard_paths.append(path)
-        if not path.with_suffix(".json").is_file():  # finished shards of an interrupted run are kept
-            todo.append({"uris": [f.uri for f in group], "out": path.uri})
-    log(f"documents: reading and cleaning {len(files)} files in {len(groups)} shards "
-        f"({len(groups) - len(todo)} already done)")
-    if todo:
-        task_per_item(todo, _read_clean_batch, data=cfg.data.model_dump(), cleaning=cfg.cleaning.model_dump(),
-                      dedup_cfg=cfg.dedup.model_dump()).materialize()
-    totals = {"files": 0, "failed": [], "bytes_in": 0, "docs_in": 0, "docs_out": 0, "bytes_out": 0,
-              "drops": Counter(), "notes": Counter(), "doc_chars": [], **pii_totals()}
-    for path in shard_paths:
-        stats = path.with_suffix(".json").read_json()
-        for k in ("files", "bytes_in", "docs_in", "docs_out", "bytes_out", "pii_chars", "pii_docs"):
-            totals[k] += stats[k]
-        totals["pii"].update(stats["pii"])
-        totals["pii_examples"] += stats["pii_examples"][:max(0, cfg.cleaning.pii.examples - len(totals["pii_examples"]))]
-        totals["failed"] += stats["failed"]
-        totals["drops"].update(stats["drops"])
-        totals["notes"].update(stats["notes"])
-        totals["doc_chars"] += stats["doc_chars"]
+    gids = [stages.stage_key("group", key, [f.fingerprint for f in g]) for g in groups]
+    todo = {i for i, gid in enumerate(gids) if not (out / f"group-{gid}.json").is_file()}
+    log(f"documents: streaming {len(files)} files in {len(groups)} groups ({len(groups) - len(todo)} already done)")
+    screens_ref = build_screens(cfg, eval_sets, log) if todo else None
+    cfg_parts = {"data": cfg.data.model_dump(), "cleaning": cfg.cleaning.model_dump(), "dedup": cfg.dedup.model_dump()}
+    in_flight = max(2, int(ray.cluster_resources().get("CPU", 1))) if todo else 0
+    running = {}
+    for i in sorted(todo):
+        running[stages.task(read_group, num_cpus=0).remote(
+            [(f.uri, f.size) for f in groups[i]], gids[i], cfg_parts, out, in_flight, [screens_ref])] = i
+        while len(running) >= READERS_IN_FLIGHT or (i == max(todo) and running):
+            done, _ = ray.wait(list(running), num_returns=1)
+            ray.get(done[0])  # raises here if a reader failed
+            del running[done[0]]
+    totals, shards = doc_stats.new_stats(), []
+    for i, gid in enumerate(gids):  # in corpus order: a document's id in dedup is its position
+        group = (out / f"group-{gid}.json").read_json()
+        if i not in todo:  # finished by an earlier run: its chunks were reused, not cleaned now
+            group["chunks"] = {"reused": len(group["shards"])}
+        shards += group.pop("shards")
+        doc_stats.merge(totals, group, cfg.cleaning.pii.examples)
     if len(totals["failed"]) > cfg.data.max_failed_files:
         listing = "\n  ".join(f"{uri}: {why}" for uri, why in totals["failed"][:50])
         raise PrepareError(f"{len(totals['failed'])} files could not be read, more than data.max_failed_files "
                            f"({cfg.data.max_failed_files}):\n  {listing}")
     for uri, why in totals["failed"]:
         log(f"documents: skipped {uri}: {why}")
-    return stages.finish(out, key, {"shards": [p.name for p in shard_paths], **totals})
+    log(f"documents: {totals['docs_in']:,} documents in {len(shards)} shards ({totals['chunks'].get('cleaned', 0)} "
+        f"cleaned now, {totals['chunks'].get('reused', 0)} reused); {totals['docs_out']:,} kept")
+    return stages.finish(out, key, {"shards": shards, **totals})

@@ -55,10 +55,11 @@ SPLITS = ("train", "val", "test")
 def local_sources(cfg: Config) -> dict[str, Location]:
     """The sources on this machine's disk, by field name. Every task reads the files it is given: local
     sources exist on the driver's node only (a built-in corpus too: it is cached there)."""
-    from llm_ray.data.corpus import cache_dir
+    from llm_ray.storage import cache_dir
 
-    return {f"data.sources ({s})": Location(str(cache_dir())) if s.startswith("builtin:")
-            else Location.parse(s, field="data.sources") for s in cfg.data.sources if not s.startswith("s3://")}
+    named = [("data.sources", s) for s in cfg.data.sources] + [("data.decontaminate", s) for s in cfg.data.decontaminate]
+    return {f"{field} ({s})": Location(str(cache_dir())) if s.startswith("builtin:")
+            else Location.parse(s, field=field) for field, s in named if not s.startswith("s3://")}
 
 
 def data_dir(cfg: Config) -> Location:
@@ -273,7 +274,7 @@ def prepare(cfg: Config, log=print) -> dict:
     }
     (out / MANIFEST).write_json(manifest)
     report = build_report(manifest, docs_record, dedup_record, tok_record, timings, time.time() - started)
-    write_report(report, docs_record, tok_record, out)
+    write_report(report, out)
     log(report["table"])
     return manifest
 

@@ -1,38 +1,39 @@
-"""Corpus sources: validating URIs, listing files, and reading one file into documents.
+"""Corpus sources: validating URIs, listing files, and streaming one file's documents.
 
 A source is a local file, folder or glob, an ``s3://bucket/prefix`` URI (AWS or any
-S3-compatible endpoint, through pyarrow's S3 filesystem), or ``builtin:NAME``. URIs are
-checked before any I/O. Credentials come from the standard AWS chain only and never
+S3-compatible endpoint, through pyarrow's S3 filesystem, see ``storage``), or ``builtin:NAME``.
+URIs are checked before any I/O. Credentials come from the standard AWS chain only and never
 appear in a message.
 
-``read_file`` turns one file into documents and never raises for bad content: a
-truncated gzip, a binary file or a file that vanished becomes a named failure, and
-invalid UTF-8 is replaced or dropped per config, so the pipeline can count everything.
+``iter_documents`` streams one file as (doc_key, text) pairs: compression is undone by suffix
+(.gz, .bz2, .zst) as the bytes arrive, JSON Lines and text are split line by line, a JSON array
+element by element and parquet row group by row group, so the memory it takes is one block plus
+one document whatever the size of the file. Bad content never raises out of it: a truncated
+archive, a binary file or a file that vanished stops the file with a ``ReadError`` that names
+the reason (the documents before it were already handed on); invalid UTF-8 is replaced or
+dropped per config, and every skipped record is counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
-import gzip
-import io
 import json
-import random
-import re
-import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, TypeVar
-from urllib.parse import urlsplit
+from typing import Iterator
 
-from llm_ray.config import DataConfig, S3Config
+from llm_ray.config import DataConfig
 from llm_ray.data.corpus import BUILTIN_CORPORA, BUILTIN_PREFIX, CorpusError
+from llm_ray.storage import Location, StorageError, check_credentials, check_s3_uri, s3_error
 
-SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
-BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
-SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary
-T = TypeVar("T")
+TEXT_FORMATS = (".txt", ".jsonl", ".json")
+COMPRESSIONS = ("", ".gz", ".bz2", ".zst")  # what pyarrow's compression="detect" knows by suffix
+SUFFIXES = tuple(f + c for f in TEXT_FORMATS for c in COMPRESSIONS) + (".parquet",)
+SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB (after decompression) marks a file as binary
+BLOCK_BYTES = 1 << 20  # what one read takes from the (decompressed) stream
+PARQUET_BATCH_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class FileRef:
     @property
     def fingerprint(self) -> str:
         return f"{self.uri}|{self.size}|{self.mtime:.6f}"
+
+
+class ReadError(Exception):
+    """A file that cannot be read (further): the reason, for the report's list of failed files."""
 
 
 # ---------------------------------------------------------------- validating
@@ -64,60 +69,11 @@ def check_uri(source: str, field: str = "data.sources") -> str:
         if "\x00" in source:
             raise CorpusError(f"{field}: {source!r} contains a NUL byte")
         return ""
-    parts = urlsplit(source)
-    if parts.scheme != "s3":
-        raise CorpusError(f"{field}: {source!r}: unsupported scheme {parts.scheme!r}; "
-                          "use a local path or s3://bucket/prefix")
-    if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
-        raise CorpusError(f"{field}: {source!r} is not a valid s3://bucket/prefix URI")
-    if not BUCKET_NAME.fullmatch(parts.netloc) or ".." in parts.netloc:
-        raise CorpusError(f"{field}: {source!r}: {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
-                          "letters, digits, dots and hyphens, starting and ending with a letter or digit)")
-    if any(seg in ("..", ".") for seg in parts.path.split("/")):
-        raise CorpusError(f"{field}: {source!r}: '.' and '..' segments are not allowed in S3 keys")
+    try:
+        check_s3_uri(source, field)
+    except StorageError as e:
+        raise CorpusError(str(e)) from None
     return "s3"
-
-
-def s3_filesystem(s3: S3Config):
-    """pyarrow's S3 filesystem: credentials from the AWS chain, retries with backoff on throttling and 5xx."""
-    from pyarrow import fs
-
-    kwargs = dict(region=s3.region, connect_timeout=s3.connect_timeout_s, request_timeout=s3.request_timeout_s,
-                  retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
-                  anonymous=s3.anonymous)
-    if s3.endpoint_url:
-        parts = urlsplit(s3.endpoint_url)
-        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
-    return fs.S3FileSystem(**kwargs)
-
-
-def check_credentials(uri: str, s3: S3Config, field: str = "data.sources") -> None:
-    """Fail fast, naming the URI, when the AWS chain (environment, shared files, profile, container
-    or instance role) has no credentials; pyarrow would otherwise send unsigned requests.
-
-    The check asks boto3's chain; pyarrow reads with the AWS C++ SDK's, which covers the same
-    common sources but may differ on exotic ones (SSO, credential_process)."""
-    if s3.anonymous:
-        return
-    import boto3
-
-    if boto3.Session().get_credentials() is None:
-        raise CorpusError(f"{field}: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
-                          "AWS_SECRET_ACCESS_KEY, a profile, or an instance role; or data.s3.anonymous: true "
-                          "for a public bucket)")
-
-
-def s3_error(uri: str, err: Exception, field: str = "data.sources") -> CorpusError:
-    text = str(err)
-    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        why = "the bucket does not exist"
-    elif "AccessDenied" in text or "403" in text or "InvalidAccessKeyId" in text or "credentials" in text.lower():
-        why = "access denied or no credentials (set them through the standard AWS chain: environment, profile, role)"
-    elif "curl" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
-        why = "cannot connect to the endpoint (check data.s3.endpoint_url and data.s3.region)"
-    else:
-        why = type(err).__name__
-    return CorpusError(f"{field}: {uri}: {why}")
 
 
 # ---------------------------------------------------------------- listing
@@ -127,26 +83,26 @@ def _has_suffix(name: str) -> bool:
     return name.lower().endswith(SUFFIXES)
 
 
-def list_sources(sources: list[str], data: DataConfig) -> list[FileRef]:
+def list_sources(sources: list[str], data: DataConfig, field: str = "data.sources") -> list[FileRef]:
     """Every readable file the sources name, sorted by URI. Raises CorpusError naming a bad source."""
     for source in sources:
-        check_uri(source)  # all of them before touching anything
+        check_uri(source, field)  # all of them before touching anything
     found: dict[str, FileRef] = {}
     for source in sources:
-        scheme = check_uri(source)
+        scheme = check_uri(source, field)
         if scheme == "s3":
-            refs = _list_s3(source, data.s3)
+            refs = _list_s3(source, data, field)
         else:
             if scheme == "builtin":
                 source = str(BUILTIN_CORPORA[source[len(BUILTIN_PREFIX):]]())
-            refs = _list_local(source)
+            refs = _list_local(source, field)
         if not refs:
-            raise CorpusError(f"data.sources: {source!r} holds no {', '.join(SUFFIXES)} files")
+            raise CorpusError(f"{field}: {source!r} holds no {', '.join(SUFFIXES)} files")
         found.update((r.uri, r) for r in refs)
     return [found[k] for k in sorted(found)]
 
 
-def _list_local(source: str) -> list[FileRef]:
+def _list_local(source: str, field: str) -> list[FileRef]:
     path = Path(source).expanduser()
     if path.is_dir():
         paths = [p for p in path.rglob("*") if p.is_file()]
@@ -155,7 +111,7 @@ def _list_local(source: str) -> list[FileRef]:
     elif path.is_file():
         paths = [path]
     else:
-        raise CorpusError(f"data.sources: {source!r} does not exist")
+        raise CorpusError(f"{field}: {source!r} does not exist")
     refs = []
     for p in paths:
         if _has_suffix(p.name) and p.is_file():
@@ -164,165 +120,278 @@ def _list_local(source: str) -> list[FileRef]:
     return refs
 
 
-def _list_s3(uri: str, s3: S3Config) -> list[FileRef]:
+def _list_s3(uri: str, data: DataConfig, field: str) -> list[FileRef]:
     from pyarrow import fs
 
-    check_credentials(uri, s3)
-    filesystem = s3_filesystem(s3)
-    key = uri[len("s3://"):].rstrip("/")
     try:
+        check_credentials(uri, data.s3, field)
+        filesystem = Location.parse(uri, data.s3, field).filesystem
+        key = uri[len("s3://"):].rstrip("/")
         info = filesystem.get_file_info(key)
         if info.type == fs.FileType.File:
             infos = [info]
         elif info.type == fs.FileType.Directory or "/" in key:
             infos = filesystem.get_file_info(fs.FileSelector(key, recursive=True, allow_not_found=True))
         else:  # a bucket that get_file_info reports as missing
-            raise CorpusError(f"data.sources: {uri}: the bucket does not exist")
+            raise CorpusError(f"{field}: {uri}: the bucket does not exist")
+    except StorageError as e:
+        raise CorpusError(str(e)) from None
     except OSError as e:
-        raise s3_error(uri, e) from None
+        raise CorpusError(str(s3_error(uri, e, field))) from None
     return [FileRef("s3://" + i.path, i.size or 0, i.mtime.timestamp() if i.mtime else 0.0)
             for i in infos if i.type == fs.FileType.File and _has_suffix(i.path)]
 
 
-# ---------------------------------------------------------------- reading
+# ---------------------------------------------------------------- streaming one file
 
 
-@dataclass
-class FileResult:
-    """What one file gave: documents as (doc_key, text), or the reason it failed, plus counters."""
-
-    uri: str
-    docs: list[tuple[str, str]] = field(default_factory=list)
-    error: str | None = None
-    counts: Counter = field(default_factory=Counter)  # e.g. invalid_utf8_replaced, invalid_json_line
-    bytes_read: int = 0
+def _base_name(uri: str) -> str:
+    name = PurePosixPath(uri).name.lower()
+    for c in COMPRESSIONS[1:]:
+        if name.endswith(c):
+            return name[: -len(c)]
+    return name
 
 
-def is_transient(err: BaseException) -> bool:
-    """Throttling and server errors worth retrying (S3 SlowDown, 503, 500, timeouts)."""
-    text = str(err)
-    return any(s in text for s in ("SlowDown", "503", "500 ", "Throttl", "RequestTimeout", "timed out",
-                                   "Service Unavailable", "InternalError"))
+def _open(uri: str, data: DataConfig):
+    """A stream of the file's decompressed bytes (compression detected from the suffix)."""
+    location = Location(uri, data.s3 if uri.startswith("s3://") else None)
+    return location.filesystem.open_input_stream(location.path, compression="detect")
 
 
-def with_retries(fn: Callable[[], T], attempts: int, base_delay_s: float = 0.2, sleep=time.sleep) -> T:
-    """Call fn, retrying transient errors with exponential backoff and jitter."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except OSError as e:
-            if attempt == attempts - 1 or not is_transient(e):
-                raise
-            sleep(base_delay_s * 2**attempt * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+def _blocks(stream) -> Iterator[bytes]:
+    while block := stream.read(BLOCK_BYTES):
+        yield block
 
 
-def _read_bytes(uri: str, s3: S3Config) -> bytes:
-    if uri.startswith("s3://"):
-        filesystem = s3_filesystem(s3)
+def _lines(blocks: Iterator[bytes], limit: int, counts: Counter, line_no: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a byte stream, without line ends, numbered after line_no lines already
+    passed. A line longer than limit is skipped as it streams (counted as document_too_large)."""
+    carry, skipping = b"", False
+    for block in blocks:
+        parts = block.split(b"\n")
+        for part in parts[:-1]:
+            line_no += 1
+            if skipping:
+                skipping = False
+            elif len(carry) + len(part) > limit:
+                counts["document_too_large"] += 1
+            else:
+                yield line_no, carry + part
+            carry = b""
+        if skipping:
+            continue
+        carry += parts[-1]
+        if len(carry) > limit:
+            counts["document_too_large"] += 1
+            carry, skipping = b"", True
+    if carry and not skipping:
+        yield line_no + 1, carry
 
-        def fetch() -> bytes:
-            # compression=None: gzip is undone below, the same way for local and S3 files
-            with filesystem.open_input_stream(uri[len("s3://"):], compression=None) as f:
-                return f.read()
 
-        return with_retries(fetch, s3.max_attempts)
-    with open(uri, "rb") as f:
-        return f.read()
-
-
-def _decode(raw: bytes, policy: str, result: FileResult) -> str | None:
+def _decode(raw: bytes, policy: str, counts: Counter) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         if policy == "drop":
-            result.counts["invalid_utf8_dropped"] += 1
+            counts["invalid_utf8_dropped"] += 1
             return None
-        result.counts["invalid_utf8_replaced"] += 1
+        counts["invalid_utf8_replaced"] += 1
         return raw.decode("utf-8", errors="replace")
 
 
-def _base_name(uri: str) -> str:
-    return PurePosixPath(uri).name.lower()
-
-
-def read_file(ref: FileRef | str, data: DataConfig) -> FileResult:
-    """Documents of one file. Never raises for bad content: failures are named in result.error."""
-    uri = ref.uri if isinstance(ref, FileRef) else ref
-    result = FileResult(uri)
-    name = _base_name(uri)
-    try:
-        raw = _read_bytes(uri, data.s3)
-    except FileNotFoundError:
-        result.error = "vanished: the file disappeared before it was read"
-        return result
-    except OSError as e:
-        result.error = f"unreadable: {type(e).__name__}: {e.strerror or str(e)[:200]}"
-        return result
-    result.bytes_read = len(raw)
-    if name.endswith(".gz"):
+def _json_lines(uri: str, lines, data: DataConfig, counts: Counter) -> Iterator[tuple[str, str]]:
+    for line_no, line in lines:
+        if not line.strip():
+            continue
+        text = _decode(line, data.invalid_utf8, counts)
+        if text is None:
+            continue
         try:
-            raw = gzip.decompress(raw)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            result.error = f"truncated or corrupt gzip: {e}"
-            return result
-        name = name[:-3]
-    if not raw.strip():
-        result.counts["empty_file"] += 1
-        return result
-    if name.endswith(".parquet"):
-        return _read_parquet(raw, uri, data, result)
-    if b"\x00" in raw[:SNIFF_BYTES]:
-        result.error = "binary: NUL bytes in what should be text"
-        return result
-    if name.endswith((".jsonl", ".json")):
-        for line_no, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            text = _decode(line, data.invalid_utf8, result)
-            if text is None:
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError:
-                result.counts["invalid_json_line"] += 1
-                continue
-            value = record.get(data.text_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                result.counts["missing_text_field"] += 1
-                continue
-            result.docs.append((f"{uri}:{line_no}", value))
-        return result
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            counts["invalid_json_line"] += 1
+            continue
+        yield from _record_text(f"{uri}:{line_no}", record, data.text_field, counts)
+
+
+def _record_text(key: str, record, text_field: str, counts: Counter) -> Iterator[tuple[str, str]]:
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if isinstance(value, str):
+        yield key, value
+    else:
+        counts["missing_text_field"] += 1
+
+
+def _json_array(uri: str, blocks: Iterator[bytes], data: DataConfig, limit: int,
+                counts: Counter) -> Iterator[tuple[str, str]]:
+    """The records of a JSON array, decoded one element at a time (json's raw_decode on a sliding
+    buffer): memory is one element plus one block, not the whole array."""
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace" if data.invalid_utf8 == "replace" else "strict")
+    buffer, pos, index, done, started = "", 0, 0, False, False
+
+    def more() -> None:
+        nonlocal buffer, pos, done
+        block = next(blocks, None)
+        try:
+            piece = utf8.decode(block or b"", final=block is None)
+        except UnicodeDecodeError:
+            raise ReadError("invalid UTF-8 in a JSON array (data.invalid_utf8: drop drops the file)") from None
+        if "\ufffd" in piece:
+            counts["invalid_utf8_replaced"] += 1
+        buffer, pos, done = buffer[pos:] + piece, 0, block is None
+
+    more()
+    while True:
+        while pos < len(buffer) and buffer[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(buffer):
+            if done:
+                raise ReadError("truncated JSON array: no closing ']'")
+            more()
+            continue
+        if not started:
+            started = buffer[pos] == "["
+            pos += 1
+            continue
+        if buffer[pos] == "]":
+            return
+        try:
+            record, end = decoder.raw_decode(buffer, pos)
+        except json.JSONDecodeError:
+            if len(buffer) - pos > limit:
+                raise ReadError(f"JSON array element {index} is invalid or larger than data.max_document_mb "
+                                f"({data.max_document_mb})") from None
+            if done:
+                raise ReadError(f"invalid or truncated JSON array at element {index}") from None
+            more()
+            continue
+        yield from _record_text(f"{uri}:{index}", record, data.text_field, counts)
+        index, pos = index + 1, end
+
+
+def _text_file(uri: str, blocks: Iterator[bytes], data: DataConfig, limit: int, counts: Counter,
+               blank_lines: int) -> Iterator[tuple[str, str]]:
+    """A .txt file as one document (txt_mode 'file'; leading blank lines left out), or one per line."""
     if data.txt_mode == "line":
-        for line_no, line in enumerate(raw.splitlines(), start=1):
-            text = _decode(line, data.invalid_utf8, result)
+        for line_no, line in _lines(blocks, limit, counts, blank_lines):
+            text = _decode(line, data.invalid_utf8, counts)
             if text is not None and text.strip():
-                result.docs.append((f"{uri}:{line_no}", text))
-        return result
-    text = _decode(raw, data.invalid_utf8, result)
-    if text is not None:
-        result.docs.append((uri, text))
-    return result
+                yield f"{uri}:{line_no}", text
+        return
+    pieces, size = [], 0
+    for block in blocks:
+        size += len(block)
+        if size > limit:  # read on to the end (a truncated archive is still reported), holding nothing
+            pieces = None
+        elif pieces is not None:
+            pieces.append(block)
+    if pieces is None:
+        counts["document_too_large"] += 1
+        return
+    text = _decode(b"".join(pieces), data.invalid_utf8, counts)
+    if text is not None and text.strip():
+        yield uri, text
 
 
-def _read_parquet(raw: bytes, uri: str, data: DataConfig, result: FileResult) -> FileResult:
+def _parquet(uri: str, data: DataConfig, limit: int, counts: Counter) -> Iterator[tuple[str, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    location = Location(uri, data.s3 if uri.startswith("s3://") else None)
     try:
-        table = pq.read_table(io.BytesIO(raw), columns=[data.text_field])
-    except (pa.ArrowInvalid, OSError) as e:
-        message = str(e)
-        if data.text_field in message or "No match for FieldRef" in message:
-            result.error = f"no column {data.text_field!r} (data.text_field)"
-        else:
-            result.error = f"corrupt parquet: {message[:200]}"
-        return result
-    for row, value in enumerate(table.column(0).to_pylist()):
-        if isinstance(value, str) and value.strip():
-            result.docs.append((f"{uri}:{row}", value))
-        elif value is not None:
-            result.counts["missing_text_field"] += 1
+        reader = pq.ParquetFile(location.open_input())
+        if data.text_field not in reader.schema_arrow.names:
+            raise ReadError(f"no column {data.text_field!r} (data.text_field)")
+        row = 0
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[data.text_field]):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, str) and value.strip():
+                    if len(value) > limit:
+                        counts["document_too_large"] += 1
+                    else:
+                        yield f"{uri}:{row}", value
+                elif value is not None:
+                    counts["missing_text_field"] += 1
+                row += 1
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ReadError(f"corrupt parquet: {str(e)[:200]}") from None
+
+
+def iter_documents(uri: str, data: DataConfig, counts: Counter) -> Iterator[tuple[str, str]]:
+    """Stream the (doc_key, text) documents of one file. Skipped records are counted in counts
+    (invalid_json_line, missing_text_field, invalid_utf8_*, document_too_large, empty_file); a file
+    that cannot be read on raises ReadError with the reason."""
+    limit = int(data.max_document_mb * 1e6)
+    name = _base_name(uri)
+    try:
+        if name.endswith(".parquet"):
+            yield from _parquet(uri, data, limit, counts)
+            return
+        with _open(uri, data) as stream:
+            blocks = _blocks(stream)
+            first, blank_lines = next(blocks, b""), 0
+            while first is not None and not first.strip():  # leading whitespace: held as a line count only
+                blank_lines += first.count(b"\n")
+                first = next(blocks, None)
+            if first is None:
+                counts["empty_file"] += 1
+                return
+            if b"\x00" in first[:SNIFF_BYTES]:
+                raise ReadError("binary: NUL bytes in what should be text")
+            blocks = _chain(first, blocks)
+            if name.endswith(".json") and first.lstrip()[:1] == b"[":
+                yield from _json_array(uri, blocks, data, limit, counts)
+            elif name.endswith((".jsonl", ".json")):
+                yield from _json_lines(uri, _lines(blocks, limit, counts, blank_lines), data, counts)
+            else:
+                yield from _text_file(uri, blocks, data, limit, counts, blank_lines)
+    except FileNotFoundError:
+        raise ReadError("vanished: the file disappeared before it was read") from None
+    except OSError as e:
+        raise ReadError(_os_reason(uri, e)) from None
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+_ARCHIVES = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+
+
+def _os_reason(uri: str, e: OSError) -> str:
+    """Why reading stopped: an S3 error (by its AWS error code), a damaged archive, or the OS's reason."""
+    text = str(e)
+    if uri.startswith("s3://") and "AWS Error" in text:
+        return "unreadable: " + str(s3_error(uri, e, "data.sources")).split(": ", 2)[-1]
+    archive = _ARCHIVES.get(PurePosixPath(uri).suffix.lower())
+    if archive and not e.errno:  # pyarrow's codecs raise errno-less OSErrors for bad compressed data
+        return f"truncated or corrupt {archive}: {text[:200]}"
+    return f"unreadable: {type(e).__name__}: {e.strerror or text[:200]}"
+
+
+# ---------------------------------------------------------------- a whole file (small files, tests)
+
+
+@dataclass
+class FileResult:
+    """What one file gave: documents as (doc_key, text), the reason it stopped, plus counters."""
+
+    uri: str
+    docs: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+    counts: Counter = field(default_factory=Counter)
+
+
+def read_file(ref: FileRef | str, data: DataConfig) -> FileResult:
+    """Every document of one file in memory: for small files (evaluation sets, tests). The pipeline
+    streams with iter_documents instead."""
+    result = FileResult(ref.uri if isinstance(ref, FileRef) else ref)
+    try:
+        for doc in iter_documents(result.uri, data, result.counts):
+            result.docs.append(doc)
+    except ReadError as e:
+        result.error = str(e)
     return result
-
-

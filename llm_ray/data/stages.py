@@ -10,6 +10,7 @@ interrupted run redoes only the shards that were not complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -18,6 +19,9 @@ from llm_ray import __version__
 from llm_ray.storage import Location
 
 STAGE_FILE = "_stage.json"
+# Inside a Ray Tune trial (a sweep's trial prepares its data variant), tasks would otherwise be
+# placed in the trial's placement group, which reserves nothing for them; Ray Data does the same.
+OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
 
 
 def stage_key(name: str, *parts: Any) -> str:
@@ -62,3 +66,15 @@ def task_per_item(items: list[dict], fn, **fn_kwargs):
 
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         fn, batch_size=1, batch_format="numpy", fn_kwargs=fn_kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _remote(fn):
+    import ray
+
+    return ray.remote(fn)  # once per function, not once per task
+
+
+def task(fn, **options):
+    """fn as a Ray task (call .remote(...) on it), placed outside any placement group."""
+    return _remote(fn).options(scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS, **options)

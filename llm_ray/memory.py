@@ -1,0 +1,82 @@
+"""This process's resident memory (Linux /proc; elsewhere what getrusage knows), for records and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def rss_bytes() -> int:
+    """Resident memory now (0 where /proc is missing, e.g. macOS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process image's peak resident set size: VmHWM on Linux. Not getrusage's ru_maxrss,
+    which Linux carries over from the parent across fork and exec (a worker forked from a large
+    process would start at that process's size)."""
+    peak = _status_kib("VmHWM")
+    if peak is not None:
+        return peak * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_private_rss_bytes() -> int:
+    """peak_rss_bytes less the shared memory this process maps now (RssShmem): in a Ray worker, the
+    pages of Ray's object store that it wrote or read, which stay mapped after the objects are gone
+    and belong to the object store's budget, not to the task."""
+    return max(0, peak_rss_bytes() - (_status_kib("RssShmem") or 0) * 1024)
+
+
+def private_rss_bytes() -> int:
+    """Resident memory now, less shared memory (see peak_private_rss_bytes)."""
+    return max(0, rss_bytes() - (_status_kib("RssShmem") or 0) * 1024)
+
+
+class TaskMemory:
+    """The peak memory of one Ray task in a reused worker process: reset when the task starts, read
+    when it ends, as the absolute peak (the process included) and as the growth above what the
+    process held when the task started (what the task itself added)."""
+
+    def __init__(self):
+        reset_peak_rss()
+        self.start = private_rss_bytes()
+
+    def peaks(self) -> tuple[int, int]:
+        peak = peak_private_rss_bytes()
+        return peak, max(0, peak - self.start)
+
+
+def reset_peak_rss() -> None:
+    """Start peak_rss_bytes afresh from the memory held now (Linux: clear_refs 5), so that a Ray task
+    measures its own peak rather than that of whatever its worker process ran before. Memory that
+    earlier tasks freed but glibc kept is returned to the OS first (malloc_trim), so that it is not
+    counted either."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
