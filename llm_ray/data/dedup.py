@@ -29,6 +29,13 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a 1-D array. By sorting: np.unique hashes since NumPy 2.3, which on
+    random 64-bit values is 15 to 70 times slower than a sort (13 s against 0.2 s for 1e7)."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
 def normalized_for_hash(text: str) -> str:
     """Text that exact duplicates share: NFC, case-folded, whitespace collapsed."""
     return " ".join(unicodedata.normalize("NFC", text).casefold().split())
@@ -59,14 +66,14 @@ def shingle_hashes(text: str, unit: str, ngram: int) -> np.ndarray:
     # crc32 once per distinct unit (a document repeats most of its words), then gathered by position.
     ids: dict[str, int] = {}
     positions = np.fromiter(map(ids.setdefault, units, itertools.count()), dtype=np.int64, count=len(units))
-    distinct = np.fromiter((zlib.crc32(u.encode("utf-8")) for u in ids), dtype=np.uint64, count=len(ids))
-    h = distinct[np.unique(positions, return_inverse=True)[1]]
+    unit_hashes = np.fromiter((zlib.crc32(u.encode("utf-8")) for u in ids), dtype=np.uint64, count=len(ids))
+    h = unit_hashes[np.unique(positions, return_inverse=True)[1]]
     n = min(ngram, len(h))
     # Polynomial rolling combination of n consecutive unit hashes, modulo 2^32.
     combined = np.zeros(len(h) - n + 1, dtype=np.uint64)
     for k in range(n):
         combined = (combined * np.uint64(1_000_003) + h[k : len(h) - n + 1 + k]) & MAX_32
-    return np.unique(combined)
+    return distinct(combined)
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

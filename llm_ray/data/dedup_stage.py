@@ -129,7 +129,7 @@ def components(edges: np.ndarray, node_hashes: np.ndarray, group_sizes: np.ndarr
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    nodes = np.unique(edges)
+    nodes = dedup.distinct(edges.ravel())
     if len(nodes) == 0:
         return {"nodes": nodes, "rep": nodes, "key": np.zeros((0, 2), dtype=np.uint64), "sizes": np.zeros(0, int)}
     a, b = np.searchsorted(nodes, edges[:, 0]), np.searchsorted(nodes, edges[:, 1])
@@ -155,7 +155,7 @@ def split_summary(cluster_keys: list[str], seed: int, val_fraction: float) -> di
     """What the split thresholds need from a set of cluster keys, mergeable across shards (see
     splits.thresholds_from_summary): count, the two smallest distinct split hashes, the smallest
     at or above val_fraction, and the largest."""
-    u = np.unique([transforms.split_key(k, seed) for k in cluster_keys])
+    u = dedup.distinct(np.array([transforms.split_key(k, seed) for k in cluster_keys], dtype=np.float64))
     above = u[u >= val_fraction]
     return {"count": len(cluster_keys), "smallest": u[:2].tolist(),
             "min_above_val": float(above[0]) if len(above) else None, "max": float(u[-1]) if len(u) else None}
