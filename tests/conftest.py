@@ -61,6 +61,25 @@ def ray_session(aws_env):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def process_group(tmp_path_factory):
+    """A one-process gloo group, as Ray Train sets up for each worker (DeepSpeed needs one). One per
+    session: DeepSpeed keeps a reference to the first group, so a second init after a destroy breaks it."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def corpus_dir() -> Path:
     return CORPUS

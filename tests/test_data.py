@@ -202,3 +202,12 @@ def test_split_thresholds_name_the_fraction_instead_of_crashing():
                          .model_copy(update={"val_fraction": 1.0}))
     val_t, test_t = split_thresholds([f"k{i}" for i in range(50)], DataConfig(val_fraction=0.2, test_fraction=0.1))
     assert val_t == 0.2 and test_t == pytest.approx(0.3)
+
+
+def test_pack_encodes_in_batches_bounded_by_characters():
+    from llm_ray.data.prepare import encode_batches
+
+    docs = ["a" * 300, "b" * 300, "c" * 500, "d" * 2000, "e" * 10]
+    batches = list(encode_batches(docs, max_chars=700))
+    assert batches == [docs[:2], [docs[2]], [docs[3]], [docs[4]]]  # a longer document stands alone
+    assert [d for b in batches for d in b] == docs

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llm_ray.config import EvalConfig, load_config, model_spec
+from llm_ray.data import ngrams
 from llm_ray.data.tokenizer import train_bpe
 from llm_ray.eval import metrics, tasks
 from llm_ray.eval.scoring import DocumentScorer, windows
@@ -109,19 +110,70 @@ def test_long_documents_score_every_token_and_batching_changes_nothing(small_mod
 
 
 def test_contamination_finds_copied_documents():
+    """The one-process reference, and the plain functions the Ray tasks run (two maps, three partitions)."""
+    from llm_ray.eval import contamination
+
     index = tasks.ngram_index(TEXTS[:5], 13)
     docs = [("copied", TEXTS[2]), ("fresh", TEXTS[9]), ("half", TEXTS[3][: len(TEXTS[3]) // 2] + TEXTS[10])]
-    result = tasks.contamination(docs, index, EvalConfig(contamination_threshold=0.1))
+    e = EvalConfig(contamination_threshold=0.1)
+    result = tasks.contamination(docs, index, e)
     assert result["contaminated"] == 2 and result["share"] == pytest.approx(2 / 3)
     assert [d["document"] for d in result["listed"]] == ["copied", "half"]
     assert result["listed"][0]["overlap"] == 1.0
+    collected = contamination.EvalNgrams(13, 3)
+    collected.add([t for _, t in docs])
+    collected.flush()
+    mapped = [contamination.train_partitions(TEXTS[:2], 13, 3), contamination.train_partitions(TEXTS[2:5], 13, 3)]
+    hits = np.zeros(len(docs), dtype=np.int64)
+    for p in range(3):
+        ids, counts = contamination.partition_hits(collected.chunks[p], [m[p] for m in mapped])
+        hits[ids] += counts
+    assert contamination.report([k for k, _ in docs], contamination.overlaps(hits, collected.ngrams), e) == result
 
 
-def test_folds_are_balanced_and_keep_clusters_whole():
-    from llm_ray.eval.cv import assign_folds
+def test_eval_streams_the_split_per_shard_and_caps_to_the_smallest_keys(tmp_path):
+    from llm_ray.eval.run import chunks, held_out_documents, take
+    from tests.test_contamination import write_prepared
 
-    clusters = [f"c{i}" for i in range(10)] * 3  # each cluster appears three times (copies)
-    folds = assign_folds(clusters, 3, seed=0)
-    assert sorted(folds) == sorted(set(clusters))  # one fold per cluster, so copies never straddle
-    assert sorted(np.bincount(list(folds.values()))) == [3, 3, 4]
-    assert assign_folds(clusters, 3, seed=0) == folds and assign_folds(clusters, 3, seed=1) != folds
+    # Keys out of order across shards; two thirds of the documents in val.
+    shards = [[(f"k{i:02d}", f"text number {i}", "train" if i % 3 == 0 else "val") for i in range(s, s + 10)]
+              for s in (20, 0, 10)]
+    data = write_prepared(tmp_path, shards)
+    split, batches = held_out_documents(load_config("debug"), data, "auto")
+    batches = list(batches)
+    assert split == "val" and [len(b) for b in batches] == [7, 6, 7]  # one list per documents shard, in order
+    every = [d for b in batches for d in b]
+    assert every[0] == ("k20", "text number 20")
+    # eval.max_documents: the documents sorting all and taking the first would give, in key order.
+    _, [chosen] = held_out_documents(load_config("debug", ["eval.max_documents=5"]), data, "val")
+    assert chosen == sorted(every)[:5]
+    first, rest = take(iter(batches), 8)
+    assert len(first) == 13 and first + [d for b in rest for d in b] == every  # whole batches: at least 8
+    assert [len(c) for c in chunks(iter(batches), 6)] == [6, 6, 6, 2]
+    assert [d for c in chunks(iter(batches), 6) for d in c] == every
+
+
+def test_scoring_in_chunks_sums_what_scoring_at_once_does(small_model, monkeypatch):
+    """score_stream in this process: per-document sums in order, loss by position summed over documents,
+    continuation candidates and n-gram counts gathered on the way; the plots take the summed rows."""
+    from llm_ray.eval import contamination, run
+    from llm_ray.eval.report import plot
+    from llm_ray.eval.run import ScoreSums, score_stream
+
+    model, tokenizer = small_model
+    docs = [(f"d{i}", t) for i, t in enumerate([TEXTS[0][:800], "Short.", TEXTS[1][:300], TEXTS[2][:1200], "To be."])]
+    e = EvalConfig(stride=16, batch_size=4, prompt_tokens=8, continuation_tokens=8, continuation_documents=2)
+    whole = DocumentScorer(model, tokenizer, stride=16, batch_size=4).score([t for _, t in docs])
+    collected = contamination.EvalNgrams(13, 2)
+    monkeypatch.setattr(run, "LOCAL_CHUNK_DOCS", 2)  # chunks of 2, 1 (the first shard), 2 (the second)
+    sums, keys, candidates = score_stream(iter([docs[:3], docs[3:]]), "local", None, model, tokenizer, e, collected)
+    assert keys == [k for k, _ in docs] and [k for k, _ in candidates] == ["d0", "d2"]
+    for k in ScoreSums.PER_DOCUMENT:
+        assert np.allclose(sums[k], whole[k], rtol=1e-6)  # float32 windows batched differently, as above
+    for k in ScoreSums.BY_POSITION:
+        assert sums[k].shape == (1, model.spec.context_length)
+        assert np.allclose(sums[k][0], whole[k].sum(axis=0), rtol=1e-6)
+    assert collected.ngrams.tolist() == [len(ngrams.ngram_hashes(t, 13)) for _, t in docs]
+    results = {"bits_per_byte": metrics.summarize(sums["nll_sum"], sums["tokens"], sums["bytes"], 50, 0)[
+        "bits_per_byte"]}
+    assert plot(results, sums, []).startswith(b"\x89PNG")

@@ -294,7 +294,8 @@ def test_resume_with_fewer_workers_reproduces_the_uninterrupted_losses(prepared,
 def test_rerunning_a_run_name_resumes_its_newest_complete_checkpoint(prepared, tmp_path):
     """A rerun under the same name resumes: its history carries over and the LR schedule goes on.
     The newest checkpoint has a truncated optimizer shard (a full disk, a node lost mid-save): the
-    rerun says so and resumes from the one before."""
+    rerun says so and resumes from the one before; the history the first run wrote past that one
+    is discarded (the rerun checkpoints at other steps: its files would overlap)."""
     from llm_ray.train.schedule import lr_at
 
     cfg, _ = prepared
@@ -306,7 +307,9 @@ def test_rerunning_a_run_name_resumes_its_newest_complete_checkpoint(prepared, t
     [shard] = list(checkpoints[-1].glob("deepspeed/state/*rank_1*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])
 
-    run.train.max_steps = 20
+    assert sorted(p.name for p in (run.run_dir / "history").iterdir()) == [
+        "0000000000-0000000005.jsonl", "0000000005-0000000010.jsonl"]
+    run.train.max_steps, run.train.checkpoint_every = 20, 15
     lines = []
     state = read_train_state(train(run, data_dir(cfg), log=lines.append).checkpoint)
     assert any("skipping the damaged checkpoint" in line and checkpoints[-1].name in line
@@ -314,6 +317,9 @@ def test_rerunning_a_run_name_resumes_its_newest_complete_checkpoint(prepared, t
     assert state["step"] == 20 and state["resumed_from"] == [5]
     rows = {h["step"]: h for h in state["history"] if "train_loss" in h}
     assert sorted(rows) == [5, 10, 15, 20]  # step 5's row carried over; 10 redone after the damaged checkpoint
+    assert [h["step"] for h in state["history"] if "val_loss" in h] == [0, 10, 20]
+    assert sorted(p.name for p in (run.run_dir / "history").iterdir()) == [
+        "0000000000-0000000005.jsonl", "0000000005-0000000015.jsonl", "0000000015-0000000020.jsonl"]
     # The LR schedule continued (DeepSpeed restored the scheduler with the optimizer): step 15 is
     # the schedule's step 14 (0-based), and its row shows the LR it used.
     assert rows[15]["lr"] == pytest.approx(lr_at(14, run.train))

@@ -19,20 +19,6 @@ from llm_ray.train.schedule import lr_at
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    """A one-process gloo group, as Ray Train sets up for each worker (DeepSpeed needs one)."""
-    saved = {k: os.environ.get(k) for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def one_worker(*overrides):

@@ -55,12 +55,13 @@ class DataConfig(Section):
         None, ge=1, description="Read only the first N files (sorted by path); null reads all."
     )
     files_per_task: int = Field(
-        1000, ge=1, description="At most this many files per Ray task (one output shard each)."
+        1000, ge=1, description="At most this many files per reader task (a group of files streamed in turn)."
     )
     mb_per_task: float = Field(
-        8.0, gt=0, description="A task's files stop at this many MB (as stored: gzip files hold several times "
-        "more text): tasks long enough that Ray's per-task overhead is small, short enough to spread over the "
-        "cores and to lose little when interrupted."
+        8.0, gt=0, description="Millions of characters of text per cleaning task (one documents shard each): "
+        "tasks long enough that Ray's per-task overhead is small, short enough to spread over the cores, to bound "
+        "a task's memory and to lose little when interrupted. A reader task's group of files stops at 8x this "
+        "many MB as stored."
     )
     val_fraction: float = Field(
         0.05, gt=0.0, lt=0.5, description="Share of duplicate clusters held out for validation (a "

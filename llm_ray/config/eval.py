@@ -16,8 +16,9 @@ class EvalConfig(Section):
         "auto", description="Held-out split to score: test, val, or auto (test when the data has one, else val)."
     )
     max_documents: int | None = Field(
-        None, ge=1, description="Score at most this many documents of the split (the first by document key); "
-        "null scores all."
+        None, ge=1, description="Score at most this many documents of the split or files: those with the "
+        "smallest document keys, in key order (chosen while streaming, holding this many documents). null scores "
+        "all, streamed a documents shard (or file) at a time."
     )
     stride: int | None = Field(
         None, ge=1, description="Sliding-window step, in tokens, for documents longer than the context: each "

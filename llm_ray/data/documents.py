@@ -1,7 +1,7 @@
 """Stage 1 of prepare: stream every file, clean, filter, hash and MinHash into parquet shards.
 
-Files are taken in groups (data.files_per_task files or data.mb_per_task MB as stored; a larger
-file is a group alone). A reader task per group streams its documents (``sources.iter_documents``)
+Files are taken in groups (data.files_per_task files, or CHUNKS_PER_GROUP x data.mb_per_task MB as
+stored; a larger file is a group alone). A reader task per group streams its documents (``sources.iter_documents``)
 and cuts them into chunks of about data.mb_per_task MB of text; each chunk is cleaned by a task of
 its own, which writes one documents shard. So one 15 GB ``.jsonl.zst`` keeps every core busy, and
 no task holds more than a chunk, whatever the size of its file. A reader keeps at most as many
@@ -30,6 +30,9 @@ from llm_ray.memory import TaskMemory
 from llm_ray.storage import Location
 
 READERS_IN_FLIGHT = 2  # one streams while the other waits for its last chunks
+# A group of files holds about this many chunks' worth of files as stored, so that the partial last
+# chunk of each group is rare (groups of one chunk's worth gave 100 files of 10 MB 200 shards).
+CHUNKS_PER_GROUP = 8
 
 
 # ---------------------------------------------------------------- one chunk (plain: tested without Ray)
@@ -199,7 +202,7 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> di
         log("documents: up to date, skipped")
         return record
     stages.begin(out, key)
-    groups = file_groups(files, cfg.data.files_per_task, cfg.data.mb_per_task)
+    groups = file_groups(files, cfg.data.files_per_task, cfg.data.mb_per_task * CHUNKS_PER_GROUP)
     gids = [stages.stage_key("group", key, [f.fingerprint for f in g]) for g in groups]
     todo = {i for i, gid in enumerate(gids) if not (out / f"group-{gid}.json").is_file()}
     log(f"documents: streaming {len(files)} files in {len(groups)} groups ({len(groups) - len(todo)} already done)")

@@ -48,7 +48,7 @@ from llm_ray.data.tokenizer import eot_id, train_bpe
 from llm_ray.storage import Location, as_location
 
 MANIFEST = "manifest.json"
-ENCODE_CHUNK_DOCS = 256
+ENCODE_BATCH_CHARS = 1_000_000  # about 250k tokens: ~25 MB of the tokenizer's Encoding objects
 SPLITS = ("train", "val", "test")
 
 
@@ -108,6 +108,20 @@ def _tokenizer_from(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
+def encode_batches(docs: list[str], max_chars: int = ENCODE_BATCH_CHARS):
+    """docs in consecutive batches of at most max_chars characters (a longer document alone): the
+    tokenizer's per-token objects of one batch are what a pack task holds, whatever the documents' length."""
+    batch, chars = [], 0
+    for doc in docs:
+        if batch and chars + len(doc) > max_chars:
+            yield batch
+            batch, chars = [], 0
+        batch.append(doc)
+        chars += len(doc)
+    if batch:
+        yield batch
+
+
 def pack_shard(path: Location, keep_dir: Location, tokenizer_json: str, seed: int, thresholds: tuple[float, float],
                block_size: int, dtype: str, out_dir: Location) -> dict:
     """Tokenize one shard of kept documents once and write packed blocks per split.
@@ -127,10 +141,9 @@ def pack_shard(path: Location, keep_dir: Location, tokenizer_json: str, seed: in
         docs = [t for t, s in zip(texts, splits) if s == split]
         if not docs:
             continue
-        ids = []  # token arrays; the tokenizer's Encoding objects (~50 bytes a token) live one chunk at a time
-        for i in range(0, len(docs), ENCODE_CHUNK_DOCS):
-            chunk = tokenizer.encode_batch_fast(docs[i : i + ENCODE_CHUNK_DOCS], add_special_tokens=False)
-            ids += [np.array(e.ids, dtype=np.uint32) for e in chunk]
+        ids = []  # token arrays; the tokenizer's Encoding objects (~100 bytes a token) live one batch at a time
+        for batch in encode_batches(docs):
+            ids += [np.array(e.ids, dtype=np.uint32) for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False)]
         blocks, leftover = transforms.pack_blocks(ids, eot, block_size)
         buffer = io.BytesIO()
         np.save(buffer, blocks.astype(dtype))

@@ -76,16 +76,15 @@ def assign_splits(batch: dict, seed: int, val_t: float, test_t: float) -> dict:
 def kept_documents(data_path: Location) -> Iterator[tuple[list[str], list[str], list[str]]]:
     """(doc keys, texts, cluster keys) of the kept documents of a prepared data folder, per documents shard."""
     data_path = as_location(data_path)
-    docs = (data_path / "documents" / "_stage.json").read_json()
-    for shard in docs["shards"]:
-        table = read_kept(data_path / "documents" / shard, data_path / "dedup")
+    for shard in documents_shards(data_path):
+        table = read_kept(shard, data_path / "dedup")
         yield (table.column("doc_key").to_pylist(), table.column("text").to_pylist(),
                table.column("cluster_key").to_pylist())
 
 
-def split_documents(data_path: Location, data: DataConfig, split: str) -> Iterator[list[tuple[str, str]]]:
-    """The kept documents of one split of a prepared data folder, as (doc_key, text) lists, one
-    list per documents shard (plain pyarrow, no Ray). data: the DataConfig it was prepared with."""
+def split_rule(data_path: Location, data: DataConfig) -> tuple[int, tuple[float, float]]:
+    """(split seed, (val, val + test) thresholds) a prepared data folder was split with, from its manifest.
+    data: the DataConfig it was prepared with (for folders prepared before the manifest recorded them)."""
     data_path = as_location(data_path)
     manifest = (data_path / "manifest.json").read_json()
     thresholds = manifest.get("split_thresholds")
@@ -93,7 +92,29 @@ def split_documents(data_path: Location, data: DataConfig, split: str) -> Iterat
         record = (data_path / "dedup" / "_stage.json").read_json()
         thresholds = (thresholds_from_summary(record["split_summary"], data) if "split_summary" in record
                       else split_thresholds(record["cluster_keys"], data))
-    seed = manifest.get("split_seed", data.split_seed)
-    for keys, texts, clusters in kept_documents(data_path):
-        splits = assign_splits({"cluster_key": np.array(clusters, dtype=object)}, seed, *thresholds)["split"]
-        yield [(k, t) for k, t, s in zip(keys, texts, splits) if s == split]
+    return manifest.get("split_seed", data.split_seed), tuple(thresholds)
+
+
+def documents_shards(data_path: Location) -> list[Location]:
+    """The documents shards of a prepared data folder, in corpus order."""
+    data_path = as_location(data_path)
+    return [data_path / "documents" / s for s in (data_path / "documents" / "_stage.json").read_json()["shards"]]
+
+
+def shard_split(shard: Location, keep_dir: Location, split: str, seed: int,
+                thresholds: tuple[float, float]) -> list[tuple[str, str]]:
+    """(doc_key, text) of the kept documents of one documents shard that fall into split."""
+    table = read_kept(shard, keep_dir)
+    clusters = np.array(table.column("cluster_key").to_pylist(), dtype=object)
+    splits = assign_splits({"cluster_key": clusters}, seed, *thresholds)["split"]
+    return [(k, t) for k, t, s in zip(table.column("doc_key").to_pylist(), table.column("text").to_pylist(), splits)
+            if s == split]
+
+
+def split_documents(data_path: Location, data: DataConfig, split: str) -> Iterator[list[tuple[str, str]]]:
+    """The kept documents of one split of a prepared data folder, as (doc_key, text) lists, one
+    list per documents shard (plain pyarrow, no Ray). data: the DataConfig it was prepared with."""
+    data_path = as_location(data_path)
+    seed, thresholds = split_rule(data_path, data)
+    for shard in documents_shards(data_path):
+        yield shard_split(shard, data_path / "dedup", split, seed, thresholds)

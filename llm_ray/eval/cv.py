@@ -1,12 +1,14 @@
 """`llm-ray cv`: k-fold cross-validation over document clusters.
 
-The corpus is prepared once (``prepare``). Its kept documents, one per duplicate cluster and
-outside the test split, are dealt into k folds in the order of their split hash (balanced,
-and a cluster never straddles folds). For fold i, a tokenizer is trained on the other folds
-only and both parts are packed into ``<run>/cv/fold-i/data``, in the format training reads.
-The k training runs are Ray tasks, so they run side by side when the cluster has the
-workers for them and queue otherwise. Each fold's model is then scored on its own fold with
-the evaluation scorer (every token, bootstrap intervals), and ``cv.json`` / ``cv.md`` give
+The corpus is prepared once (``prepare``). Its kept documents outside the test split go to k
+folds by a stable hash of their duplicate cluster's key (as the splits do), so a cluster never
+straddles folds and a document's fold needs no look at the others. For fold i, a tokenizer is
+trained on the other folds only and both parts are packed into ``<run>/cv/fold-i/data``, in
+the format training reads. Everything streams, one documents shard at a time: the folds are
+passes over the prepared shards, never lists of the corpus, so memory does not grow with it.
+The k training runs are Ray tasks, so they run side by side when the cluster has the workers
+for them and queue otherwise. Each fold's model is then scored on its own fold with the
+evaluation scorer (every token, bootstrap intervals), and ``cv.json`` / ``cv.md`` give
 per-fold and mean ± std loss and bits per byte.
 """
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -23,58 +27,105 @@ from llm_ray.data import stages, transforms
 from llm_ray.data.errors import PrepareError
 from llm_ray.storage import Location, as_location
 
+# A fresh pass over kept documents, one documents shard at a time: (doc keys, texts, cluster keys),
+# as splits.kept_documents yields them.
+Documents = Callable[[], Iterable[tuple[list[str], list[str], list[str]]]]
+# A fresh pass over the documents outside the test split, one documents shard at a time: (text, fold).
+Folds = Callable[[], Iterator[list[tuple[str, int]]]]
 
-def assign_folds(cluster_keys: list[str], folds: int, seed: int) -> dict[str, int]:
-    """Fold of each cluster: clusters sorted by their split hash, dealt round-robin."""
-    ordered = sorted(set(cluster_keys), key=lambda k: (transforms.split_key(k, seed), k))
-    return {k: i % folds for i, k in enumerate(ordered)}
+
+def fold_of(cluster_key: str, folds: int, seed: int) -> int:
+    """A cluster's fold, from a stable hash of its key. Not the split hash itself (the folds would be
+    ranges of it, fold 0 the validation split): the same hash of the key under another name. Folds
+    are balanced in expectation, within a few sqrt(clusters / folds) of each other."""
+    return int(transforms.split_key(f"cv-fold:{cluster_key}", seed) * folds)
 
 
-def fold_documents(cfg: Config, data_path: Location, folds: int) -> list[list[tuple[str, str]]]:
-    """The (doc_key, text) of each fold: every kept document outside the test split."""
-    from llm_ray.data.splits import assign_splits, kept_documents
+def fold_passes(documents: Documents, folds: int, seed: int, thresholds: tuple[float, float]) -> Folds:
+    """Passes over the documents outside the test split (split by thresholds, see splits.assign_splits),
+    each with its fold."""
+    from llm_ray.data.splits import assign_splits
+
+    def one_pass() -> Iterator[list[tuple[str, int]]]:
+        for _, texts, clusters in documents():
+            splits = assign_splits({"cluster_key": np.array(clusters, dtype=object)}, seed, *thresholds)["split"]
+            yield [(text, fold_of(c, folds, seed)) for text, c, s in zip(texts, clusters, splits) if s != "test"]
+
+    return one_pass
+
+
+def corpus_folds(cfg: Config, data_path: Location, folds: int) -> Folds:
+    """fold_passes over the kept documents of a prepared data folder."""
+    from llm_ray.data.splits import kept_documents
 
     manifest = (as_location(data_path) / "manifest.json").read_json()
-    val_t, test_t = manifest["split_thresholds"]
-    rows = []
-    for keys, texts, clusters in kept_documents(data_path):
-        splits = assign_splits({"cluster_key": np.array(clusters, dtype=object)}, cfg.data.split_seed, val_t,
-                               test_t)["split"]
-        rows += [(k, t, c) for k, t, c, s in zip(keys, texts, clusters, splits) if s != "test"]
-    if len({c for _, _, c in rows}) < folds:
-        raise PrepareError(f"{len(rows)} distinct documents outside the test split: too few for {folds} folds")
-    fold_of = assign_folds([c for _, _, c in rows], folds, cfg.data.split_seed)
-    out: list[list[tuple[str, str]]] = [[] for _ in range(folds)]
-    for key, text, cluster in sorted(rows):
-        out[fold_of[cluster]].append((key, text))
-    return out
+    return fold_passes(lambda: kept_documents(data_path), folds, cfg.data.split_seed,
+                       tuple(manifest["split_thresholds"]))
 
 
-def pack_fold(cfg: Config, train_docs: list[str], val_docs: list[str], out: Path) -> Path:
-    """A prepared-data folder (manifest, tokenizer, packed train/val blocks) for one fold."""
+class BlockWriter:
+    """transforms.pack_blocks over a stream of documents, written as one .npy shard per add() into
+    <out>/pack/<split>/: the tokens that do not fill a block yet carry over to the next add, so the
+    blocks are those of the whole stream (consecutive blocks overlap by one token) while only one
+    batch of documents is held."""
+
+    def __init__(self, out: Path, split: str, eot: int, block_size: int, dtype: np.dtype):
+        self.out, self.split, self.eot, self.block_size, self.dtype = out, split, eot, block_size, dtype
+        self.carry = np.zeros(0, dtype=np.int64)  # the stream's tokens from the next block's start on
+        self.shards: list[dict] = []  # {"file" (relative to out), "blocks"}, in stream order
+        self.documents = 0
+
+    def add(self, token_docs: list[list[int]]) -> None:
+        parts = [self.carry]
+        for ids in token_docs:
+            parts += [np.asarray(ids, dtype=np.int64), np.array([self.eot], dtype=np.int64)]
+        stream = np.concatenate(parts)
+        self.documents += len(token_docs)
+        n_blocks = max(0, (len(stream) - 1) // self.block_size)
+        if n_blocks:
+            starts = np.arange(n_blocks) * self.block_size
+            blocks = stream[starts[:, None] + np.arange(self.block_size + 1)[None, :]]  # (n, block_size + 1)
+            file = f"pack/{self.split}/{len(self.shards):05d}.npy"
+            (self.out / file).parent.mkdir(parents=True, exist_ok=True)
+            np.save(self.out / file, blocks.astype(self.dtype))
+            self.shards.append({"file": file, "blocks": n_blocks})
+        self.carry = stream[n_blocks * self.block_size:]  # the last block's final token opens the next
+
+    @property
+    def blocks(self) -> int:
+        return sum(s["blocks"] for s in self.shards)
+
+
+def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int]:
+    """A prepared-data folder (manifest, tokenizer, packed train/val shards) for one fold, in two passes:
+    the tokenizer learns on the other folds, then each documents shard is encoded and packed.
+    Returns the documents of each part."""
     from llm_ray.data.tokenizer import eot_id, train_bpe
 
     t = cfg.tokenizer
-    tokenizer = train_bpe(train_docs, t.vocab_size, t.min_frequency, t.train_sample_bytes)
+    others = (text for shard in passes() for text, f in shard if f != fold)
+    tokenizer = train_bpe(others, t.vocab_size, t.min_frequency, t.train_sample_bytes)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer" / "tokenizer.json"))
     dtype = transforms.token_dtype(tokenizer.get_vocab_size())
+    shutil.rmtree(out / "pack", ignore_errors=True)  # an earlier pack's shards: the new one may have fewer
+    writers = {name: BlockWriter(out, name, eot_id(tokenizer), cfg.data.block_size, dtype) for name in ("train", "val")}
+    for shard in passes():
+        for name, texts in (("train", [x for x, f in shard if f != fold]), ("val", [x for x, f in shard if f == fold])):
+            if texts:
+                writers[name].add([e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)])
     splits = {}
-    for name, docs in (("train", train_docs), ("val", val_docs)):
-        ids = [np.array(e.ids) for e in tokenizer.encode_batch_fast(docs, add_special_tokens=False)]
-        blocks, _ = transforms.pack_blocks(ids, eot_id(tokenizer), cfg.data.block_size)
-        if len(blocks) == 0:
-            raise PrepareError(f"a fold's {name} part holds no full block of {cfg.data.block_size} tokens: use "
-                               "fewer folds or a smaller data.block_size")
-        np.save(out / f"{name}.npy", blocks.astype(dtype))
-        splits[name] = {"shards": [{"file": f"{name}.npy", "blocks": len(blocks)}], "blocks": len(blocks),
-                        "tokens": len(blocks) * cfg.data.block_size}
-    key = stages.stage_key("cv-pack", len(blocks), cfg.data.block_size, tokenizer.to_str())
+    for name, writer in writers.items():
+        if writer.blocks == 0:
+            raise PrepareError(f"fold {fold}'s {name} part ({writer.documents} documents) holds no full block of "
+                               f"{cfg.data.block_size} tokens: use fewer folds or a smaller data.block_size")
+        splits[name] = {"shards": writer.shards, "blocks": writer.blocks, "tokens": writer.blocks * cfg.data.block_size}
+    key = stages.stage_key("cv-pack", splits["train"]["blocks"], splits["val"]["blocks"], cfg.data.block_size,
+                           tokenizer.to_str())
     manifest = {"block_size": cfg.data.block_size, "vocab_size": tokenizer.get_vocab_size(), "dtype": dtype.name,
-                "tokenizer": "tokenizer/tokenizer.json", "splits": splits,
-                "stage_keys": {"pack": key}}
+                "tokenizer": "tokenizer/tokenizer.json", "splits": splits, "stage_keys": {"pack": key}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    return out
+    return {name: writer.documents for name, writer in writers.items()}
 
 
 def _train_fold(fold_cfg: dict, data_path: str) -> str:
@@ -88,10 +139,7 @@ def cross_validate(cfg: Config, folds: int, log=print) -> dict:
     """Prepare, train one model per fold, score each on its fold; write <run>/cv/cv.{json,md}."""
     import ray
 
-    from llm_ray.checkpoint import load_model
     from llm_ray.data.prepare import data_dir, prepare
-    from llm_ray.eval import metrics
-    from llm_ray.eval.scoring import DocumentScorer
 
     if folds < 2:
         raise PrepareError(f"--folds must be at least 2 (got {folds})")
@@ -99,27 +147,19 @@ def cross_validate(cfg: Config, folds: int, log=print) -> dict:
         raise PrepareError(f"output_dir: {cfg.output_dir}: cross-validation keeps its fold runs in a local folder; "
                            "use a local output_dir for llm-ray cv")
     prepare(cfg, log=log)
-    parts = fold_documents(cfg, data_dir(cfg), folds)
+    passes = corpus_folds(cfg, data_dir(cfg), folds)
     root = cfg.run_dir / "cv"
     runs = []
     for i in range(folds):
-        train_docs = [t for j, part in enumerate(parts) if j != i for _, t in part]
-        path = pack_fold(cfg, train_docs, [t for _, t in parts[i]], root / f"fold-{i}" / "data")
+        path = root / f"fold-{i}" / "data"
+        documents = pack_fold(cfg, passes, i, path)
         fold_cfg = cfg.model_copy(update={"name": f"{cfg.name}-fold-{i}", "output_dir": str(root)}, deep=True)
         runs.append((fold_cfg, path))
-        log(f"cv: fold {i}: {len(parts[i])} validation documents, {len(train_docs)} training documents")
+        log(f"cv: fold {i}: {documents['val']} validation documents, {documents['train']} training documents")
     # A task per fold: each launches its own Ray Train workers, which start when CPUs are free.
     task = ray.remote(num_cpus=0)(_train_fold)
     checkpoints = ray.get([task.remote(c.model_dump(mode="json"), str(p)) for c, p in runs])
-    per_fold = []
-    for i, checkpoint in enumerate(checkpoints):
-        model, tokenizer, _ = load_model(checkpoint)
-        texts = [t for _, t in parts[i]]
-        sums = DocumentScorer(model, tokenizer, cfg.eval.stride, cfg.eval.batch_size).score(texts)
-        s = metrics.summarize(sums["nll_sum"], sums["tokens"], sums["bytes"], cfg.eval.bootstrap_samples, cfg.eval.seed)
-        per_fold.append({"fold": i, "checkpoint": checkpoint, "documents": len(texts), "loss": s["loss"],
-                         "bits_per_byte": s["bits_per_byte"]})
-        log(f"cv: fold {i}: loss {s['loss']['value']:.4f}, bits per byte {s['bits_per_byte']['value']:.4f}")
+    per_fold = [score_fold(cfg, checkpoint, passes, i, log) for i, checkpoint in enumerate(checkpoints)]
     losses = np.array([f["loss"]["value"] for f in per_fold])
     bpbs = np.array([f["bits_per_byte"]["value"] for f in per_fold])
     result = {"folds": folds, "per_fold": per_fold,
@@ -130,6 +170,29 @@ def cross_validate(cfg: Config, folds: int, log=print) -> dict:
     (root / "cv.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (root / "cv.md").write_text(cv_table(result) + "\n", encoding="utf-8")
     return result
+
+
+def score_fold(cfg: Config, checkpoint: str, passes: Folds, fold: int, log) -> dict:
+    """The fold's model scored on the fold's documents, one documents shard at a time: only the
+    per-document sums (three numbers each) are kept for the bootstrap."""
+    from llm_ray.checkpoint import load_model
+    from llm_ray.eval import metrics
+    from llm_ray.eval.scoring import DocumentScorer
+
+    model, tokenizer, _ = load_model(checkpoint)
+    scorer = DocumentScorer(model, tokenizer, cfg.eval.stride, cfg.eval.batch_size)
+    sums: dict[str, list[np.ndarray]] = {"nll_sum": [], "tokens": [], "bytes": []}
+    for shard in passes():
+        texts = [text for text, f in shard if f == fold]
+        if texts:
+            scored = scorer.score(texts)
+            for key, parts in sums.items():
+                parts.append(scored[key])
+    nll_sum, tokens, n_bytes = (np.concatenate(sums[k]) for k in ("nll_sum", "tokens", "bytes"))
+    s = metrics.summarize(nll_sum, tokens, n_bytes, cfg.eval.bootstrap_samples, cfg.eval.seed)
+    log(f"cv: fold {fold}: loss {s['loss']['value']:.4f}, bits per byte {s['bits_per_byte']['value']:.4f}")
+    return {"fold": fold, "checkpoint": checkpoint, "documents": len(tokens), "loss": s["loss"],
+            "bits_per_byte": s["bits_per_byte"]}
 
 
 def cv_table(result: dict) -> str:

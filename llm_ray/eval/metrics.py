@@ -89,7 +89,9 @@ def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
 
 
 def ngram_overlap(doc_hashes: np.ndarray, reference_hashes: np.ndarray) -> float:
-    """Share of a document's distinct n-gram hashes that occur in the sorted reference hashes."""
-    if len(doc_hashes) == 0:
+    """Share of a document's distinct n-gram hashes that occur in the sorted distinct reference hashes."""
+    if len(doc_hashes) == 0 or len(reference_hashes) == 0:
         return 0.0
-    return float(np.isin(doc_hashes, reference_hashes, assume_unique=False).mean())
+    # One binary search per document hash: the reference (a training index) is by far the larger.
+    pos = np.minimum(np.searchsorted(reference_hashes, doc_hashes), len(reference_hashes) - 1)
+    return float(np.mean(reference_hashes[pos] == doc_hashes))

@@ -1,24 +1,36 @@
 """`llm-ray eval`: score a checkpoint on held-out documents and write the report.
 
 The documents are a split of the prepared data the checkpoint was trained on (the test split
-when there is one, else validation), or any files in a prepare format (``eval_data``). Small
-sets are scored in this process, large ones as Ray Data batch inference with model actors:
-the same ``DocumentScorer`` either way.
+when there is one, else validation), or any files in a prepare format (``eval_data``). They are
+streamed, a documents shard or a file at a time, and scored in chunks: in this process for
+small sets, as Ray Data batch inference with model actors for large ones (the same
+``DocumentScorer`` either way). What stays in memory is a few numbers and the key of each
+document (the bootstrap resamples documents) and, with eval.max_documents, the documents chosen.
+The contamination check runs as Ray tasks over hash partitions of the training n-grams
+(``eval.contamination``).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from llm_ray.checkpoint import find_model_dir, load_model
 from llm_ray.config import Config, ConfigError, apply_override, validate
 from llm_ray.data.errors import PrepareError
-from llm_ray.eval import metrics, tasks
+from llm_ray.eval import contamination, metrics, tasks
 from llm_ray.eval.scoring import CheckpointScorer, DocumentScorer
 from llm_ray.storage import Location, as_location
+
+Batches = Iterator[list[tuple[str, str]]]  # lists of (doc_key, text)
+LOCAL_CHUNK_DOCS = 256  # documents per DocumentScorer call in this process: bounds its (docs, context) arrays
+RAY_CHUNK_DOCS = 10_000  # documents per Ray Data job: its actors load the checkpoint once a job, the driver
+# holds one chunk's texts
 
 
 class EvalError(Exception):
@@ -39,8 +51,16 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return validate(tree)
 
 
-def held_out_documents(cfg: Config, data_path: Location, split: str) -> tuple[str, list[tuple[str, str]]]:
-    """(split, its (doc_key, text) sorted by key, at most eval.max_documents) of the prepared data."""
+def capped(batches: Batches, limit: int | None) -> Batches:
+    """batches as they come; with a limit, one list: the `limit` documents with the smallest keys, in key
+    order (what sorting all and taking the first would give, through a heap of `limit` documents)."""
+    if limit is None:
+        return batches
+    return iter([heapq.nsmallest(limit, itertools.chain.from_iterable(batches))])
+
+
+def held_out_documents(cfg: Config, data_path: Location, split: str) -> tuple[str, Batches]:
+    """(split, its documents, one list per documents shard, capped at eval.max_documents) of the prepared data."""
     from llm_ray.data.prepare import load_manifest
     from llm_ray.data.splits import split_documents
 
@@ -50,49 +70,165 @@ def held_out_documents(cfg: Config, data_path: Location, split: str) -> tuple[st
     if split not in manifest["splits"]:
         raise EvalError(f"the data at {data_path} has no {split} split (it was prepared with data.test_fraction "
                         f"{cfg.data.test_fraction}); use --split val or prepare with data.test_fraction > 0")
-    docs = sorted(d for shard in split_documents(data_path, cfg.data, split) for d in shard)
-    if not docs:
-        raise EvalError(f"the {split} split of {data_path} holds no documents")
-    return split, docs[: cfg.eval.max_documents]
+    return split, capped(split_documents(data_path, cfg.data, split), cfg.eval.max_documents)
 
 
-def files_documents(cfg: Config, path: str) -> list[tuple[str, str]]:
-    """(doc_key, text) of every document in a file or folder of any prepare format, unfiltered."""
+def files_documents(cfg: Config, path: str) -> Batches:
+    """The documents with text of every file in a file or folder of any prepare format, one list per
+    file, unfiltered, capped at eval.max_documents. An unreadable file stops the evaluation."""
     from llm_ray.data.sources import list_sources, read_file
 
-    docs, failed = [], []
-    for ref in list_sources([path], cfg.data):
-        result = read_file(ref, cfg.data)
-        if result.error:
-            failed.append(f"{ref.uri}: {result.error}")
-        docs += [(k, t) for k, t in result.docs if t.strip()]
-    if failed:
-        raise EvalError("unreadable evaluation files:\n  " + "\n  ".join(failed[:20]))
-    if not docs:
-        raise EvalError(f"--eval-data {path}: no documents with text")
-    return sorted(docs)[: cfg.eval.max_documents]
+    def read() -> Batches:
+        for ref in list_sources([path], cfg.data):
+            result = read_file(ref, cfg.data)
+            if result.error:
+                raise EvalError(f"unreadable evaluation file {ref.uri}: {result.error}")
+            yield [(k, t) for k, t in result.docs if t.strip()]
+
+    return capped(read(), cfg.eval.max_documents)
 
 
-def score(model_dir: Path, model, tokenizer, texts: list[str], cfg: Config, backend: str, log) -> dict:
-    """Per-document sums from DocumentScorer, in this process or as Ray Data batch inference."""
-    e = cfg.eval
-    if backend == "local":
-        return DocumentScorer(model, tokenizer, e.stride, e.batch_size).score(texts)
+def take(batches: Batches, count: int) -> tuple[list[tuple[str, str]], Batches]:
+    """The first batches of documents up to at least `count` documents (all, when fewer), and the rest."""
+    batches, first = iter(batches), []
+    for batch in batches:
+        first += batch
+        if len(first) >= count:
+            break
+    return first, batches
+
+
+def chunks(batches: Batches, size: int) -> Batches:
+    """The documents of batches again, in lists of `size` (the last may be shorter)."""
+    buffer: list = []
+    for batch in batches:
+        buffer += batch
+        start = 0
+        while len(buffer) - start >= size:
+            yield buffer[start : start + size]
+            start += size
+        buffer = buffer[start:]
+    if buffer:
+        yield buffer
+
+
+class ScoreSums:
+    """DocumentScorer's sums over chunks of documents: per document what the bootstrap and the plots
+    need (nll_sum, tokens, bytes); loss by position summed over documents, as one (1, context) row."""
+
+    PER_DOCUMENT = ("nll_sum", "tokens", "bytes")
+    BY_POSITION = ("position_nll", "position_count")
+
+    def __init__(self):
+        self.parts: dict[str, list] = {k: [] for k in self.PER_DOCUMENT}
+        self.rows: dict[str, np.ndarray] = {}
+
+    def add(self, sums: dict) -> None:
+        for k in self.PER_DOCUMENT:
+            self.parts[k].append(np.asarray(sums[k]))
+        for k in self.BY_POSITION:
+            row = np.asarray(sums[k]).sum(axis=0, keepdims=True)
+            self.rows[k] = self.rows[k] + row if k in self.rows else row
+
+    def result(self) -> dict:
+        return {**{k: np.concatenate(v) for k, v in self.parts.items()}, **self.rows}
+
+
+def ray_scores(model_dir: Path, texts: list[str], e) -> dict:
+    """DocumentScorer's sums of texts as Ray Data batch inference (e: the EvalConfig); positions summed."""
     import ray.data
 
-    from llm_ray.ray_utils import init_ray
-
-    init_ray()
-    log(f"eval: scoring {len(texts)} documents with Ray Data ({e.concurrency} model actors)")
     ds = ray.data.from_items([{"doc": i, "text": t} for i, t in enumerate(texts)])
     scored = ds.map_batches(CheckpointScorer, batch_size=8, batch_format="numpy", concurrency=e.concurrency,
                             num_cpus=e.cpus_per_actor,
                             fn_constructor_kwargs=dict(checkpoint=str(model_dir), stride=e.stride,
                                                        batch_size=e.batch_size,
                                                        threads=max(1, int(e.cpus_per_actor))))
-    rows = sorted(scored.take_all(), key=lambda r: r["doc"])
-    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in
-            ("nll_sum", "tokens", "bytes", "position_nll", "position_count")}
+    out = {"nll_sum": np.zeros(len(texts)), "tokens": np.zeros(len(texts), dtype=np.int64),
+           "bytes": np.zeros(len(texts), dtype=np.int64)}
+    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):  # in any order: placed by "doc"
+        for k in ScoreSums.PER_DOCUMENT:
+            out[k][batch["doc"]] = batch[k]
+        for k in ScoreSums.BY_POSITION:  # summed as they come: one row, not one per document
+            row = batch[k].sum(axis=0, keepdims=True)
+            out[k] = out[k] + row if k in out else row
+    return out
+
+
+def score_stream(batches: Batches, backend: str, model_dir: Path, model, tokenizer, e,
+                 collected: contamination.EvalNgrams | None) -> tuple[dict, list[str], list[tuple[str, str]]]:
+    """Score the documents chunk by chunk; feed their n-grams to `collected` (when checking contamination).
+    Returns the ScoreSums, the documents' keys, and the documents for the continuation task."""
+    sums, keys, candidates = ScoreSums(), [], []
+    need = e.prompt_tokens + e.continuation_tokens
+    local = DocumentScorer(model, tokenizer, e.stride, e.batch_size)
+    for chunk in chunks(batches, LOCAL_CHUNK_DOCS if backend == "local" else RAY_CHUNK_DOCS):
+        texts = [t for _, t in chunk]
+        sums.add(local.score(texts) if backend == "local" else ray_scores(model_dir, texts, e))
+        keys += [k for k, _ in chunk]
+        if len(candidates) < e.continuation_documents:
+            candidates += tasks.long_enough(tokenizer, chunk, need, e.continuation_documents - len(candidates))
+        if collected is not None:
+            collected.add(texts)
+    return sums.result(), keys, candidates
+
+
+def training_split(cfg: Config, data_path: Location) -> contamination.TrainingSplit:
+    """The training documents the contamination tasks read, from the prepared data folder."""
+    from llm_ray.data.splits import documents_shards, split_rule
+
+    if not (data_path / "manifest.json").is_file():
+        raise EvalError(f"the contamination check needs the training split at {data_path} (set --data, or "
+                        "eval.contamination=false)")
+    train = (data_path / "manifest.json").read_json()["splits"].get("train", {})
+    seed, thresholds = split_rule(data_path, cfg.data)
+    # The split's tokens estimate its n-grams (about one per word), which size the rounds.
+    tokens = train.get("document_tokens") or train.get("tokens", 0)
+    return contamination.TrainingSplit(documents_shards(data_path), data_path / "dedup", seed, thresholds, tokens)
+
+
+def checked_model(checkpoint: str | Path, overrides: list[str], split: str | None):
+    """(model folder, model, tokenizer, config) of a checkpoint, its eval settings checked against the model."""
+    try:
+        model_dir = find_model_dir(checkpoint)
+        model, tokenizer, saved = load_model(model_dir)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise EvalError(f"--checkpoint {checkpoint}: {e}") from None
+    cfg = with_overrides(saved, list(overrides) + ([f"eval.split={split}"] if split else []))
+    e, context = cfg.eval, model.spec.context_length
+    if e.stride is not None and e.stride > context:
+        raise ConfigError(f"eval.stride ({e.stride}) exceeds the model's context ({context})")
+    if e.continuation_documents and e.prompt_tokens + e.continuation_tokens + 1 > context:
+        raise ConfigError(f"eval.prompt_tokens + eval.continuation_tokens ({e.prompt_tokens} + {e.continuation_tokens})"
+                          f" must fit in the model's context ({context}) after an end-of-text token")
+    if tokenizer.get_vocab_size() > model.spec.vocab_size:
+        raise EvalError(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
+                        f"vocabulary ({model.spec.vocab_size}): they do not belong together")
+    return model_dir, model, tokenizer, cfg
+
+
+def start_ray(backend: str, train_split: contamination.TrainingSplit | None, e) -> contamination.EvalNgrams | None:
+    """Ray, joined or started when the Ray Data backend or the contamination tasks need it; with
+    contamination checked, the collector of the evaluated documents' n-grams (e: the EvalConfig)."""
+    if backend != "ray" and train_split is None:
+        return None
+    import ray
+
+    from llm_ray.ray_utils import init_ray
+
+    init_ray()  # returns at once inside a Ray task (a sweep's trial evaluating its checkpoint)
+    if train_split is None:
+        return None
+    parts = contamination.plan_rounds(train_split.ngrams, len(train_split.shards))[0]
+    return contamination.EvalNgrams(e.contamination_ngram, parts, put=ray.put)
+
+
+def reported(batches: Batches) -> Batches:
+    """batches, with a data folder's PrepareError (met while streaming) as an EvalError for the user."""
+    try:
+        yield from batches
+    except PrepareError as err:
+        raise EvalError(str(err)) from None
 
 
 def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | None = None,
@@ -102,41 +238,35 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | Non
     from llm_ray.eval.report import write_report
 
     started = time.time()
-    try:
-        model_dir = find_model_dir(checkpoint)
-        model, tokenizer, saved = load_model(model_dir)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise EvalError(f"--checkpoint {checkpoint}: {e}") from None
-    cfg = with_overrides(saved, list(overrides) + ([f"eval.split={split}"] if split else []))
+    model_dir, model, tokenizer, cfg = checked_model(checkpoint, overrides, split)
     e = cfg.eval
-    if e.stride is not None and e.stride > model.spec.context_length:
-        raise ConfigError(f"eval.stride ({e.stride}) exceeds the model's context ({model.spec.context_length})")
-    if e.continuation_documents and e.prompt_tokens + e.continuation_tokens + 1 > model.spec.context_length:
-        raise ConfigError(f"eval.prompt_tokens + eval.continuation_tokens ({e.prompt_tokens} + {e.continuation_tokens})"
-                          f" must fit in the model's context ({model.spec.context_length}) after an end-of-text token")
-    if tokenizer.get_vocab_size() > model.spec.vocab_size:
-        raise EvalError(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
-                        f"vocabulary ({model.spec.vocab_size}): they do not belong together")
     trained_on = saved_state(model_dir).get("data_path")  # the folder training read, when recorded
     data_path = as_location(data_path or trained_on, cfg.data.s3) if (data_path or trained_on) else data_dir(cfg)
     try:
-        split, docs = (None, files_documents(cfg, eval_data)) if eval_data else held_out_documents(cfg, data_path,
-                                                                                                  e.split)
+        split, batches = (None, files_documents(cfg, eval_data)) if eval_data else held_out_documents(cfg, data_path,
+                                                                                                     e.split)
+        first, rest = take(reported(batches), e.ray_min_documents if e.backend == "auto" else 1)  # for the backend
     except PrepareError as err:
         raise EvalError(str(err)) from None
-    backend = choose_backend(e, len(docs))
-    texts = [t for _, t in docs]
-    log(f"eval: {len(docs)} documents from {eval_data or f'{data_path} ({split})'}, scored {backend}")
-    sums = score(model_dir, model, tokenizer, texts, cfg, backend, log)
-    results = {"checkpoint": str(model_dir), "documents_from": eval_data or str(data_path),
-               "split": split, "backend": backend,
+    if not first:
+        raise EvalError(f"--eval-data {eval_data}: no documents with text" if eval_data else
+                        f"the {split} split of {data_path} holds no documents")
+    backend = choose_backend(e, len(first))
+    train_split = training_split(cfg, data_path) if e.contamination else None
+    collected = start_ray(backend, train_split, e)
+    log(f"eval: scoring the documents of {eval_data or f'{data_path} ({split})'} ({backend})")
+    sums, keys, candidates = score_stream(itertools.chain([first], rest), backend, model_dir, model, tokenizer, e,
+                                          collected)
+    results = {"checkpoint": str(model_dir), "documents_from": eval_data or str(data_path), "split": split,
+               "backend": backend,
                "context": model.spec.context_length, "stride": e.stride or max(1, model.spec.context_length // 2),
                **metrics.summarize(sums["nll_sum"], sums["tokens"], sums["bytes"], e.bootstrap_samples, e.seed)}
+    log(f"eval: {len(keys)} documents scored")
     if e.continuation_documents:
-        results["continuation"] = tasks.continuation_task(model, tokenizer, docs, e)
-    if e.contamination:
-        train = (t for shard in _train_documents(cfg, data_path) for _, t in shard)
-        results["contamination"] = tasks.contamination(docs, tasks.ngram_index(train, e.contamination_ngram), e)
+        results["continuation"] = tasks.continuation_task(model, tokenizer, candidates, e)
+    if collected is not None:
+        hits = contamination.training_hits(train_split, collected)
+        results["contamination"] = contamination.report(keys, contamination.overlaps(hits, collected.ngrams), e)
     results["seconds"] = time.time() - started
     out = eval_folder(cfg, model_dir)
     state = saved_state(model_dir)
@@ -167,15 +297,6 @@ def track(cfg: Config, results: dict, state: dict) -> None:
     tracker.finish()
 
 
-def _train_documents(cfg: Config, data_path: Location):
-    from llm_ray.data.splits import split_documents
-
-    if not (data_path / "manifest.json").is_file():
-        raise EvalError(f"the contamination check needs the training split at {data_path} (set --data, or "
-                        "eval.contamination=false)")
-    return split_documents(data_path, cfg.data, "train")
-
-
 def eval_folder(cfg: Config, model_dir: Path) -> Location:
     """<run>/eval for the run that owns the checkpoint (on S3 too), else beside the checkpoint's model folder."""
     run = cfg.run_location
@@ -191,6 +312,11 @@ def saved_state(model_dir: Path) -> dict:
     from llm_ray.checkpoint import read_train_state
 
     try:
-        return read_train_state(model_dir)
+        state = read_train_state(model_dir, history=False)
     except (OSError, ValueError):
         return {}
+    try:  # the run's history folder: missing when the model folder was copied away from its run
+        state["history"] = read_train_state(model_dir)["history"]
+    except (OSError, ValueError):
+        state["history"] = []
+    return state

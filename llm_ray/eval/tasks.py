@@ -1,6 +1,10 @@
 """Evaluation tasks beyond the loss: continuing held-out documents (BLEU, ROUGE) and checking
 the scored documents for n-gram overlap with the training split (contamination).
 
+Contamination at scale runs as Ray tasks (``eval.contamination``); ``ngram_index`` and
+``contamination`` here do the same check in one process, the whole index in memory: the
+reference the tests compare the tasks with, and enough for a handful of files.
+
 CIDEr is not here on purpose: it scores image captions against several human references and
 has no meaning for a text-only language model.
 """
@@ -13,10 +17,22 @@ import numpy as np
 import torch
 
 from llm_ray.config import EvalConfig
-from llm_ray.data import dedup
+from llm_ray.data import ngrams
 from llm_ray.data.tokenizer import eot_id
 from llm_ray.eval import metrics
+from llm_ray.eval.contamination import report as contamination_report
 from llm_ray.model import generate
+
+
+def long_enough(tokenizer, docs: Iterable[tuple[str, str]], need: int, limit: int) -> list[tuple[str, str]]:
+    """The first `limit` documents (key, text) with at least `need` tokens, in order."""
+    chosen = []
+    for key, text in docs:
+        if len(chosen) >= limit:
+            break
+        if len(tokenizer.encode(text, add_special_tokens=False).ids) >= need:
+            chosen.append((key, text))
+    return chosen
 
 
 def continuation_task(model, tokenizer, docs: list[tuple[str, str]], e: EvalConfig) -> dict:
@@ -24,13 +40,8 @@ def continuation_task(model, tokenizer, docs: list[tuple[str, str]], e: EvalConf
     and compare with the document's next tokens: corpus BLEU, mean ROUGE-1/2/L F1, samples."""
     need = e.prompt_tokens + e.continuation_tokens  # checked to fit the context by eval.run
     eot = eot_id(tokenizer)
-    chosen = []
-    for key, text in docs:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        if len(ids) >= need:
-            chosen.append((key, ids))
-        if len(chosen) == e.continuation_documents:
-            break
+    chosen = [(key, tokenizer.encode(text, add_special_tokens=False).ids)
+              for key, text in long_enough(tokenizer, docs, need, e.continuation_documents)]
     if not chosen:
         return {"documents": 0, "note": f"no document has {need} tokens"}
     prompts = torch.tensor([[eot] + ids[: e.prompt_tokens] for _, ids in chosen])
@@ -47,18 +58,14 @@ def continuation_task(model, tokenizer, docs: list[tuple[str, str]], e: EvalConf
 
 
 def ngram_index(texts: Iterable[str], n: int) -> np.ndarray:
-    """Sorted distinct hashes of every word n-gram of texts (normalized as for deduplication)."""
-    parts = [dedup.shingle_hashes(t, "word", n) for t in texts]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+    """Sorted distinct 64-bit hashes of every word n-gram of texts (data.ngrams.ngram_hashes)."""
+    parts = [ngrams.ngram_hashes(t, n) for t in texts]
+    return ngrams.distinct(np.concatenate(parts)) if parts else ngrams.EMPTY
 
 
 def contamination(docs: list[tuple[str, str]], train_index: np.ndarray, e: EvalConfig) -> dict:
-    """Share of documents more than e.contamination_threshold of whose n-grams occur in training."""
-    overlaps = np.array([metrics.ngram_overlap(dedup.shingle_hashes(text, "word", e.contamination_ngram),
-                                               train_index) for _, text in docs])
-    dirty = np.flatnonzero(overlaps > e.contamination_threshold)
-    worst = dirty[np.argsort(-overlaps[dirty], kind="stable")][:20]
-    return {"ngram": e.contamination_ngram, "threshold": e.contamination_threshold, "documents": len(docs),
-            "contaminated": int(len(dirty)), "share": float(len(dirty) / max(1, len(docs))),
-            "mean_overlap": float(overlaps.mean()) if len(docs) else 0.0,
-            "listed": [{"document": docs[i][0], "overlap": float(overlaps[i])} for i in worst]}
+    """Share of documents more than e.contamination_threshold of whose n-grams occur in the sorted
+    training hashes (ngram_index), and the most contaminated: the report of the Ray tasks, in one process."""
+    overlaps = np.array([metrics.ngram_overlap(ngrams.ngram_hashes(text, e.contamination_ngram), train_index)
+                         for _, text in docs])
+    return contamination_report([k for k, _ in docs], overlaps, e)

@@ -134,10 +134,10 @@ def write_provenance(checkpoint, cfg, model, out: Path) -> None:
     """What the export was made from (run, config hash, step, data, scores), for serving it."""
     import json
 
-    from llm_ray.checkpoint import find_model_dir, read_train_state
-    from llm_ray.serve.checkpoints import provenance
+    from llm_ray.checkpoint import find_model_dir
+    from llm_ray.serve.checkpoints import provenance, read_state
     from llm_ray.serve.vllm import PROVENANCE
 
     model_dir = find_model_dir(checkpoint).resolve()
-    record = provenance(model_dir, cfg, read_train_state(model_dir), model.num_params(non_embedding=False))
+    record = provenance(model_dir, cfg, read_state(model_dir), model.num_params(non_embedding=False))
     (out / PROVENANCE).write_text(json.dumps(record, indent=2), encoding="utf-8")

@@ -39,9 +39,9 @@ class CompletionServer:
     def __init__(self, config: dict):
         import torch
 
-        from llm_ray.checkpoint import find_model_dir, load_model, read_train_state
+        from llm_ray.checkpoint import find_model_dir, load_model
         from llm_ray.data.tokenizer import eot_id
-        from llm_ray.serve.checkpoints import provenance
+        from llm_ray.serve.checkpoints import provenance, read_state
         from llm_ray.serve.engine import Engine
 
         self.cfg = cfg = ServeConfig.model_validate(config)
@@ -55,7 +55,7 @@ class CompletionServer:
         self.model_id = cfg.model_id or train_cfg.name
         self.card = {"id": self.model_id, "object": "model", "created": int(model_dir.stat().st_mtime),
                      "owned_by": "llm-ray", "engine": "builtin",
-                     "provenance": provenance(model_dir, train_cfg, read_train_state(model_dir),
+                     "provenance": provenance(model_dir, train_cfg, read_state(model_dir),
                                               model.num_params(non_embedding=False))}
         self.engine = Engine(model, self.tokenizer, self.eos, cfg.max_batch_size)
         self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # events of the running step, for the handlers

@@ -1,7 +1,8 @@
 """Which checkpoint to serve, and what it is: the best by validation loss, and its provenance.
 
-Plain files: a checkpoint's ``model/`` folder holds ``train_state.json`` with the run's
-history, whose validation losses say how good each checkpoint is.
+Plain files: a checkpoint's ``model/`` folder holds ``train_state.json``, which names the run's
+history folder (see ``checkpoint.read_history``), whose validation losses say how good each
+checkpoint is.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_ray.checkpoint import MODEL_DIR, WEIGHTS
+from llm_ray.checkpoint import MODEL_DIR, WEIGHTS, read_history, read_train_state
 
 EVAL_FIGURES = ("loss", "perplexity", "bits_per_byte")
 
@@ -33,6 +34,18 @@ def val_loss_at_step(state: dict) -> float | None:
     losses = [h["val_loss"] for h in state.get("history", []) if h.get("step") == state.get("step")
               and "val_loss" in h]
     return losses[-1] if losses else None
+
+
+def read_state(model_dir: Path) -> dict:
+    """The checkpoint's training state with the history entries of its own step only (what
+    val_loss_at_step needs), or none when the run's history is not where the checkpoint says (a
+    model folder copied away from its run): it is then served without a validation loss."""
+    state = read_train_state(model_dir, history=False)
+    try:
+        state["history"] = read_history(model_dir, state, since_step=state.get("step", 0) - 1)
+    except FileNotFoundError:
+        state["history"] = []
+    return state
 
 
 def model_dirs(folder: Path) -> list[Path]:
@@ -62,7 +75,7 @@ def best_checkpoint(folder: Path, what: str) -> Choice:
     scored = []
     dirs = model_dirs(folder)
     for model_dir in dirs:
-        state = json.loads((model_dir / "train_state.json").read_text(encoding="utf-8"))
+        state = read_state(model_dir)
         loss = val_loss_at_step(state)
         if loss is not None:
             scored.append(Choice(model_dir.resolve(), state["step"], loss, 0))

@@ -31,7 +31,12 @@ class TrainState:
     world_size: int = 0  # workers of the run that wrote this state
     data_key: str | None = None  # the prepared data's pack-stage key: the stream positions refer to it
     data_path: str | None = None  # the prepared data folder trained on (evaluation reads its held-out split)
-    history: list[dict] = field(default_factory=list)  # logged and evaluation metrics, one dict per event
+    # Logged and evaluation metrics, one dict per event, since the last checkpoint: at each checkpoint
+    # they go to the run's history folder (see checkpoint.read_history), so a checkpoint does not grow
+    # with the run.
+    history: list[dict] = field(default_factory=list)
+    history_dir: str | None = None  # the run's history folder (a local path or s3:// URI)
+    history_through: int = 0  # the step up to which history_dir holds the history
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
     skipped_batches: int = 0  # micro-batches the loss guard rejected
@@ -246,7 +251,8 @@ def run_training(
 
     train_batches yields blocks (micro_batch, block_size + 1); its position after each
     micro-batch, whether trained on or skipped, is the state's data position.
-    save(state, metrics) writes a checkpoint and reports it; report(metrics) only reports.
+    save(state, metrics) writes a checkpoint and reports it (the worker's also moves state.history to
+    the run's history folder); report(metrics) only reports.
     tracker (rank 0) receives loss, the LR each step used, gradient norm, throughput (training
     time only), MFU, memory, and the seconds spent evaluating and checkpointing.
     """

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm_ray.checkpoint import MODEL_DIR, WEIGHTS, read_train_state, save_inference
-from llm_ray.config import Config, model_spec
+from llm_ray.checkpoint import (HISTORY_DIR, MODEL_DIR, WEIGHTS, discard_history_after, read_train_state,
+                                save_inference, write_history)
+from llm_ray.config import Config, S3Config, model_spec
 from llm_ray.model import GPT
+from llm_ray.storage import Location
 from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
 from llm_ray.train.loop import TrainState, run_training
 from llm_ray.train.resume import check_resumable, read_saved_config, regroups, write_manifest
@@ -163,7 +165,7 @@ def restore(cfg: Config, model, payload: dict, ctx):
     with contextlib.ExitStack() as stack:
         d = stack.enter_context(checkpoint.as_directory())
         ds_dir = os.path.join(d, DS_DIR)
-        saved = TrainState(**read_train_state(d))
+        saved = TrainState(**read_train_state(d, history=False))
         # Checked by the driver already (train.trainer); again here for restarts within a run.
         check_resumable(saved, read_saved_config(d), cfg, payload["data_key"], world)
         # The optimizer state is sharded over the workers: under another worker count it is
@@ -175,20 +177,73 @@ def restore(cfg: Config, model, payload: dict, ctx):
                 worker_log(f"re-partitioned the optimizer state of {saved.world_size} workers for {world}")
         engine = build_engine(model, cfg, load_universal=regroup)
         _, client_state = engine.load_checkpoint(ds_dir, tag=DS_TAG)
-    state = TrainState(**client_state["train_state"])
-    state.resumed_from.append(state.step)
-    state.world_size, state.data_key, state.data_path = world, payload["data_key"], payload.get("data_path")
-    if state.step and not state.samples:  # written before the data position was recorded
-        state.samples = state.step * cfg.train.total_batch_tokens // cfg.data.block_size
+    state = resumed_state(client_state["train_state"], cfg, world, payload["data_key"], payload.get("data_path"))
     if rank == 0:
         worker_log(f"resumed from step {state.step}, block {state.samples} of the data stream ({checkpoint.path})")
     return engine, state
 
 
+def resumed_state(saved: dict, cfg: Config, world: int, data_key: str | None, data_path: str | None) -> TrainState:
+    """The training state a checkpoint saved, continued by this run: its workers, data and restart."""
+    state = TrainState(**saved)
+    state.resumed_from.append(state.step)
+    state.world_size, state.data_key, state.data_path = world, data_key, data_path
+    if state.step and not state.samples:  # written before the data position was recorded
+        state.samples = state.step * cfg.train.total_batch_tokens // cfg.data.block_size
+    return state
+
+
+def open_history(state: TrainState, cfg: Config, rank: int) -> None:
+    """Point the state at the run's history folder (kept from the checkpoint: the history goes on where
+    it is) and, on rank 0, delete what an earlier run wrote there past the step this one starts from:
+    a crashed run's files beyond its last complete checkpoint, or a whole history whose checkpoints
+    are gone. Without that, a file of the crashed run and one of this run could cover the same steps."""
+    if state.history_dir is None:  # a fresh run, or a checkpoint of an earlier version (its history in the state)
+        state.history_dir = (cfg.run_location / HISTORY_DIR).uri
+    if rank == 0:
+        stale = discard_history_after(Location.parse(state.history_dir, cfg.data.s3), state.history_through)
+        if stale:
+            worker_log(f"discarded {len(stale)} history file(s) written after step {state.history_through} by an "
+                       f"earlier run: {', '.join(stale)}")
+
+
+def flush_history(state: TrainState, rank: int, s3: S3Config) -> None:
+    """Move the entries logged since the last checkpoint to the run's history folder (rank 0 writes them;
+    every worker drops them): a checkpoint then records only the step up to which the folder holds the
+    history. Written before the checkpoint, so a complete checkpoint always has its history."""
+    if rank == 0:
+        write_history(Location.parse(state.history_dir, s3), state.history_through, state.step, state.history)
+    state.history = []
+    state.history_through = state.step
+
+
+def save_checkpoint(directory: str, engine, cfg: Config, state: TrainState, tokenizer_json: str, rank: int,
+                    world: int) -> None:
+    """This worker's part of a checkpoint in directory: DeepSpeed's resume files, the inference files
+    (rank 0) and, last, its manifest. The history since the last checkpoint goes to the run's history
+    folder first (see flush_history). Every worker calls it (ZeRO-3 gathers the weights together)."""
+    from llm_ray.train.engine import UNIVERSAL_INFO
+
+    flush_history(state, rank, cfg.data.s3)
+    engine.save_checkpoint(os.path.join(directory, DS_DIR), tag=DS_TAG,
+                           client_state={"train_state": asdict(state), **UNIVERSAL_INFO})
+    weights = None
+    if cfg.train.zero_stage == 3:  # streamed one parameter at a time
+        target = os.path.join(directory, MODEL_DIR, WEIGHTS) if rank == 0 else None
+        if target:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        write_zero3_weights(engine, target)
+    else:
+        weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
+    if rank == 0:
+        save_inference(directory, weights, cfg, tokenizer_json, asdict(state))
+    write_manifest(directory, rank, world)  # last: its presence means this worker's part is complete
+
+
 def local_shards(uris: list[str], cfg: Config, data_key: str | None) -> list[Path]:
     """Local paths of the packed shards: the files themselves, or for prepared data on S3 copies in this
     node's cache (made once per node, keyed by the pack stage's key: same files, same order, same blocks)."""
-    from llm_ray.storage import Location, local_copy, node_cache
+    from llm_ray.storage import local_copy, node_cache
 
     paths = []
     for uri in uris:
@@ -212,7 +267,7 @@ def train_loop_per_worker(payload: dict) -> None:
     device = ray.train.torch.get_device()
 
     apply_torch_threads(cfg.train.torch_threads)
-    from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, build_model, parameter_share
+    from llm_ray.train.engine import build_engine, build_model, parameter_share
 
     if cfg.train.zero_stage == 3:
         return_freed_memory()
@@ -228,6 +283,7 @@ def train_loop_per_worker(payload: dict) -> None:
     if engine is None:
         engine = build_engine(model, cfg)
         state = TrainState(world_size=world, data_key=payload["data_key"], data_path=payload.get("data_path"))
+    open_history(state, cfg, rank)
     state.parameters_held = [held for held, _ in shares]
     state.parameters = shares[0][1]
     state.worker_nodes = [None] * world
@@ -248,19 +304,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
     def save(state: TrainState, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG,
-                                   client_state={"train_state": asdict(state), **UNIVERSAL_INFO})
-            weights = None
-            if cfg.train.zero_stage == 3:  # streamed one parameter at a time
-                target = os.path.join(tmp, MODEL_DIR, WEIGHTS) if rank == 0 else None
-                if target:
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                write_zero3_weights(engine, target)
-            else:
-                weights = consolidated_state_dict(engine, cfg.train.zero_stage, rank)
-            if rank == 0:
-                save_inference(tmp, weights, cfg, tokenizer_json, asdict(state))
-            write_manifest(tmp, rank, world)  # last: its presence means this worker's part is complete
+            save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank, world)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     from llm_ray.tracking import make_tracker
