@@ -50,31 +50,19 @@ def private_rss_bytes() -> int:
     return max(0, rss_bytes() - (_status_kib("RssShmem") or 0) * 1024)
 
 
-class TaskMemory:
-    """The peak memory of one Ray task in a reused worker process: reset when the task starts, read
-    when it ends, as the absolute peak (the process included) and as the growth above what the
-    process held when the task started (what the task itself added)."""
-
-    def __init__(self):
-        reset_peak_rss()
-        self.start = private_rss_bytes()
-
-    def peaks(self) -> tuple[int, int]:
-        peak = peak_private_rss_bytes()
-        return peak, max(0, peak - self.start)
-
-
 def reset_peak_rss() -> None:
     """Start peak_rss_bytes afresh from the memory held now (Linux: clear_refs 5), so that a Ray task
     measures its own peak rather than that of whatever its worker process ran before. Memory that
-    earlier tasks freed but glibc kept is returned to the OS first (malloc_trim), so that it is not
-    counted either."""
+    earlier tasks freed but the allocators kept (glibc's, pyarrow's) is returned to the OS first, so
+    that it is not counted either."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+    if "pyarrow" in sys.modules:  # pyarrow's own allocator (jemalloc or mimalloc) keeps freed pages too
+        sys.modules["pyarrow"].default_memory_pool().release_unused()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

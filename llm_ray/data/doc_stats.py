@@ -26,7 +26,7 @@ def new_stats() -> dict:
         "length_histogram": [0] * LENGTH_BINS,  # characters per kept document, after cleaning
         "contamination_examples": [],
         "chunks": Counter(),  # chunks cleaned now, and reused from an interrupted run
-        # task kind -> the largest peak of one such task, absolute and above the task's start (memory.TaskMemory)
+        # task kind -> the largest peak of one such task, and the most one added above its start (task_memory)
         "peak_rss_bytes": {}, "peak_growth_bytes": {},
     }
 
@@ -55,7 +55,12 @@ def merge(total: dict, part: dict, pii_examples: int) -> dict:
     return total
 
 
-def task_memory(kind: str, memory) -> dict:
-    """The figures of a memory.TaskMemory, as a part for merge."""
-    peak, growth = memory.peaks()
-    return {"peak_rss_bytes": {kind: peak}, "peak_growth_bytes": {kind: growth}}
+def task_memory(kind: str, start_bytes: int) -> dict:
+    """This task's peak memory (memory.peak_private_rss_bytes since the task called
+    memory.reset_peak_rss), and its growth above start_bytes (memory.private_rss_bytes then), as a part
+    for merge. The growth is what the task itself needed: the peak also holds whatever the process
+    loaded before (modules, allocator pools), which differs from one worker process to the next."""
+    from llm_ray.memory import peak_private_rss_bytes
+
+    peak = peak_private_rss_bytes()
+    return {"peak_rss_bytes": {kind: peak}, "peak_growth_bytes": {kind: max(0, peak - start_bytes)}}

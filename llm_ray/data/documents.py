@@ -26,7 +26,7 @@ from llm_ray.data.decontaminate import Screens, build_screens
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.pii import Redaction, example
 from llm_ray.data.sources import FileRef, ReadError, iter_documents
-from llm_ray.memory import TaskMemory
+from llm_ray.memory import private_rss_bytes, reset_peak_rss
 from llm_ray.storage import Location
 
 READERS_IN_FLIGHT = 2  # one streams while the other waits for its last chunks
@@ -107,7 +107,8 @@ def read_group(files: list[tuple[str, int]], gid: str, cfg_parts: dict, out: Loc
     the Screens] (in a list, so that Ray hands this task the reference, not the value)."""
     import ray
 
-    memory = TaskMemory()
+    reset_peak_rss()
+    start_bytes = private_rss_bytes()
     data = DataConfig.model_validate(cfg_parts["data"])
     cleaning = cfg_parts["cleaning"]
     chunk_chars = int(data.mb_per_task * 1e6)
@@ -146,7 +147,7 @@ def read_group(files: list[tuple[str, int]], gid: str, cfg_parts: dict, out: Loc
         flush()
     for stats in ray.get(pending):
         doc_stats.merge(totals, stats, _examples(cleaning))
-    doc_stats.merge(totals, doc_stats.task_memory("read_group", memory), 0)
+    doc_stats.merge(totals, doc_stats.task_memory("read_group", start_bytes), 0)
     (out / f"group-{gid}.json").write_json({"shards": shards, **totals})
     return {"shards": shards, **totals}
 
@@ -158,10 +159,11 @@ def _examples(cleaning: dict) -> int:
 def clean_chunk_task(docs: list, cfg_parts: dict, screens: Screens, out: Location) -> dict:
     """clean_chunk in a Ray task; its record also holds the task's peak memory (from the moment its
     arguments, the chunk, were in memory)."""
-    memory = TaskMemory()
+    reset_peak_rss()
+    start_bytes = private_rss_bytes()
     stats = clean_chunk(docs, CleaningConfig.model_validate(cfg_parts["cleaning"]),
                         DedupConfig.model_validate(cfg_parts["dedup"]), screens, out)
-    return doc_stats.merge(stats, doc_stats.task_memory("clean_chunk", memory), 0)
+    return doc_stats.merge(stats, doc_stats.task_memory("clean_chunk", start_bytes), 0)
 
 
 # ---------------------------------------------------------------- the stage (driver)
@@ -211,7 +213,11 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> di
     in_flight = max(2, int(ray.cluster_resources().get("CPU", 1))) if todo else 0
     running = {}
     for i in sorted(todo):
-        running[stages.task(read_group, num_cpus=0).remote(
+        # Each reader runs in a worker process of its own, which ends with it (max_calls=1; the env var
+        # gives readers a worker pool apart from the cleaners'): a reader lives as long as its group
+        # (minutes), so the start-up is cheap, and its recorded peak is its own, not its process's past.
+        running[stages.task(read_group, num_cpus=0, max_calls=1,
+                            runtime_env={"env_vars": {"LLM_RAY_TASK": "read_group"}}).remote(
             [(f.uri, f.size) for f in groups[i]], gids[i], cfg_parts, out, in_flight, [screens_ref])] = i
         while len(running) >= READERS_IN_FLIGHT or (i == max(todo) and running):
             done, _ = ray.wait(list(running), num_returns=1)

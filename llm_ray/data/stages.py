@@ -69,12 +69,13 @@ def task_per_item(items: list[dict], fn, **fn_kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def _remote(fn):
+def _remote(fn, max_calls: int):
     import ray
 
-    return ray.remote(fn)  # once per function, not once per task
+    return ray.remote(max_calls=max_calls)(fn)  # once per function, not once per task
 
 
-def task(fn, **options):
-    """fn as a Ray task (call .remote(...) on it), placed outside any placement group."""
-    return _remote(fn).options(scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS, **options)
+def task(fn, max_calls: int = 0, **options):
+    """fn as a Ray task (call .remote(...) on it), placed outside any placement group. max_calls: how
+    many such tasks a worker process runs before it exits (0: no limit; Ray takes it only here)."""
+    return _remote(fn, max_calls).options(scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS, **options)
