@@ -34,9 +34,9 @@ BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket nam
 _AWS_CODE = re.compile(r"AWS Error ([A-Z_]+)")
 _HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
 _DENIED = {"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "MISSING_AUTHENTICATION_TOKEN",
-           "INVALID_CLIENT_TOK_ID", "UNRECOGNIZED_CLIENT", "EXPIRED_TOKEN"}
-_SERVER = {"SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTLING", "REQUEST_TIMEOUT",
-           "REQUEST_TIME_TOO_SKEWED"}
+           "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT", "INVALID_SIGNATURE", "INCOMPLETE_SIGNATURE",
+           "REQUEST_EXPIRED"}
+_SERVER = {"SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTLING", "REQUEST_TIMEOUT"}
 
 
 class StorageError(Exception):
@@ -110,6 +110,11 @@ def check_credentials(uri: str, s3: S3Config, field: str) -> None:
 def s3_error(uri: str, err: Exception, field: str) -> StorageError:
     """A StorageError naming field and uri for an S3 error, classified by the AWS SDK's error code
     (never by matching words of the message, which may quote a key or a server's text)."""
+    return StorageError(f"{field}: {uri}: {s3_reason(err)}")
+
+
+def s3_reason(err: Exception) -> str:
+    """Why an S3 request failed, for a message: by the AWS SDK's error code and the HTTP status."""
     text = str(err)
     code = (_AWS_CODE.search(text) or [None, ""])[1]
     status = int((_HTTP_STATUS.search(text) or [None, "0"])[1])
@@ -119,14 +124,19 @@ def s3_error(uri: str, err: Exception, field: str) -> StorageError:
         why = "no such object"
     elif code in _DENIED or status == 403:
         why = "access denied or no credentials (set them through the standard AWS chain: environment, profile, role)"
+    elif code == "REQUEST_TIME_TOO_SKEWED":
+        why = "this machine's clock is too far from the server's (sync it, e.g. with NTP)"
     elif code == "NETWORK_CONNECTION":
         why = "cannot connect to the endpoint (check data.s3.endpoint_url and data.s3.region)"
     elif code in _SERVER or status >= 500:
-        why = (f"the server kept failing ({code or status}) after data.s3.max_attempts attempts; "
+        shown = code if code and code != "UNKNOWN" else f"HTTP {status}"
+        why = (f"the server kept failing ({shown}) after data.s3.max_attempts attempts; "
                "raise data.s3.max_attempts or retry later")
+    elif status == 400:
+        why = f"the server refused the request as malformed ({code or 'HTTP 400'}; check data.s3.endpoint_url)"
     else:
         why = f"{type(err).__name__} ({code or 'no AWS error code'})"
-    return StorageError(f"{field}: {uri}: {why}")
+    return why
 
 
 @functools.lru_cache(maxsize=8)

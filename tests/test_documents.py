@@ -108,6 +108,9 @@ def test_decontamination_drops_planted_evaluation_passages(ray_session, tmp_path
                for e in record["contamination_examples"])
     without = run_stage(stage_config(tmp_path / "plain", corpus))
     assert without["docs_out"] == 30 and not without["drops"]
+    lower = run_stage(stage_config(tmp_path / "lower", corpus, f"data.decontaminate=[{tmp_path / 'eval'}]",
+                                   "data.decontaminate_threshold=0.25"))
+    assert lower["drops"] == {"contamination": 3}  # the document holding a third of a passage too
     # The evaluation sets are part of the stage key: a changed set reruns the stage.
     (tmp_path / "eval" / "bench.jsonl").write_text(json.dumps({"text": passages[3]}) + "\n")
     log = Log()
@@ -134,3 +137,20 @@ def test_language_filter_through_prepare(ray_session, tmp_path):
     assert record["drops"] == {"language": 3 * (len(SAMPLES) - 2)}
     report = json.loads((data_dir(cfg).local() / "prepare_report.json").read_text())
     assert "language" in json.dumps(report)
+
+
+def test_a_finished_chunk_is_reused_only_for_the_same_documents(tmp_path):
+    """A file that broke mid-stream in one run shifts the chunks after it in the next: an old shard at the
+    same position must not stand in for different documents."""
+    from llm_ray.config import CleaningConfig, DedupConfig
+    from llm_ray.data.decontaminate import Screens
+    from llm_ray.data.documents import _finished_chunk, clean_chunk
+    from llm_ray.storage import Location
+
+    shard = Location(str(tmp_path / "part-x-00000.parquet"))
+    chunk = [(f"f.jsonl:{i}", " ".join(["word"] * 60) + f" {i}") for i in range(1, 6)]
+    assert _finished_chunk(shard, chunk) is None
+    clean_chunk(chunk, CleaningConfig(enabled=False), DedupConfig(near=False), Screens(), shard)
+    assert _finished_chunk(shard, chunk)["docs_out"] == 5
+    assert _finished_chunk(shard, chunk[1:] + [("f.jsonl:6", "another")]) is None  # shifted by one
+    assert _finished_chunk(shard, chunk[:4]) is None  # cut short

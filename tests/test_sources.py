@@ -286,3 +286,64 @@ def test_iter_documents_streams(tmp_path):
     docs = iter_documents(str(path), DataConfig(), Counter())
     assert next(docs)[1].startswith("line 0 ")
     assert sum(1 for _ in docs) == 19999
+
+
+def test_truncated_zstd_and_bz2_are_named_and_keep_what_came_before(tmp_path, monkeypatch):
+    import bz2
+
+    import llm_ray.data.sources as sources
+
+    # pyarrow raises for a read that reaches the cut: what the reads before it gave is kept
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1 << 16)
+    import random
+
+    rng = random.Random(0)  # incompressible enough that half the archive holds many blocks
+    lines = b"".join(json.dumps({"text": f"document {i} " + " ".join(f"{rng.getrandbits(40):x}" for _ in range(60))})
+                     .encode() + b"\n" for i in range(3000))
+    zst = tmp_path / "a.jsonl.zst"
+    with pa.output_stream(str(zst), compression="zstd") as out:
+        out.write(lines)
+    whole = zst.read_bytes()
+    zst.write_bytes(whole[: len(whole) // 2])
+    packed = bz2.compress(lines)
+    cut_bz2 = write(tmp_path / "b.jsonl.bz2", packed[: len(packed) // 2])
+    for path, archive in ((str(zst), "zstd"), (cut_bz2, "bz2")):
+        result = read_file(path, DataConfig())
+        assert result.error.startswith(f"truncated or corrupt {archive}"), result.error
+        assert 0 < len(result.docs) < 3000 and result.docs[0][1].startswith("document 0 ")
+
+
+def test_long_lines_are_skipped_across_blocks_with_true_line_numbers(tmp_path, monkeypatch):
+    import llm_ray.data.sources as sources
+
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 64)  # a long line spans many reads
+    data = DataConfig(max_document_mb=0.0005)  # 500 bytes
+    rows = ["short one", "x" * 2000, "short two", "y" * 499, "z" * 3000]
+    result = read_file(write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": t}) for t in rows).encode()), data)
+    assert [(k.rsplit(":", 1)[1], t) for k, t in result.docs] == [("1", "short one"), ("3", "short two")]
+    assert result.counts["document_too_large"] == 3  # the 499-byte text is 511 bytes as a JSON line
+
+
+def test_lines_that_json_cannot_take_are_counted_not_raised(tmp_path):
+    rows = [json.dumps({"text": "fine"}), '{"text": "big", "n": ' + "9" * 5000 + "}", "[" * 100000, '{"text": "end"}']
+    result = read_file(write(tmp_path / "a.jsonl", "\n".join(rows).encode()), DataConfig())
+    assert [t for _, t in result.docs] == ["fine", "end"] and result.counts["invalid_json_line"] == 2
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("AWS Error NO_SUCH_BUCKET during HeadObject operation: The specified bucket does not exist", "bucket does not"),
+    ("AWS Error ACCESS_DENIED during GetObject operation: Access Denied", "access denied"),
+    ("AWS Error INVALID_CLIENT_TOKEN_ID during ListObjectsV2 operation: The security token", "access denied"),
+    ("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No response body.", "access denied"),
+    ("AWS Error REQUEST_TIME_TOO_SKEWED during GetObject operation: The difference", "clock"),
+    ("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect", "cannot connect"),
+    ("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.", "kept failing"),
+    ("AWS Error UNKNOWN (HTTP status 503) during GetObject operation: 500 ok", "kept failing (HTTP 503)"),
+    ("AWS Error UNKNOWN (HTTP status 400) during GetObject operation", "malformed"),
+    ("AWS Error UNKNOWN (HTTP status 404) during HeadObject operation: 503 in the key name", "no such object"),
+])
+def test_s3_errors_are_classified_by_their_code(message, reason):
+    from llm_ray.storage import s3_error
+
+    error = s3_error("s3://b/k", OSError(message), "data.sources")
+    assert str(error).startswith("data.sources: s3://b/k: ") and reason in str(error), str(error)

@@ -79,7 +79,8 @@ class DataConfig(Section):
     max_document_mb: float = Field(
         64.0, gt=0, description="A single document (a JSON line, a .txt file in 'file' mode, a parquet value) larger "
         "than this many MB is skipped and counted (note document_too_large), so that no task holds an unbounded "
-        "document in memory."
+        "document in memory; in a JSON array, such an element ends the file there (listed as failed, the "
+        "documents before it kept)."
     )
     decontaminate: list[str] = Field(
         default_factory=list, description="Evaluation sets (local files, folders, globs or s3:// URIs, in any "
@@ -133,7 +134,8 @@ class PiiConfig(Section):
 class CleaningConfig(Section):
     """Normalization and quality rules (in the spirit of Gopher and C4), applied per document."""
 
-    enabled: StrictBool = Field(True, description="Apply cleaning and quality filters at all.")
+    enabled: StrictBool = Field(True, description="Apply normalization, PII redaction and the quality rules at "
+                                "all (cleaning.languages, when set, applies either way).")
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Redaction of personal data and secrets.")
     normalize_unicode: StrictBool = Field(True, description="NFC-normalize, drop control characters, tidy whitespace.")
     strip_boilerplate: StrictBool = Field(

@@ -29,7 +29,7 @@ from llm_ray.data.sources import FileRef, ReadError, iter_documents
 from llm_ray.memory import private_rss_bytes, reset_peak_rss
 from llm_ray.storage import Location
 
-READERS_IN_FLIGHT = 2  # one streams while the other waits for its last chunks
+READERS_IN_FLIGHT = 2  # at least: one streams while the other waits for its last chunks
 # A group of files holds about this many chunks' worth of files as stored, so that the partial last
 # chunk of each group is rare (groups of one chunk's worth gave 100 files of 10 MB 200 shards).
 CHUNKS_PER_GROUP = 8
@@ -62,7 +62,8 @@ def clean_chunk(docs: list[tuple[str, str]], cleaning: CleaningConfig, dedup_cfg
     _write_shard(out, keys, texts, sizes, dedup_cfg)
     stats["chunks"]["cleaned"] += 1
     # The shard's completion marker; "ran" (wall-clock span) is not a total, for tests and benchmarks only.
-    out.with_suffix(".json").write_json({**stats, "ran": [started, time.time()]})
+    out.with_suffix(".json").write_json({**stats, "ran": [started, time.time()],
+                                          "keys": [docs[0][0], docs[-1][0]] if docs else []})
     return stats
 
 
@@ -119,15 +120,14 @@ def read_group(files: list[tuple[str, int]], gid: str, cfg_parts: dict, out: Loc
         nonlocal chunk, chars, pending
         shard = out / f"part-{gid}-{len(shards):05d}.parquet"
         shards.append(shard.name)
-        if shard.with_suffix(".json").is_file():  # finished by an interrupted run
-            done = shard.with_suffix(".json").read_json()
-            done["chunks"] = {"reused": 1}
-            doc_stats.merge(totals, done, _examples(cleaning))
+        finished = _finished_chunk(shard, chunk)
+        if finished is not None:  # by an interrupted run, from the same documents
+            doc_stats.merge(totals, {**finished, "chunks": {"reused": 1}}, _examples(cleaning))
         else:
             pending.append(stages.task(clean_chunk_task).remote(chunk, cfg_parts, screens_box[0], shard))
         while len(pending) >= in_flight:  # bounded: the reader never runs far ahead of the cleaners
-            done, pending = ray.wait(pending, num_returns=1)
-            doc_stats.merge(totals, ray.get(done[0]), _examples(cleaning))
+            ready, pending = ray.wait(pending, num_returns=1)
+            doc_stats.merge(totals, ray.get(ready[0]), _examples(cleaning))
         chunk, chars = [], 0
 
     for uri, size in files:
@@ -150,6 +150,18 @@ def read_group(files: list[tuple[str, int]], gid: str, cfg_parts: dict, out: Loc
     doc_stats.merge(totals, doc_stats.task_memory("read_group", start_bytes), 0)
     (out / f"group-{gid}.json").write_json({"shards": shards, **totals})
     return {"shards": shards, **totals}
+
+
+def _finished_chunk(shard: Location, chunk: list[tuple[str, str]]) -> dict | None:
+    """The record of shard when an earlier run finished it from exactly these documents (its first and
+    last keys and its count): a file that broke mid-stream then, or reads differently now, shifts the
+    chunks after it, and their old shards must not be taken for the new ones."""
+    marker = shard.with_suffix(".json")
+    if not marker.is_file():
+        return None
+    record = marker.read_json()
+    same = record.get("keys") == [chunk[0][0], chunk[-1][0]] and record.get("docs_in") == len(chunk)
+    return record if same else None
 
 
 def _examples(cleaning: dict) -> int:
@@ -189,6 +201,12 @@ def file_groups(files: list[FileRef], max_files: int, max_mb: float) -> list[lis
     return groups if groups[0] else []
 
 
+def _group_done(marker: Location) -> bool:
+    """A group an earlier run finished with every file read whole (one with failed files is read again:
+    the failure may have been transient)."""
+    return marker.is_file() and not marker.read_json()["failed"]
+
+
 def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> dict:
     import ray
 
@@ -206,11 +224,13 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> di
     stages.begin(out, key)
     groups = file_groups(files, cfg.data.files_per_task, cfg.data.mb_per_task * CHUNKS_PER_GROUP)
     gids = [stages.stage_key("group", key, [f.fingerprint for f in g]) for g in groups]
-    todo = {i for i, gid in enumerate(gids) if not (out / f"group-{gid}.json").is_file()}
+    todo = {i for i, gid in enumerate(gids) if not _group_done(out / f"group-{gid}.json")}
     log(f"documents: streaming {len(files)} files in {len(groups)} groups ({len(groups) - len(todo)} already done)")
     screens_ref = build_screens(cfg, eval_sets, log) if todo else None
     cfg_parts = {"data": cfg.data.model_dump(), "cleaning": cfg.cleaning.model_dump(), "dedup": cfg.dedup.model_dump()}
-    in_flight = max(2, int(ray.cluster_resources().get("CPU", 1))) if todo else 0
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if todo else 0
+    in_flight = max(2, cpus)  # chunks a reader keeps in flight
+    readers = max(READERS_IN_FLIGHT, cpus // 16)  # a big cluster reads several groups at once
     running = {}
     for i in sorted(todo):
         # Each reader runs in a worker process of its own, which ends with it (max_calls=1; the env var
@@ -219,9 +239,9 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> di
         running[stages.task(read_group, num_cpus=0, max_calls=1,
                             runtime_env={"env_vars": {"LLM_RAY_TASK": "read_group"}}).remote(
             [(f.uri, f.size) for f in groups[i]], gids[i], cfg_parts, out, in_flight, [screens_ref])] = i
-        while len(running) >= READERS_IN_FLIGHT or (i == max(todo) and running):
+        while len(running) >= readers or (i == max(todo) and running):
             done, _ = ray.wait(list(running), num_returns=1)
-            ray.get(done[0])  # raises here if a reader failed
+            stages.result(done[0])  # a reader's failure raised here, as the user's error it is
             del running[done[0]]
     totals, shards = doc_stats.new_stats(), []
     for i, gid in enumerate(gids):  # in corpus order: a document's id in dedup is its position

@@ -26,7 +26,7 @@ from typing import Iterator
 
 from llm_ray.config import DataConfig
 from llm_ray.data.corpus import BUILTIN_CORPORA, BUILTIN_PREFIX, CorpusError
-from llm_ray.storage import Location, StorageError, check_credentials, check_s3_uri, s3_error
+from llm_ray.storage import Location, StorageError, check_credentials, check_s3_uri, s3_error, s3_reason
 
 TEXT_FORMATS = (".txt", ".jsonl", ".json")
 COMPRESSIONS = ("", ".gz", ".bz2", ".zst")  # what pyarrow's compression="detect" knows by suffix
@@ -167,26 +167,27 @@ def _blocks(stream) -> Iterator[bytes]:
 def _lines(blocks: Iterator[bytes], limit: int, counts: Counter, line_no: int = 0) -> Iterator[tuple[int, bytes]]:
     """(line number, line) of a byte stream, without line ends, numbered after line_no lines already
     passed. A line longer than limit is skipped as it streams (counted as document_too_large)."""
-    carry, skipping = b"", False
+    carry, carried, skipping = [], 0, False  # the pieces of a line that spans blocks (joined once)
     for block in blocks:
         parts = block.split(b"\n")
         for part in parts[:-1]:
             line_no += 1
             if skipping:
                 skipping = False
-            elif len(carry) + len(part) > limit:
+            elif carried + len(part) > limit:
                 counts["document_too_large"] += 1
             else:
-                yield line_no, carry + part
-            carry = b""
+                yield line_no, b"".join(carry) + part if carry else part
+            carry, carried = [], 0
         if skipping:
             continue
-        carry += parts[-1]
-        if len(carry) > limit:
+        carry.append(parts[-1])
+        carried += len(parts[-1])
+        if carried > limit:
             counts["document_too_large"] += 1
-            carry, skipping = b"", True
-    if carry and not skipping:
-        yield line_no + 1, carry
+            carry, carried, skipping = [], 0, True
+    if carried and not skipping:
+        yield line_no + 1, b"".join(carry)
 
 
 def _decode(raw: bytes, policy: str, counts: Counter) -> str | None:
@@ -209,7 +210,7 @@ def _json_lines(uri: str, lines, data: DataConfig, counts: Counter) -> Iterator[
             continue
         try:
             record = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, an integer of over 4,300 digits, [[[[...
             counts["invalid_json_line"] += 1
             continue
         yield from _record_text(f"{uri}:{line_no}", record, data.text_field, counts)
@@ -259,7 +260,9 @@ def _json_array(uri: str, blocks: Iterator[bytes], data: DataConfig, limit: int,
             return
         try:
             record, end = decoder.raw_decode(buffer, pos)
-        except json.JSONDecodeError:
+        except RecursionError:
+            raise ReadError(f"JSON array element {index} is nested too deeply") from None
+        except ValueError:  # JSONDecodeError (maybe only incomplete), or a number too long to convert
             if len(buffer) - pos > limit:
                 raise ReadError(f"JSON array element {index} is invalid or larger than data.max_document_mb "
                                 f"({data.max_document_mb})") from None
@@ -301,22 +304,26 @@ def _parquet(uri: str, data: DataConfig, limit: int, counts: Counter) -> Iterato
 
     location = Location(uri, data.s3 if uri.startswith("s3://") else None)
     try:
-        reader = pq.ParquetFile(location.open_input())
-        if data.text_field not in reader.schema_arrow.names:
-            raise ReadError(f"no column {data.text_field!r} (data.text_field)")
-        row = 0
-        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[data.text_field]):
-            for value in batch.column(0).to_pylist():
-                if isinstance(value, str) and value.strip():
-                    if len(value) > limit:
-                        counts["document_too_large"] += 1
-                    else:
-                        yield f"{uri}:{row}", value
-                elif value is not None:
-                    counts["missing_text_field"] += 1
-                row += 1
+        with location.open_input() as handle, pq.ParquetFile(handle) as reader:
+            yield from _parquet_rows(uri, reader, data.text_field, limit, counts)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise ReadError(f"corrupt parquet: {str(e)[:200]}") from None
+
+
+def _parquet_rows(uri: str, reader, text_field: str, limit: int, counts: Counter) -> Iterator[tuple[str, str]]:
+    if text_field not in reader.schema_arrow.names:
+        raise ReadError(f"no column {text_field!r} (data.text_field)")
+    row = 0
+    for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, str) and value.strip():
+                if len(value) > limit:
+                    counts["document_too_large"] += 1
+                else:
+                    yield f"{uri}:{row}", value
+            elif value is not None:
+                counts["missing_text_field"] += 1
+            row += 1
 
 
 def iter_documents(uri: str, data: DataConfig, counts: Counter) -> Iterator[tuple[str, str]]:
@@ -365,7 +372,7 @@ def _os_reason(uri: str, e: OSError) -> str:
     """Why reading stopped: an S3 error (by its AWS error code), a damaged archive, or the OS's reason."""
     text = str(e)
     if uri.startswith("s3://") and "AWS Error" in text:
-        return "unreadable: " + str(s3_error(uri, e, "data.sources")).split(": ", 2)[-1]
+        return "unreadable: " + s3_reason(e)
     archive = _ARCHIVES.get(PurePosixPath(uri).suffix.lower())
     if archive and not e.errno:  # pyarrow's codecs raise errno-less OSErrors for bad compressed data
         return f"truncated or corrupt {archive}: {text[:200]}"

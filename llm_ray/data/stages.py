@@ -79,3 +79,41 @@ def task(fn, max_calls: int = 0, **options):
     """fn as a Ray task (call .remote(...) on it), placed outside any placement group. max_calls: how
     many such tasks a worker process runs before it exits (0: no limit; Ray takes it only here)."""
     return _remote(fn, max_calls).options(scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS, **options)
+
+
+def returns(chunks: list):
+    """A task's return value for num_returns=len(chunks) (Ray wants the object itself for one)."""
+    return chunks[0] if len(chunks) == 1 else tuple(chunks)
+
+
+def submit(fn, num_returns: int, *args) -> list:
+    """fn as a Ray task (see task) with num_returns return values: the list of their references."""
+    refs = task(fn, num_returns=num_returns).remote(*args)
+    return refs if num_returns > 1 else [refs]
+
+
+def column(grid: list[list], k: int) -> list:
+    """The k-th reference of each task's list: what one partition (or shard) receives from every task."""
+    return [refs[k] for refs in grid]
+
+
+def result(ref):
+    """ray.get(ref), a task's failure raised as the error the user should see: a PrepareError,
+    StorageError or CorpusError as itself (no remote traceback around it), an OSError (writing a shard
+    or a marker) as a PrepareError naming it; anything else as Ray reports it."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from llm_ray.data.corpus import CorpusError
+    from llm_ray.data.errors import PrepareError
+    from llm_ray.storage import StorageError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        cause = e.cause
+        if isinstance(cause, (PrepareError, StorageError, CorpusError)):
+            raise type(cause)(str(cause)) from None
+        if isinstance(cause, OSError):
+            raise PrepareError(f"a prepare task could not read or write its files: {cause}") from None
+        raise
