@@ -206,6 +206,7 @@ def test_ray_tasks_report_planted_copies_and_nothing_else(ray_session, tmp_path,
     for batch in (evaluation[:4], evaluation[4:]):
         collected.add([t for _, t in batch])
     hits = contamination.training_hits(split, collected, per_map=1)  # three maps, three partitions
+    assert collected.chunks == [[], [], []]  # handed to the check: eval holds no object-store refs after it
 
     # Every n-gram inside one training document is found; none in val, dropped, fresh or across two documents.
     expected = {"copied": 188, "half": 100 - 12, "fresh": 0, "held": 0, "dropped": 0, "short": 1,

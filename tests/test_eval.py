@@ -153,6 +153,30 @@ def test_eval_streams_the_split_per_shard_and_caps_to_the_smallest_keys(tmp_path
     assert [d for c in chunks(iter(batches), 6) for d in c] == every
 
 
+def test_eval_files_stream_in_chunks_and_a_broken_file_stops_the_evaluation(tmp_path, monkeypatch):
+    """--eval-data: lists of at most LOCAL_CHUNK_DOCS documents of one file each, blank documents left out;
+    a broken file raises EvalError naming it, after the documents before it came out."""
+    import json
+
+    from llm_ray.eval import run
+
+    monkeypatch.setattr(run, "LOCAL_CHUNK_DOCS", 2)
+    lines = [{"text": f"document {i}"} for i in range(5)] + [{"text": "  "}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "last"}) + "\n")
+    batches = list(run.files_documents(load_config("debug"), str(tmp_path)))
+    assert [[t for _, t in b] for b in batches] == [["document 0", "document 1"], ["document 2", "document 3"],
+                                                    ["document 4"], ["last"]]
+    capped = run.files_documents(load_config("debug", ["eval.max_documents=2"]), str(tmp_path))
+    assert [t for b in capped for _, t in b] == ["document 0", "document 1"]  # a.jsonl:1 < a.jsonl:2 < b.jsonl:1
+
+    (tmp_path / "c.txt").write_bytes(b"text\x00with a NUL byte")
+    batches = run.files_documents(load_config("debug"), str(tmp_path))
+    assert len([d for _, b in zip(range(4), batches) for d in b]) == 6
+    with pytest.raises(run.EvalError, match=r"unreadable evaluation file .*c\.txt: binary"):
+        next(batches)
+
+
 def test_scoring_in_chunks_sums_what_scoring_at_once_does(small_model, monkeypatch):
     """score_stream in this process: per-document sums in order, loss by position summed over documents,
     continuation candidates and n-gram counts gathered on the way; the plots take the summed rows."""

@@ -23,17 +23,13 @@ Every step but the Ray calls is a plain function of numpy arrays (tested without
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from llm_ray.data import dedup, transforms
+from llm_ray.data.stages import column, returns, submit, task
 from llm_ray.storage import Location
 
 PAIR = np.int64  # ids
-# Inside a Ray Tune trial (a sweep's trial prepares its data variant), tasks would otherwise be
-# placed in the trial's placement group, which reserves nothing for them; Ray Data does the same.
-OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
 
 
 # ---------------------------------------------------------------- plain functions
@@ -191,11 +187,6 @@ def shard_hashes(shard: Location) -> np.ndarray:
 # ---------------------------------------------------------------- Ray tasks (thin: read, call, return)
 
 
-def _returns(chunks: list):
-    """A task's return value for num_returns=len(chunks) (Ray wants the object itself for one)."""
-    return chunks[0] if len(chunks) == 1 else tuple(chunks)
-
-
 def _concat(chunks, width: int, dtype) -> np.ndarray:
     chunks = [c for c in chunks if len(c)]
     return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=dtype)
@@ -204,12 +195,12 @@ def _concat(chunks, width: int, dtype) -> np.ndarray:
 def _exact_map(shard: Location, first: int, parts: int):
     words = shard_hashes(shard)
     ids = np.arange(first, first + len(words), dtype=np.uint64)
-    return _returns(partition(np.concatenate([words, ids[:, None]], axis=1), words[:, 0], parts))
+    return returns(partition(np.concatenate([words, ids[:, None]], axis=1), words[:, 0], parts))
 
 
 def _exact_reduce(offsets: np.ndarray, *chunks):
     copies, sizes = exact_groups(_concat(chunks, 3, np.uint64))
-    return _returns(by_shard(copies, copies[:, 0], offsets) + [sizes])
+    return returns(by_shard(copies, copies[:, 0], offsets) + [sizes])
 
 
 def _band_map(shard: Location, first: int, parts: int, bands: int, rows: int, num_perm: int, *copies):
@@ -218,13 +209,13 @@ def _band_map(shard: Location, first: int, parts: int, bands: int, rows: int, nu
     mine = ~np.isin(ids.astype(PAIR), _concat(copies, 2, PAIR)[:, 0])  # exact copies take no part
     keys = dedup.band_keys(sig[mine], bands, rows)  # (m, bands)
     table = np.stack([keys.ravel(), np.repeat(ids[mine], bands)], axis=1)
-    return _returns(partition(table, table[:, 0], parts))
+    return returns(partition(table, table[:, 0], parts))
 
 
 def _band_reduce(offsets: np.ndarray, *chunks):
     """The partition's star edges by the shard of their representative, then their count (a small stat)."""
     edges = star_edges(_concat(chunks, 2, np.uint64))
-    return _returns(by_shard(edges, edges[:, 0], offsets) + [len(edges)])
+    return returns(by_shard(edges, edges[:, 0], offsets) + [len(edges)])
 
 
 def _verify_attach(shard: Location, first: int, offsets: np.ndarray, num_perm: int, *chunks):
@@ -232,7 +223,7 @@ def _verify_attach(shard: Location, first: int, offsets: np.ndarray, num_perm: i
     sig, words = read_signatures(shard, num_perm), shard_hashes(shard)
     rows = pairs[:, 0] - first
     out = by_shard(np.arange(len(pairs)), pairs[:, 1], offsets)
-    return _returns([(pairs[i], words[rows[i]], sig[rows[i]]) for i in out])
+    return returns([(pairs[i], words[rows[i]], sig[rows[i]]) for i in out])
 
 
 def _verify_confirm(shard: Location, first: int, num_perm: int, threshold: float, *attached):
@@ -269,7 +260,7 @@ def _components(offsets: np.ndarray, confirmed_count: int, *inputs):
              "examples": [(int(edges[k, 0]), int(edges[k, 1]), round(float(agreement[k]), 3)) for k in order]}
     table = np.concatenate([found["nodes"][:, None].astype(np.uint64), found["rep"][:, None].astype(np.uint64),
                             found["key"]], axis=1)
-    return _returns(by_shard(table, found["nodes"], offsets) + [stats])
+    return returns(by_shard(table, found["nodes"], offsets) + [stats])
 
 
 def _keep_list(shard: Location, first: int, out: Location, seed: int, val_fraction: float, clusters, *copies):
@@ -309,8 +300,7 @@ def cluster_shards(shards: list[Location], d, out: Location, seed: int, val_frac
     driver, whose memory stays flat."""
     import ray
 
-    coordinate = ray.remote(num_cpus=0, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)(_coordinate)
-    return ray.get(coordinate.remote(shards, d, out, seed, val_fraction))
+    return ray.get(task(_coordinate, num_cpus=0).remote(shards, d, out, seed, val_fraction))
 
 
 def _rss_bytes() -> int:
@@ -322,24 +312,6 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
-
-
-@functools.lru_cache(maxsize=None)
-def _remote(fn):
-    import ray
-
-    return ray.remote(fn)  # once per function, not once per task
-
-
-def submit(fn, returns: int, *args) -> list:
-    """fn as a Ray task with `returns` return values: the list of their references."""
-    refs = _remote(fn).options(num_returns=returns, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS).remote(*args)
-    return refs if returns > 1 else [refs]
-
-
-def column(grid: list[list], k: int) -> list:
-    """The k-th reference of each task's list: what one partition (or shard) receives from every task."""
-    return [refs[k] for refs in grid]
 
 
 def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fraction: float) -> dict:

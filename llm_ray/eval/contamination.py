@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from llm_ray.data import ngrams
-from llm_ray.data.dedup_stage import OUTSIDE_PLACEMENT_GROUPS, _returns, column, submit
+from llm_ray.data.stages import column, returns, submit, task
 from llm_ray.storage import Location
 
 NGRAMS_PER_REDUCE = 1 << 24  # training n-grams a reduce task aims to hold: 128 MB of hashes
@@ -146,7 +146,7 @@ def _map(shards: list[Location], split: TrainingSplit, n: int, parts: int):
 
     # A generator: one shard's documents in memory at a time, each kept only as its hashes.
     texts = (t for s in shards for _, t in shard_split(s, split.keep_dir, "train", split.seed, split.thresholds))
-    return _returns(train_partitions(texts, n, parts))
+    return returns(train_partitions(texts, n, parts))
 
 
 def _reduce(eval_count: int, *chunks):
@@ -173,11 +173,13 @@ def training_hits(split: TrainingSplit, collected: EvalNgrams, per_map: int | No
     """(D,) per evaluated document: how many of its distinct n-grams occur in the training split.
 
     collected must have been built with put=ray.put and partitions from plan_rounds (per_map
-    defaults to its choice; tests set it to exercise several map tasks)."""
+    defaults to its choice; tests set it to exercise several map tasks). collected's chunks are handed
+    to the task and dropped from collected: they are freed when the check ends, not when eval does."""
     import ray
 
     collected.flush()
     planned = plan_rounds(split.ngrams, len(split.shards))[1]
-    coordinate = ray.remote(num_cpus=0, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)(_coordinate)
-    return ray.get(coordinate.remote(split, collected.n, collected.parts, per_map or planned,
-                                     len(collected.ngrams), collected.chunks))
+    pending = task(_coordinate, num_cpus=0).remote(split, collected.n, collected.parts, per_map or planned,
+                                                   len(collected.ngrams), collected.chunks)
+    collected.chunks = [[] for _ in range(collected.parts)]  # the task holds the references while it runs
+    return ray.get(pending)

@@ -100,6 +100,7 @@ def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int
     """A prepared-data folder (manifest, tokenizer, packed train/val shards) for one fold, in two passes:
     the tokenizer learns on the other folds, then each documents shard is encoded and packed.
     Returns the documents of each part."""
+    from llm_ray.data.prepare import encode_batches
     from llm_ray.data.tokenizer import eot_id, train_bpe
 
     t = cfg.tokenizer
@@ -113,7 +114,11 @@ def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int
     for shard in passes():
         for name, texts in (("train", [x for x, f in shard if f != fold]), ("val", [x for x, f in shard if f == fold])):
             if texts:
-                writers[name].add([e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)])
+                ids = []  # token arrays; the tokenizer's Encoding objects (~100 bytes a token) live one batch at a time
+                for batch in encode_batches(texts):
+                    ids += [np.array(e.ids, dtype=np.uint32)
+                            for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False)]
+                writers[name].add(ids)
     splits = {}
     for name, writer in writers.items():
         if writer.blocks == 0:
@@ -157,8 +162,8 @@ def cross_validate(cfg: Config, folds: int, log=print) -> dict:
         runs.append((fold_cfg, path))
         log(f"cv: fold {i}: {documents['val']} validation documents, {documents['train']} training documents")
     # A task per fold: each launches its own Ray Train workers, which start when CPUs are free.
-    task = ray.remote(num_cpus=0)(_train_fold)
-    checkpoints = ray.get([task.remote(c.model_dump(mode="json"), str(p)) for c, p in runs])
+    train_fold = stages.task(_train_fold, num_cpus=0)
+    checkpoints = ray.get([train_fold.remote(c.model_dump(mode="json"), str(p)) for c, p in runs])
     per_fold = [score_fold(cfg, checkpoint, passes, i, log) for i, checkpoint in enumerate(checkpoints)]
     losses = np.array([f["loss"]["value"] for f in per_fold])
     bpbs = np.array([f["bits_per_byte"]["value"] for f in per_fold])
@@ -173,18 +178,18 @@ def cross_validate(cfg: Config, folds: int, log=print) -> dict:
 
 
 def score_fold(cfg: Config, checkpoint: str, passes: Folds, fold: int, log) -> dict:
-    """The fold's model scored on the fold's documents, one documents shard at a time: only the
-    per-document sums (three numbers each) are kept for the bootstrap."""
+    """The fold's model scored on the fold's documents, one documents shard at a time, in chunks of at
+    most eval's LOCAL_CHUNK_DOCS: only the per-document sums (three numbers each) are kept for the bootstrap."""
     from llm_ray.checkpoint import load_model
     from llm_ray.eval import metrics
+    from llm_ray.eval.run import LOCAL_CHUNK_DOCS, chunks
     from llm_ray.eval.scoring import DocumentScorer
 
     model, tokenizer, _ = load_model(checkpoint)
     scorer = DocumentScorer(model, tokenizer, cfg.eval.stride, cfg.eval.batch_size)
     sums: dict[str, list[np.ndarray]] = {"nll_sum": [], "tokens": [], "bytes": []}
     for shard in passes():
-        texts = [text for text, f in shard if f == fold]
-        if texts:
+        for texts in chunks(iter([[text for text, f in shard if f == fold]]), LOCAL_CHUNK_DOCS):
             scored = scorer.score(texts)
             for key, parts in sums.items():
                 parts.append(scored[key])

@@ -2,9 +2,9 @@
 
 The documents are a split of the prepared data the checkpoint was trained on (the test split
 when there is one, else validation), or any files in a prepare format (``eval_data``). They are
-streamed, a documents shard or a file at a time, and scored in chunks: in this process for
-small sets, as Ray Data batch inference with model actors for large ones (the same
-``DocumentScorer`` either way). What stays in memory is a few numbers and the key of each
+streamed, a documents shard or a few hundred documents of a file at a time, and scored in chunks:
+in this process for small sets, as Ray Data batch inference with model actors for large ones (the
+same ``DocumentScorer`` either way). What stays in memory is a few numbers and the key of each
 document (the bootstrap resamples documents) and, with eval.max_documents, the documents chosen.
 The contamination check runs as Ray tasks over hash partitions of the training n-grams
 (``eval.contamination``).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -74,16 +75,19 @@ def held_out_documents(cfg: Config, data_path: Location, split: str) -> tuple[st
 
 
 def files_documents(cfg: Config, path: str) -> Batches:
-    """The documents with text of every file in a file or folder of any prepare format, one list per
-    file, unfiltered, capped at eval.max_documents. An unreadable file stops the evaluation."""
-    from llm_ray.data.sources import list_sources, read_file
+    """The documents with text of every file in a file or folder of any prepare format, streamed in lists
+    of at most LOCAL_CHUNK_DOCS documents of one file, unfiltered, capped at eval.max_documents. An
+    unreadable file stops the evaluation."""
+    from llm_ray.data.sources import ReadError, iter_documents, list_sources
 
     def read() -> Batches:
         for ref in list_sources([path], cfg.data):
-            result = read_file(ref, cfg.data)
-            if result.error:
-                raise EvalError(f"unreadable evaluation file {ref.uri}: {result.error}")
-            yield [(k, t) for k, t in result.docs if t.strip()]
+            docs = ((k, t) for k, t in iter_documents(ref.uri, cfg.data, Counter()) if t.strip())
+            try:
+                while batch := list(itertools.islice(docs, LOCAL_CHUNK_DOCS)):
+                    yield batch
+            except ReadError as e:
+                raise EvalError(f"unreadable evaluation file {ref.uri}: {e}") from None
 
     return capped(read(), cfg.eval.max_documents)
 
