@@ -50,11 +50,9 @@ def private_rss_bytes() -> int:
     return max(0, rss_bytes() - (_status_kib("RssShmem") or 0) * 1024)
 
 
-def reset_peak_rss() -> None:
-    """Start peak_rss_bytes afresh from the memory held now (Linux: clear_refs 5), so that a Ray task
-    measures its own peak rather than that of whatever its worker process ran before. Memory that
-    earlier tasks freed but the allocators kept (glibc's, pyarrow's) is returned to the OS first, so
-    that it is not counted either."""
+def release_freed() -> None:
+    """Return memory that was freed but kept by the allocators (glibc's malloc_trim, pyarrow's pool) to
+    the OS: a long-lived Ray worker that ran many tasks otherwise keeps the high-water mark of all of them."""
     try:
         import ctypes
 
@@ -63,6 +61,14 @@ def reset_peak_rss() -> None:
         pass
     if "pyarrow" in sys.modules:  # pyarrow's own allocator (jemalloc or mimalloc) keeps freed pages too
         sys.modules["pyarrow"].default_memory_pool().release_unused()
+
+
+def reset_peak_rss() -> None:
+    """Start peak_rss_bytes afresh from the memory held now (Linux: clear_refs 5), so that a Ray task
+    measures its own peak rather than that of whatever its worker process ran before. Memory that
+    earlier tasks freed but the allocators kept (glibc's, pyarrow's) is returned to the OS first, so
+    that it is not counted either."""
+    release_freed()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -27,6 +27,7 @@ import numpy as np
 
 from llm_ray.data import dedup, transforms
 from llm_ray.data.stages import column, returns, submit, task
+from llm_ray.memory import rss_bytes
 from llm_ray.storage import Location
 
 PAIR = np.int64  # ids
@@ -303,28 +304,20 @@ def cluster_shards(shards: list[Location], d, out: Location, seed: int, val_frac
     return ray.get(task(_coordinate, num_cpus=0).remote(shards, d, out, seed, val_fraction))
 
 
-def _rss_bytes() -> int:
-    """This process's resident memory (0 where /proc is missing, e.g. macOS): a figure for benchmarks."""
-    import os
-
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fraction: float) -> dict:
     """The rounds, submitted from a task (see cluster_shards)."""
     import pyarrow.parquet as pq
     import ray
 
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
 
     counts = [pq.read_metadata(s.open_input()).num_rows for s in shards]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(PAIR)
     firsts = [int(f) for f in offsets[:-1]]
-    S, P = len(shards), max(1, min(len(shards), 256))
+    # Partitions: enough to spread each round over the cluster's CPUs. Every round's S x P results are
+    # references the coordinator holds (and the small ones live in its memory), so no more than that.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    S, P = len(shards), max(1, min(len(shards), 4 * cpus, 256))
     copies = [[] for _ in range(S)]  # per shard: refs to (copy id, representative id) arrays
     sizes = []
     if d.exact:
@@ -360,7 +353,7 @@ def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fractio
             "cluster_size_histogram": stats["histogram"],
             "lsh_bands": bands, "lsh_rows": rows, "examples": stats["examples"], "offsets": offsets,
             "split_summary": merge_summaries([k["split"] for k in kept]),
-            "coordinator_growth_bytes": max(0, _rss_bytes() - rss_before)}  # while holding every round's results
+            "coordinator_growth_bytes": max(0, rss_bytes() - rss_before)}  # while holding every round's results
 
 
 def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:

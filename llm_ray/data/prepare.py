@@ -45,6 +45,7 @@ from llm_ray.data.splits import (
 )
 from llm_ray.data.stages import task_per_item
 from llm_ray.data.tokenizer import eot_id, train_bpe
+from llm_ray.memory import release_freed
 from llm_ray.storage import Location, as_location
 
 MANIFEST = "manifest.json"
@@ -129,6 +130,7 @@ def pack_shard(path: Location, keep_dir: Location, tokenizer_json: str, seed: in
     Writes <out_dir>/<split>/<shard>.npy for every split present, plus <shard>.json as the
     completion marker holding block counts and target-token counts (for the unigram baseline).
     """
+    release_freed()  # what the previous shard's task freed: a pack worker runs one shard after another
     table = read_kept(path, keep_dir)
     splits = assign_splits({"cluster_key": np.array(table.column("cluster_key").to_pylist(), dtype=object)},
                           seed, *thresholds)["split"]

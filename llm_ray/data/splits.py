@@ -14,6 +14,7 @@ from llm_ray.config import DataConfig
 from llm_ray.data import transforms
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.stages import task_per_item
+from llm_ray.memory import release_freed
 from llm_ray.storage import Location, as_location
 
 
@@ -21,6 +22,7 @@ def read_kept(docs_shard: Location, keep_dir: Location):
     """The kept documents of one documents shard, with their cluster keys (a pyarrow table)."""
     import pyarrow.parquet as pq
 
+    release_freed()  # a worker reads one shard after another: not the high-water mark of all of them
     keep = pq.read_table((keep_dir / docs_shard.name).open_input())
     docs = pq.read_table(docs_shard.open_input(), columns=["doc_key", "text"])
     return docs.take(keep.column("row")).append_column("cluster_key", keep.column("cluster_key"))

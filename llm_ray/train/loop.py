@@ -7,7 +7,6 @@ builds the engine and the data and calls it.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from llm_ray.config import Config
+from llm_ray.memory import peak_rss_bytes
 from llm_ray.train.data import MicroBatches
 
 
@@ -136,22 +136,6 @@ def memory_bytes(device) -> int:
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    """This process image's peak resident set size: VmHWM on Linux. Not getrusage's ru_maxrss,
-    which Linux carries over from the parent across fork and exec (a worker forked from a large
-    process would start at that process's size)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
 
 
 @dataclass
