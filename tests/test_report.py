@@ -36,7 +36,7 @@ def records() -> tuple[dict, dict, dict, dict]:
                            "val": {"documents": 30, "blocks": 4, "tokens": 1_024},
                            "test": {"documents": 10, "blocks": 2, "tokens": 512}},
                 "documents": {"train": 760, "val": 30, "test": 10}, "unigram_val_loss": 6.5}
-    tok = {"vocab_size": 512, "fertility": 1.4, "bytes_per_token": 3.2, "val_tokens_per_doc": [30, 40]}
+    tok = {"vocab_size": 512, "fertility": 1.4, "bytes_per_token": 3.2}
     return docs, dedup, manifest, tok
 
 

@@ -1,6 +1,8 @@
 import gzip
 import io
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,8 +10,29 @@ import pytest
 
 from llm_ray.config import DataConfig, S3Config
 from llm_ray.data.corpus import CorpusError
-from llm_ray.data.sources import check_uri, iter_documents, list_sources, read_file
+from llm_ray.data.sources import FileRef, ReadError, check_uri, iter_documents, list_sources
 from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+
+
+@dataclass
+class FileResult:
+    """What one file gave: documents as (doc_key, text), the reason it stopped, plus counters."""
+
+    uri: str
+    docs: list = field(default_factory=list)
+    error: str | None = None
+    counts: Counter = field(default_factory=Counter)
+
+
+def read_file(ref, data: DataConfig) -> FileResult:
+    """Every document of one file in memory, the way the tests look at a file (the pipeline streams)."""
+    result = FileResult(ref.uri if isinstance(ref, FileRef) else ref)
+    try:
+        for doc in iter_documents(result.uri, data, result.counts):
+            result.docs.append(doc)
+    except ReadError as e:
+        result.error = str(e)
+    return result
 
 
 @pytest.mark.parametrize("uri", ["http://example.com/a.txt", "file:///etc/passwd", "gs://b/x", "s3://",

@@ -85,15 +85,13 @@ def tokenizer_stage(cfg: Config, split_docs, upstream_key: str, thresholds, out:
     (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))
     # Statistics on held-out text: fertility (tokens per word) and bytes per token.
     n_words = n_tokens = n_bytes = 0
-    tokens_per_doc = []
     for row in split_docs.filter(expr=col("split") == "val").limit(2000).iter_rows():
         ids = tokenizer.encode_batch_fast([row["text"]], add_special_tokens=False)[0].ids
         n_words += len(words(row["text"]))
         n_bytes += len(row["text"].encode("utf-8"))
         n_tokens += len(ids)
-        tokens_per_doc.append(len(ids))
     stats = {"vocab_size": tokenizer.get_vocab_size(), "fertility": n_tokens / max(1, n_words),
-             "bytes_per_token": n_bytes / max(1, n_tokens), "val_tokens_per_doc": tokens_per_doc}
+             "bytes_per_token": n_bytes / max(1, n_tokens)}
     log(f"tokenizer: {stats['vocab_size']} tokens; {stats['fertility']:.2f} tokens/word, "
         f"{stats['bytes_per_token']:.2f} bytes/token on validation text")
     return stages.finish(out, key, stats)

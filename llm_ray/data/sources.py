@@ -20,7 +20,7 @@ import codecs
 import glob
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -377,28 +377,3 @@ def _os_reason(uri: str, e: OSError) -> str:
     if archive and not e.errno:  # pyarrow's codecs raise errno-less OSErrors for bad compressed data
         return f"truncated or corrupt {archive}: {text[:200]}"
     return f"unreadable: {type(e).__name__}: {e.strerror or text[:200]}"
-
-
-# ---------------------------------------------------------------- a whole file (small files, tests)
-
-
-@dataclass
-class FileResult:
-    """What one file gave: documents as (doc_key, text), the reason it stopped, plus counters."""
-
-    uri: str
-    docs: list[tuple[str, str]] = field(default_factory=list)
-    error: str | None = None
-    counts: Counter = field(default_factory=Counter)
-
-
-def read_file(ref: FileRef | str, data: DataConfig) -> FileResult:
-    """Every document of one file in memory: for small files (evaluation sets, tests). The pipeline
-    streams with iter_documents instead."""
-    result = FileResult(ref.uri if isinstance(ref, FileRef) else ref)
-    try:
-        for doc in iter_documents(result.uri, data, result.counts):
-            result.docs.append(doc)
-    except ReadError as e:
-        result.error = str(e)
-    return result
