@@ -190,13 +190,13 @@ def test_split_thresholds_name_the_fraction_instead_of_crashing():
     from llm_ray.data.prepare import PrepareError
     from llm_ray.data.splits import split_thresholds
 
-    keys = [f"cluster-{i}" for i in range(3)]
-    u = sorted(transforms.split_key(k, 0) for k in keys)
+    # Three clusters whose split hashes all fall below val_fraction, picked from candidates.
+    keys = [k for k in (f"cluster-{i}" for i in range(200)) if transforms.split_key(k, 0) < 0.49][:3]
+    assert len(keys) == 3
     # Every cluster below val_fraction, with a test split asked for: was an IndexError.
     data = DataConfig(val_fraction=0.49, test_fraction=0.4, split_seed=0)
-    if u[-1] < 0.49:
-        with pytest.raises(PrepareError, match="data.val_fraction"):
-            split_thresholds(keys, data)
+    with pytest.raises(PrepareError, match="data.val_fraction"):
+        split_thresholds(keys, data)
     with pytest.raises(PrepareError, match="data.val_fraction .* data.test_fraction"):
         split_thresholds(keys[:2], DataConfig(val_fraction=0.49, test_fraction=0.0, split_seed=0)
                          .model_copy(update={"val_fraction": 1.0}))
