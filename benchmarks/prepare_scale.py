@@ -160,26 +160,14 @@ class RunMemory(PeakMemory):
         self.root = psutil.Process(root_pid)
         self.samples: list[tuple[float, str, int, int]] = []
 
-    def _run(self, interval_s):
-        while not self._stop.is_set():
-            now, total, parts = time.time(), 0, {}
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:  # the driver has exited
-                processes = []
-            for p in processes:
-                try:
-                    rss, shared = status_bytes(p.pid)
-                    title = "driver" if p.pid == self.root.pid else process_title(p)
-                except (OSError, psutil.Error):  # the process has exited
-                    continue
-                self.samples.append((now, title, rss, shared))
-                total += rss
-                count, size = parts.get(title, (0, 0))
-                parts[title] = (count + 1, size + rss)
-            if total > self.peak:
-                self.peak, self.parts = total, parts
-            time.sleep(interval_s)
+    def _processes(self) -> list:
+        return [self.root, *self.root.children(recursive=True)]
+
+    def _measure(self, p) -> tuple[str, int]:
+        rss, shared = status_bytes(p.pid)
+        title = "driver" if p.pid == self.root.pid else process_title(p)
+        self.samples.append((time.time(), title, rss, shared))
+        return title, rss
 
     def peaks(self, start: float, end: float) -> Peaks:
         """The driver's peak and the largest task over [start, end]."""

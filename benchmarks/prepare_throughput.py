@@ -42,15 +42,26 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
 
-    def _run(self, interval_s):
+    def _processes(self) -> list:
         me = psutil.Process()
+        return [me, *me.children(recursive=True)] if self.children else [me]
+
+    def _measure(self, p) -> tuple[str, int]:
+        """(name, RSS) of process p; raises psutil.Error or OSError when it has exited."""
+        rss = p.memory_info().rss
+        return ("driver" if p.pid == os.getpid() else " ".join(p.cmdline()[:1]).split("/")[-1][:40]), rss
+
+    def _run(self, interval_s):
         while not self._stop.is_set():
             total, parts = 0, {}
-            for p in [me, *me.children(recursive=True)] if self.children else [me]:
+            try:
+                processes = self._processes()
+            except psutil.Error:  # the process sampled has exited
+                processes = []
+            for p in processes:
                 try:
-                    rss = p.memory_info().rss
-                    name = " ".join(p.cmdline()[:1]).split("/")[-1][:40] if p != me else "driver"
-                except psutil.Error:
+                    name, rss = self._measure(p)
+                except (OSError, psutil.Error):  # the process has exited
                     continue
                 total += rss
                 count, size = parts.get(name, (0, 0))

@@ -64,10 +64,7 @@ def index_evaluation_sets(uris: list[str], data: DataConfig) -> tuple[ngrams.Eva
             raise PrepareError(f"data.decontaminate: {uri}: {e}") from None
     if not keys:
         raise PrepareError(f"data.decontaminate: {', '.join(uris)} hold no documents")
-    import numpy as np
-
-    doc_ids = np.repeat(np.arange(len(keys), dtype=np.int64), [len(h) for h in per_doc])
-    return ngrams.index_from_pairs(doc_ids, np.concatenate(per_doc), len(keys)), keys, short
+    return ngrams.index_of(per_doc), keys, short
 
 
 def _screens_task(languages: list[str], uris: list[str], data: dict, threshold: float) -> Screens:

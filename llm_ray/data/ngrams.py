@@ -102,11 +102,15 @@ def index_from_pairs(doc_ids: np.ndarray, hashes: np.ndarray, num_docs: int) -> 
                      np.bincount(doc_ids, minlength=num_docs).astype(np.int64))
 
 
+def index_of(per_doc: list[np.ndarray]) -> EvalIndex:
+    """The EvalIndex of each document's distinct hashes; document ids are positions in per_doc."""
+    doc_ids = np.repeat(np.arange(len(per_doc), dtype=np.int64), [len(h) for h in per_doc])
+    return index_from_pairs(doc_ids, np.concatenate(per_doc) if per_doc else EMPTY, len(per_doc))
+
+
 def eval_index(texts: list[str], n: int) -> EvalIndex:
     """The EvalIndex of the word n-grams of texts; document ids are positions in texts."""
-    per_doc = [ngram_hashes(t, n) for t in texts]
-    doc_ids = np.repeat(np.arange(len(texts), dtype=np.int64), [len(h) for h in per_doc])
-    return index_from_pairs(doc_ids, np.concatenate(per_doc) if per_doc else EMPTY, len(texts))
+    return index_of([ngram_hashes(t, n) for t in texts])
 
 
 def found(index: EvalIndex, hashes: np.ndarray) -> np.ndarray:
