@@ -25,7 +25,9 @@ browser:
 demo: install
 	$(BIN)/llm-ray pipeline --config demo
 
+# The import layers (pyproject.toml's import-linter contracts) first: seconds, and a broken layer fails fast.
 test: install browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=10 -m "not sweep"
 
 # Ray Tune sweeps of the debug model (several minutes); CI runs them after `make test`.

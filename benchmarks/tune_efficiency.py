@@ -66,7 +66,8 @@ def make_objective(shards, steps: int):
     from llm_ray.model import GPT
     from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
     from llm_ray.train.engine import build_engine
-    from llm_ray.train.loop import TrainState, run_training
+    from llm_ray.checkpoint import TrainState
+    from llm_ray.train.loop import run_training
 
     base = load_config("debug", ["train.num_workers=1", "train.total_batch_tokens=512", f"train.max_steps={steps}",
                                  f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.min_lr=0"])

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from llm_ray.data.corpus import CorpusError
     from llm_ray.data.prepare import PrepareError
-    from llm_ray.train.resume import ResumeError
+    from llm_ray.checkpoint.manifest import ResumeError
 
     if args.command == "generate":
         return _generate(args)
@@ -314,7 +314,8 @@ def _explain(args) -> int:
     print(f"next token {r['target']!r} (p = {r['target_probability']:.3f}); attributions of each input token:")
     for i, token in enumerate(r["tokens"]):
         print(f"  {token!r:>16} " + " ".join(f"{m[:12]:>12} {r['attributions'][m][i]:+.4f}" for m in r["attributions"]))
-    print("rank agreement: " + ", ".join(f"{k} {v:+.2f}" for k, v in r["rank_correlation"].items()))
+    print("rank agreement: " + ", ".join(f"{k} {v:+.2f}" if isinstance(v, float) else f"{k} {v}"  # "undefined"
+                                         for k, v in r["rank_correlation"].items()))
     print(f"written to {r['folder']}")
     return 0
 

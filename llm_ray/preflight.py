@@ -12,7 +12,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_ray.checkpoint import find_model_dir, read_config
 from llm_ray.config import Config
+from llm_ray.data.corpus import CorpusError
+from llm_ray.data.prepare import data_dir, local_sources
+from llm_ray.data.sources import check_uri
+from llm_ray.ray_utils import join
+from llm_ray.storage import (StorageError, as_location, check_credentials, check_shared, check_writable, s3_error,
+                             s3_filesystem)
+from llm_ray.sweep.memory import cluster_memory, estimate_memory, worker_budget
 
 GIB = 1024**3
 PASS, WARN, FAIL = "pass", "warn", "FAIL"
@@ -65,8 +73,6 @@ def join_cluster(address: str) -> Cluster:
     then runs on the same connection)."""
     import ray
 
-    from llm_ray.ray_utils import join
-
     if not ray.is_initialized():
         join(address)
     nodes = [Node(float(r.get("CPU", 0)), float(r.get("GPU", 0)), int(r.get("memory", 0)),
@@ -101,11 +107,6 @@ def cluster_row(address: str | None) -> tuple[Cluster | None, Check]:
 def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
     """Every source's syntax; local sources exist (and are refused on a multi-node cluster unless the
     filesystem is shared, as prepare refuses them); S3 sources have credentials and exist."""
-    from llm_ray.data.corpus import CorpusError
-    from llm_ray.data.prepare import local_sources
-    from llm_ray.data.sources import check_uri
-    from llm_ray.storage import StorageError, check_credentials, check_shared, s3_error, s3_filesystem
-
     found = []
     try:
         check_shared(local_sources(cfg), len(cluster.nodes) if cluster else 1, cfg.data.shared_filesystem)
@@ -133,8 +134,6 @@ def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
 
 def check_storage(cfg: Config, cluster: Cluster) -> Check:
     """output_dir (and train.storage_path) writable; shared by every node of a multi-node cluster."""
-    from llm_ray.storage import StorageError, as_location, check_shared, check_writable
-
     try:
         check_writable(cfg.run_location)
         places = {"output_dir": cfg.run_location}
@@ -151,9 +150,6 @@ def check_vocabulary(cfg: Config, data_path: str | None = None) -> Check:
     """The model's vocabulary holds the tokenizer's; blocks fit the context; prepared data (data_path,
     else the run's data folder, when there is some) was packed with this block size and a tokenizer
     the model can hold."""
-    from llm_ray.data.prepare import data_dir
-    from llm_ray.storage import StorageError, as_location
-
     detail = (f"tokenizer {cfg.tokenizer.vocab_size} tokens, model vocabulary {cfg.vocab_size}; blocks of "
               f"{cfg.data.block_size} tokens in a context of {cfg.model.context_length}")
     try:
@@ -208,8 +204,6 @@ def check_workers(cfg: Config, cluster: Cluster) -> Check:
 def check_memory(cfg: Config, cluster: Cluster) -> Check:
     """The estimated memory of one worker (sweep.memory, shared with Tune's pre-flight) against
     what a worker gets: a GPU's memory, or its share of the largest node's."""
-    from llm_ray.sweep.memory import cluster_memory, estimate_memory, worker_budget
-
     estimate = estimate_memory(cfg)
     where = "per GPU" if cfg.train.use_gpu else "per worker"
     if cluster.joined:
@@ -267,8 +261,6 @@ def preflight(cfg: Config, address: str | None = None, data_path: str | None = N
 def preflight_checkpoint(checkpoint: str | Path, address: str | None = None) -> list[Check]:
     """The checks of an eval or serve job: the checkpoint's files and config, and the cluster."""
     from tokenizers import Tokenizer
-
-    from llm_ray.checkpoint import find_model_dir, read_config
 
     try:
         model_dir = find_model_dir(checkpoint)

@@ -18,14 +18,13 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 from urllib.parse import urlsplit
-
-from llm_ray.config import S3Config
 
 S3 = "s3://"
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
@@ -43,19 +42,32 @@ class StorageError(Exception):
     """A storage location that cannot be used, described for the user (the config field named)."""
 
 
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3: endpoint, region, timeouts and retries (never credentials, which come from the
+    AWS chain). The user sets them as `data.s3` (config.S3Config, whose defaults are these)."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    max_attempts: int = 6
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 60.0
+    anonymous: bool = False
+
+    @classmethod
+    def of(cls, settings: Any) -> "S3Settings":
+        """The plain settings of any object with these attributes (config.S3Config); None: defaults."""
+        if settings is None or isinstance(settings, S3Settings):
+            return settings or cls()
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
 def cache_dir() -> Path:
     """This node's llm-ray cache: $LLM_RAY_CACHE, else $XDG_CACHE_HOME/llm-ray, else ~/.cache/llm-ray."""
     if os.environ.get("LLM_RAY_CACHE"):
         return Path(os.environ["LLM_RAY_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "llm-ray"
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------- S3 plumbing
@@ -76,12 +88,13 @@ def check_s3_uri(uri: str, field: str) -> None:
         raise StorageError(f"{field}: {uri!r}: '.' and '..' segments are not allowed in S3 keys")
 
 
-def s3_filesystem(s3: S3Config):
+def s3_filesystem(s3: S3Settings | Any):
     """pyarrow's S3 filesystem: credentials from the AWS chain. The AWS SDK's standard retry strategy is
     the only retry layer: it retries throttling, 5xx and connection errors by their error codes, with
     backoff, at most s3.max_attempts requests per call."""
     from pyarrow import fs
 
+    s3 = S3Settings.of(s3)
     kwargs = dict(region=s3.region, connect_timeout=s3.connect_timeout_s, request_timeout=s3.request_timeout_s,
                   retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
                   anonymous=s3.anonymous)
@@ -91,7 +104,7 @@ def s3_filesystem(s3: S3Config):
     return fs.S3FileSystem(**kwargs)
 
 
-def check_credentials(uri: str, s3: S3Config, field: str) -> None:
+def check_credentials(uri: str, s3: S3Settings | Any, field: str) -> None:
     """Raise StorageError, naming the URI, when the AWS chain (environment, shared files, profile,
     container or instance role) has no credentials; pyarrow would otherwise send unsigned requests.
 
@@ -140,8 +153,8 @@ def s3_reason(err: Exception) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(s3_json: str):
-    return s3_filesystem(S3Config.model_validate_json(s3_json))
+def _s3_filesystem(s3: S3Settings):
+    return s3_filesystem(s3)
 
 
 @dataclass(frozen=True)
@@ -149,10 +162,14 @@ class Location:
     """A file or folder: an absolute local path, or s3://bucket/key with the S3 settings to reach it."""
 
     uri: str
-    s3: S3Config | None = None
+    s3: S3Settings | None = None
+
+    def __post_init__(self):
+        if self.s3 is not None:  # the plain settings, whatever object carried them (config.S3Config)
+            object.__setattr__(self, "s3", S3Settings.of(self.s3))
 
     @classmethod
-    def parse(cls, value: str | Path, s3: S3Config | None = None, field: str = "output_dir") -> "Location":
+    def parse(cls, value: str | Path, s3: S3Settings | Any = None, field: str = "output_dir") -> "Location":
         """A Location from a config value, checked (scheme, bucket name, '..' segments) before any I/O."""
         text = str(value)
         if text.startswith("builtin:"):
@@ -161,7 +178,7 @@ class Location:
             raise StorageError(f"{field}: {text!r} contains a NUL byte")
         if "://" in text:
             check_s3_uri(text, field)
-            return cls(S3 + text[len(S3):].strip("/"), s3 or S3Config())
+            return cls(S3 + text[len(S3):].strip("/"), S3Settings.of(s3))
         return cls(str(Path(text).expanduser().resolve()))
 
     # ------------------------------------------------------------ path arithmetic
@@ -178,7 +195,7 @@ class Location:
     @property
     def filesystem(self):
         if self.remote:
-            return _s3_filesystem((self.s3 or S3Config()).model_dump_json())
+            return _s3_filesystem(S3Settings.of(self.s3))
         from pyarrow import fs
 
         return fs.LocalFileSystem()
@@ -318,9 +335,11 @@ class Location:
             return
         target = Path(self.uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        # Created like open() creates files (mode 0o666 less the umask, which the kernel applies), under
+        # a name no other writer picks; renamed over the target once whole.
+        tmp = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 shutil.copyfileobj(src, f, 8 << 20)
             os.replace(tmp, target)
@@ -329,7 +348,7 @@ class Location:
                 os.unlink(tmp)
 
 
-def as_location(value: "str | Path | Location", s3: S3Config | None = None, field: str = "--data") -> Location:
+def as_location(value: "str | Path | Location", s3: S3Settings | Any = None, field: str = "--data") -> Location:
     """value as a Location (a Location is returned as it is)."""
     return value if isinstance(value, Location) else Location.parse(value, s3, field)
 
@@ -346,7 +365,7 @@ def check_writable(location: Location, field: str = "output_dir") -> None:
         except OSError as e:
             raise StorageError(f"{field}: cannot write the folder {folder}: {e.strerror or type(e).__name__}") from None
         return
-    s3 = location.s3 or S3Config()
+    s3 = S3Settings.of(location.s3)
     if s3.anonymous:
         raise StorageError(f"{field}: {location.uri}: cannot write anonymously; set data.s3.anonymous: false "
                            "and provide credentials")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from llm_ray.config import Config
+from llm_ray.storage import node_cache
 
 
 class Tracker(Protocol):
@@ -80,3 +81,9 @@ def make_tracker(cfg: Config, rank: int, directory: Path, run_id: str | None = N
     if rank != 0 or cfg.tracking.backend == "none":
         return NoOpTracker()
     return WandbTracker(cfg, directory, run_id)
+
+
+def tracking_dir(cfg: Config) -> Path:
+    """Where W&B keeps its files: the run folder, or for a run on S3 this node's cache."""
+    run = cfg.run_location
+    return node_cache("wandb", cfg.name) if run.remote else run.local() / "wandb"

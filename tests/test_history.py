@@ -24,8 +24,7 @@ def history_names(folder: Path) -> list[str]:
 
 def test_the_history_follows_the_files_back_from_the_checkpoint_step(tmp_path):
     """Files off the chain (what crashed runs wrote past their last complete checkpoint: 10-15 and
-    20-30) and an unrelated file are never read; the entries come in step order; a checkpoint of an
-    earlier version keeps its history in the state."""
+    20-30) and an unrelated file are never read; the entries come in step order."""
     folder = Location(str(tmp_path / "history"))
     write_history(folder, 0, 10, [{"step": 0, "val_loss": 6.0}, {"step": 10, "train_loss": 5.0}])
     write_history(folder, 10, 15, [{"step": 15, "train_loss": 9.9}])  # a crashed run's
@@ -36,11 +35,6 @@ def test_the_history_follows_the_files_back_from_the_checkpoint_step(tmp_path):
     state = {"step": 25, "history_dir": folder.uri, "history_through": 25, "history": []}
     assert [h["step"] for h in read_history(tmp_path, state)] == [0, 10, 20, 25]
     assert read_history(tmp_path, state, since_step=24) == [{"step": 25, "train_loss": 3.5}]
-    # Entries logged since the checkpoint that the state still holds come after the folder's.
-    held = {**state, "history": [{"step": 26, "train_loss": 3.4}]}
-    assert [h["step"] for h in read_history(tmp_path, held)] == [0, 10, 20, 25, 26]
-    old = {"step": 10, "history": [{"step": 0, "val_loss": 6.0}, {"step": 10, "train_loss": 5.0}]}
-    assert read_history(tmp_path, old) == old["history"]
 
     (tmp_path / "history" / "0000000010-0000000020.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="no file ending at step 20"):
@@ -50,7 +44,7 @@ def test_the_history_follows_the_files_back_from_the_checkpoint_step(tmp_path):
 def test_a_model_folder_away_from_its_run_is_served_without_a_validation_loss(tmp_path):
     """Provenance reads the validation loss at the checkpoint's step from the run's history; a model
     folder copied away from its run still loads, only without that figure."""
-    from llm_ray.serve.checkpoints import read_state, val_loss_at_step
+    from llm_ray.checkpoint.best import read_state, val_loss_at_step
 
     folder = Location(str(tmp_path / "run" / "history"))
     write_history(folder, 0, 20, [{"step": 10, "train_loss": 5.0}, {"step": 20, "train_loss": 4.0},
@@ -102,7 +96,7 @@ def train_on(cfg, engine, state, folder: Path, crash_at: int | None = None):
     crash_at, the save dies before its manifest is written (a node lost mid-save)."""
     from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
     from llm_ray.train.loop import run_training
-    from llm_ray.train.resume import MANIFEST_DIR
+    from llm_ray.checkpoint.manifest import MANIFEST_DIR
     from llm_ray.train.worker import open_history, save_checkpoint
 
     micro = cfg.train.micro_batch_size
@@ -127,7 +121,7 @@ def resume(cfg, folder: Path):
     """The newest complete checkpoint, loaded as a restarted worker does: (engine, state)."""
     from pyarrow import fs
 
-    from llm_ray.train.resume import find_resume_point
+    from llm_ray.checkpoint.manifest import find_resume_point
     from llm_ray.train.worker import DS_DIR, DS_TAG, resumed_state
 
     point = find_resume_point(fs.LocalFileSystem(), str(folder / "checkpoints"))
@@ -149,7 +143,7 @@ def essentials(history: list[dict]) -> list[tuple]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, process_group):
     """60 steps uninterrupted, a checkpoint every 10: (config, run folder)."""
-    from llm_ray.train.loop import TrainState
+    from llm_ray.checkpoint import TrainState
 
     folder = tmp_path_factory.mktemp("straight")
     cfg = one_worker(folder)
@@ -183,7 +177,7 @@ def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(straight, tmp_pat
     Rerun from the checkpoint at 30 with checkpoints every 15 steps: the crashed run's file is
     discarded, and the history read from the final checkpoint is the uninterrupted run's, each
     entry once."""
-    from llm_ray.train.loop import TrainState
+    from llm_ray.checkpoint import TrainState
 
     straight_cfg, straight_folder = straight
     cfg = one_worker(tmp_path)

@@ -13,7 +13,8 @@ from llm_ray.config import load_config, model_spec
 from llm_ray.model import GPT
 from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
 from llm_ray.train.engine import build_engine
-from llm_ray.train.loop import TrainState, l1_matrices, l1_penalty, run_training
+from llm_ray.checkpoint import TrainState
+from llm_ray.train.loop import l1_matrices, l1_penalty, run_training
 from llm_ray.train.schedule import lr_at
 
 pytestmark = pytest.mark.slow

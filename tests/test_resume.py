@@ -5,7 +5,7 @@ import json
 import pytest
 from pyarrow import fs
 
-from llm_ray.train.resume import ResumeError, find_resume_point, read_checkpoint_files, verify, write_manifest
+from llm_ray.checkpoint.manifest import ResumeError, find_resume_point, read_checkpoint_files, verify, write_manifest
 
 
 def fake_checkpoint(folder, step, world=2):

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_ray.checkpoint import load_model, read_train_state
+from llm_ray.checkpoint.best import best_checkpoint, model_dirs, val_loss_at_step
 from llm_ray.config.serve import ServeConfig
 from llm_ray.data.prepare import data_dir, prepare
 from llm_ray.data.tokenizer import eot_id
 from llm_ray.eval.run import evaluate
-from llm_ray.serve.checkpoints import best_checkpoint, model_dirs, val_loss_at_step
 from llm_ray.serve.engine import Engine, Sampling
 from llm_ray.serve.launch import start
 from llm_ray.train.trainer import train

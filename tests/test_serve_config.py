@@ -6,17 +6,19 @@ import json
 import pytest
 import torch
 
-from llm_ray.checkpoint import save_inference
+from llm_ray.checkpoint import save_inference, write_history
+from llm_ray.checkpoint.best import CheckpointChoiceError, best_checkpoint
+from llm_ray.checkpoint.manifest import write_manifest
 from llm_ray.cli import main
 from llm_ray.config import ConfigError, load_config, model_spec
 from llm_ray.config.serve import ServeConfig, load_serve_config
 from llm_ray.data.tokenizer import train_bpe
 from llm_ray.model import GPT
-from llm_ray.serve.app import build_app, deployment_options
-from llm_ray.serve.checkpoints import CheckpointChoiceError, best_checkpoint
+from llm_ray.serve.app import build_app
 from llm_ray.serve.launch import check_port_free, hf_export_for_vllm
+from llm_ray.serve.options import deployment_options
 from llm_ray.serve.vllm import llm_config, validated
-from llm_ray.train.resume import write_manifest
+from llm_ray.storage import Location
 from tests.conftest import CORPUS
 
 
@@ -30,8 +32,11 @@ def checkpoint(folder, tokenizer, step: int, val_loss: float | None, complete: b
     cfg = load_config("debug", ["tokenizer.vocab_size=300"])
     torch.manual_seed(step)
     history = [{"step": step, "train_loss": 5.0}] + ([{"step": step, "val_loss": val_loss}] if val_loss else [])
+    history_dir = Location(str(folder / "history"))  # the run's history, one file per checkpoint (here: one)
+    write_history(history_dir, 0, step, history)
     save_inference(folder, GPT(model_spec(cfg)).state_dict(), cfg, tokenizer.to_str(),
-                   {"step": step, "tokens": step * 1024, "data_key": "k", "history": history})
+                   {"step": step, "tokens": step * 1024, "data_key": "k", "history": [],
+                    "history_dir": history_dir.uri, "history_through": step})
     if complete:
         write_manifest(folder, 0, 1)
     return folder / "model"

@@ -239,7 +239,7 @@ def test_checkpoint_storage_defaults_to_the_run_folder(tmp_path):
 
 def test_resumes_that_would_go_wrong_are_refused():
     from llm_ray.config import ConfigError
-    from llm_ray.train.loop import TrainState
+    from llm_ray.checkpoint import TrainState
     from llm_ray.train.resume import check_resumable
 
     cfg = load_config("debug", ["train.zero_stage=2"])

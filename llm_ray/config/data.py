@@ -8,6 +8,9 @@ from pydantic import Field, StrictBool, field_validator
 
 from llm_ray.config.base import Section
 from llm_ray.config.languages import LANGID_CODES, unknown_language_message
+from llm_ray.storage import S3Settings
+
+_S3 = S3Settings()  # storage's defaults, so that there is one of each
 
 
 class S3Config(Section):
@@ -15,18 +18,18 @@ class S3Config(Section):
     profile, instance role), never from a config file."""
 
     endpoint_url: str | None = Field(
-        None,
+        _S3.endpoint_url,
         pattern=r"^https?://[^/\s@]+/?$",  # no user:password@ (credentials come from the AWS chain)
         description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO); null means AWS.",
     )
-    region: str = Field("us-east-1", description="Region of the bucket(s).")
+    region: str = Field(_S3.region, description="Region of the bucket(s).")
     max_attempts: int = Field(
-        6, ge=1, description="Attempts per request; throttling and 5xx replies are retried with backoff."
+        _S3.max_attempts, ge=1, description="Attempts per request; throttling and 5xx replies are retried with backoff."
     )
-    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection.")
-    request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for a reply.")
+    connect_timeout_s: float = Field(_S3.connect_timeout_s, gt=0, description="Seconds to wait for a connection.")
+    request_timeout_s: float = Field(_S3.request_timeout_s, gt=0, description="Seconds to wait for a reply.")
     anonymous: StrictBool = Field(
-        False, description="Read public buckets without credentials. Otherwise a missing credential "
+        _S3.anonymous, description="Read public buckets without credentials. Otherwise a missing credential "
         "fails before any request."
     )
 

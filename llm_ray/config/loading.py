@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from llm_ray.config.base import ConfigError
 from llm_ray.config.root import Config
+from llm_ray.storage import as_location
 
 PRESETS = ("debug", "demo", "gpt2-124m")
 
@@ -137,15 +138,13 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ..
 def dump_config(cfg: Config, path) -> None:
     """Write the fully resolved config (every field, defaults included) as YAML to a local path or a
     storage Location (S3 too)."""
-    from llm_ray.storage import as_location
-
     as_location(path, cfg.data.s3, "output_dir").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
                                                                           sort_keys=False))
 
 
 def model_spec(cfg: Config):
     """The architecture the config describes, as the model package's GPTSpec."""
-    from llm_ray.model import GPTSpec
+    from llm_ray.model import GPTSpec  # torch: loaded only where a model is built, not by every command
 
     m = cfg.model
     return GPTSpec(

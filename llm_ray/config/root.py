@@ -11,6 +11,7 @@ from llm_ray.config.data import CleaningConfig, DataConfig, DedupConfig, Tokeniz
 from llm_ray.config.eval import EvalConfig
 from llm_ray.config.model import ModelConfig
 from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig
+from llm_ray.storage import Location, StorageError
 
 
 class Config(Section):
@@ -33,8 +34,6 @@ class Config(Section):
     @field_validator("output_dir")
     @classmethod
     def _folder_or_s3(cls, value: str) -> str:
-        from llm_ray.storage import Location, StorageError
-
         try:  # s3://bucket/prefix or a local path; other schemes, '..' keys and bad buckets are refused
             Location.parse(value)
         except StorageError as e:
@@ -96,8 +95,6 @@ class Config(Section):
     @property
     def run_location(self):
         """<output_dir>/<name>: a local folder or an S3 prefix (see llm_ray.storage)."""
-        from llm_ray.storage import Location
-
         return Location.parse(self.output_dir, self.data.s3) / self.name
 
     @property

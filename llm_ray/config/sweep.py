@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from llm_ray.config.base import ConfigError, Section
+from llm_ray.config.loading import format_validation_error, read_yaml
 from llm_ray.config.root import Config
 
 RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}
@@ -185,8 +186,6 @@ class SweepConfig(Section):
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
     """The sweep file, validated, and the folder its relative base path is read from."""
-    from llm_ray.config.loading import format_validation_error, read_yaml
-
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"sweep file {file} does not exist")

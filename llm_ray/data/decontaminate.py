@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llm_ray.config import Config, DataConfig
-from llm_ray.data import doc_stats, language, ngrams
+from llm_ray.data import doc_stats, language, ngrams, stages
 from llm_ray.data.dedup import shingle_units
 from llm_ray.data.errors import PrepareError
+from llm_ray.data.sources import ReadError, iter_documents
 
 NGRAM = 13  # word n-grams, as GPT-3's and most later decontamination studies use
 
@@ -51,8 +52,6 @@ def index_evaluation_sets(uris: list[str], data: DataConfig) -> tuple[ngrams.Eva
     than 13 words (their one hash, of all their words, matches no training 13-gram: such short items
     are not decontaminated, and the log says how many there are). A file that cannot be read fails the
     run: a silently skipped evaluation set would leave its documents in training."""
-    from llm_ray.data.sources import ReadError, iter_documents
-
     keys, per_doc, short = [], [], 0
     for uri in uris:
         try:
@@ -76,8 +75,6 @@ def _screens_task(languages: list[str], uris: list[str], data: dict, threshold: 
 
 def build_screens(cfg: Config, eval_sets: list, log):
     """A reference to the run's Screens, built in a task (evaluation sets may sit in S3)."""
-    from llm_ray.data import stages
-
     ref = stages.task(_screens_task).remote(cfg.cleaning.languages, [f.uri for f in eval_sets],
                                             cfg.data.model_dump(), cfg.data.decontaminate_threshold)
     if eval_sets:  # the index stays in the object store; errors (an unreadable set) surface here

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llm_ray.data import dedup, transforms
+from llm_ray.data import dedup, stages, transforms
+from llm_ray.data.errors import PrepareError
 from llm_ray.data.stages import column, returns, submit, task
 from llm_ray.memory import rss_bytes
 from llm_ray.storage import Location
@@ -357,8 +358,6 @@ def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fractio
 
 
 def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:
-    from llm_ray.data import stages
-    from llm_ray.data.errors import PrepareError
 
     # The record's split summary depends on the split seed and validation share; "star-edges" marks the
     # record's format (records of the all-pairs rounds had no candidate_edges nor cluster_size_histogram).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from llm_ray.memory import peak_private_rss_bytes
+
 LENGTH_BINS = 32  # bin i holds documents of 2^i to 2^(i+1) - 1 characters (bin 0 also holds empty ones)
 EXAMPLES = 5  # contamination examples kept
 
@@ -60,7 +62,5 @@ def task_memory(kind: str, start_bytes: int) -> dict:
     memory.reset_peak_rss), and its growth above start_bytes (memory.private_rss_bytes then), as a part
     for merge. The growth is what the task itself needed: the peak also holds whatever the process
     loaded before (modules, allocator pools), which differs from one worker process to the next."""
-    from llm_ray.memory import peak_private_rss_bytes
-
     peak = peak_private_rss_bytes()
     return {"peak_rss_bytes": {kind: peak}, "peak_growth_bytes": {kind: max(0, peak - start_bytes)}}

@@ -25,7 +25,7 @@ from llm_ray.data.clean import clean_document
 from llm_ray.data.decontaminate import Screens, build_screens
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.pii import Redaction, example
-from llm_ray.data.sources import FileRef, ReadError, iter_documents
+from llm_ray.data.sources import FileRef, ReadError, iter_documents, list_sources
 from llm_ray.memory import private_rss_bytes, reset_peak_rss
 from llm_ray.storage import Location
 
@@ -209,8 +209,6 @@ def _group_done(marker: Location) -> bool:
 
 def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> dict:
     import ray
-
-    from llm_ray.data.sources import list_sources
 
     eval_sets = list_sources(cfg.data.decontaminate, cfg.data, "data.decontaminate") if cfg.data.decontaminate \
         else []

@@ -33,20 +33,17 @@ import numpy as np
 from llm_ray.config import Config, ConfigError
 from llm_ray.data import stages, transforms
 from llm_ray.data.clean import words
+from llm_ray.data.dedup_stage import dedup_stage
 from llm_ray.data.documents import documents_stage
 from llm_ray.data.errors import PrepareError
+from llm_ray.data.report import build_report, write_report
 from llm_ray.data.sources import list_sources
-from llm_ray.data.dedup_stage import dedup_stage
-from llm_ray.data.splits import (
-    assign_splits,
-    read_kept,
-    read_kept_shards,
-    thresholds_from_summary,
-)
+from llm_ray.data.splits import assign_splits, read_kept, read_kept_shards, thresholds_from_summary
 from llm_ray.data.stages import task_per_item
 from llm_ray.data.tokenizer import eot_id, train_bpe
 from llm_ray.memory import release_freed
-from llm_ray.storage import Location, as_location
+from llm_ray.ray_utils import alive_nodes
+from llm_ray.storage import Location, StorageError, as_location, cache_dir, check_shared
 
 MANIFEST = "manifest.json"
 ENCODE_BATCH_CHARS = 1_000_000  # about 250k tokens: ~25 MB of the tokenizer's Encoding objects
@@ -56,8 +53,6 @@ SPLITS = ("train", "val", "test")
 def local_sources(cfg: Config) -> dict[str, Location]:
     """The sources on this machine's disk, by field name. Every task reads the files it is given: local
     sources exist on the driver's node only (a built-in corpus too: it is cached there)."""
-    from llm_ray.storage import cache_dir
-
     named = [("data.sources", s) for s in cfg.data.sources] + [("data.decontaminate", s) for s in cfg.data.decontaminate]
     return {f"{field} ({s})": Location(str(cache_dir())) if s.startswith("builtin:")
             else Location.parse(s, field=field) for field, s in named if not s.startswith("s3://")}
@@ -218,14 +213,10 @@ def prepare(cfg: Config, log=print) -> dict:
 
     import ray.data
 
-    from llm_ray.data.report import build_report, write_report
-
     # Ray Data's progress bars on long stages, when someone is watching a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     started = time.time()
     out = data_dir(cfg)
-    from llm_ray.ray_utils import alive_nodes
-    from llm_ray.storage import StorageError, check_shared
 
     # Tasks on other nodes write the shards: a local folder is only right on a shared filesystem.
     try:

@@ -12,6 +12,7 @@ import numpy as np
 
 from llm_ray.config import DataConfig
 from llm_ray.data import transforms
+from llm_ray.data.dedup_stage import split_summary
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.stages import task_per_item
 from llm_ray.memory import release_freed
@@ -41,8 +42,6 @@ def read_kept_shards(shards: list[Location], keep_dir: Location):
 
 def split_thresholds(cluster_keys: list[str], data: DataConfig) -> tuple[float, float]:
     """(val, val + test) bounds on split keys, nudged so that every requested split is non-empty."""
-    from llm_ray.data.dedup_stage import split_summary
-
     return thresholds_from_summary(split_summary(cluster_keys, data.split_seed, data.val_fraction), data)
 
 

@@ -16,7 +16,9 @@ import json
 from typing import Any
 
 from llm_ray import __version__
-from llm_ray.storage import Location
+from llm_ray.data.corpus import CorpusError
+from llm_ray.data.errors import PrepareError
+from llm_ray.storage import Location, StorageError
 
 STAGE_FILE = "_stage.json"
 # Inside a Ray Tune trial (a sweep's trial prepares its data variant), tasks would otherwise be
@@ -103,10 +105,6 @@ def result(ref):
     or a marker) as a PrepareError naming it; anything else as Ray reports it."""
     import ray
     from ray.exceptions import RayTaskError
-
-    from llm_ray.data.corpus import CorpusError
-    from llm_ray.data.errors import PrepareError
-    from llm_ray.storage import StorageError
 
     try:
         return ray.get(ref)

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from llm_ray.data import ngrams
+from llm_ray.data.splits import shard_split
 from llm_ray.data.stages import column, returns, submit, task
 from llm_ray.storage import Location
 
@@ -142,7 +143,6 @@ class TrainingSplit:
 
 
 def _map(shards: list[Location], split: TrainingSplit, n: int, parts: int):
-    from llm_ray.data.splits import shard_split
 
     # A generator: one shard's documents in memory at a time, each kept only as its hashes.
     texts = (t for s in shards for _, t in shard_split(s, split.keep_dir, "train", split.seed, split.thresholds))

@@ -22,10 +22,18 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from llm_ray.checkpoint import load_model
 from llm_ray.config import Config
 from llm_ray.data import stages, transforms
 from llm_ray.data.errors import PrepareError
+from llm_ray.data.prepare import data_dir, encode_batches, prepare
+from llm_ray.data.splits import assign_splits, kept_documents
+from llm_ray.data.tokenizer import eot_id, train_bpe
+from llm_ray.eval import metrics
+from llm_ray.eval.run import LOCAL_CHUNK_DOCS, chunks
+from llm_ray.eval.scoring import DocumentScorer
 from llm_ray.storage import Location, as_location
+from llm_ray.train.trainer import train
 
 # A fresh pass over kept documents, one documents shard at a time: (doc keys, texts, cluster keys),
 # as splits.kept_documents yields them.
@@ -44,7 +52,6 @@ def fold_of(cluster_key: str, folds: int, seed: int) -> int:
 def fold_passes(documents: Documents, folds: int, seed: int, thresholds: tuple[float, float]) -> Folds:
     """Passes over the documents outside the test split (split by thresholds, see splits.assign_splits),
     each with its fold."""
-    from llm_ray.data.splits import assign_splits
 
     def one_pass() -> Iterator[list[tuple[str, int]]]:
         for _, texts, clusters in documents():
@@ -56,8 +63,6 @@ def fold_passes(documents: Documents, folds: int, seed: int, thresholds: tuple[f
 
 def corpus_folds(cfg: Config, data_path: Location, folds: int) -> Folds:
     """fold_passes over the kept documents of a prepared data folder."""
-    from llm_ray.data.splits import kept_documents
-
     manifest = (as_location(data_path) / "manifest.json").read_json()
     return fold_passes(lambda: kept_documents(data_path), folds, cfg.data.split_seed,
                        tuple(manifest["split_thresholds"]))
@@ -100,9 +105,6 @@ def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int
     """A prepared-data folder (manifest, tokenizer, packed train/val shards) for one fold, in two passes:
     the tokenizer learns on the other folds, then each documents shard is encoded and packed.
     Returns the documents of each part."""
-    from llm_ray.data.prepare import encode_batches
-    from llm_ray.data.tokenizer import eot_id, train_bpe
-
     t = cfg.tokenizer
     others = (text for shard in passes() for text, f in shard if f != fold)
     tokenizer = train_bpe(others, t.vocab_size, t.min_frequency, t.train_sample_bytes)
@@ -135,16 +137,12 @@ def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int
 
 def _train_fold(fold_cfg: dict, data_path: str) -> str:
     """One fold's training, as a Ray task: the checkpoint folder it wrote."""
-    from llm_ray.train.trainer import train
-
     return train(Config.model_validate(fold_cfg), Path(data_path), log=lambda *_: None).checkpoint
 
 
 def cross_validate(cfg: Config, folds: int, log=print) -> dict:
     """Prepare, train one model per fold, score each on its fold; write <run>/cv/cv.{json,md}."""
     import ray
-
-    from llm_ray.data.prepare import data_dir, prepare
 
     if folds < 2:
         raise PrepareError(f"--folds must be at least 2 (got {folds})")
@@ -180,11 +178,6 @@ def cross_validate(cfg: Config, folds: int, log=print) -> dict:
 def score_fold(cfg: Config, checkpoint: str, passes: Folds, fold: int, log) -> dict:
     """The fold's model scored on the fold's documents, one documents shard at a time, in chunks of at
     most eval's LOCAL_CHUNK_DOCS: only the per-document sums (three numbers each) are kept for the bootstrap."""
-    from llm_ray.checkpoint import load_model
-    from llm_ray.eval import metrics
-    from llm_ray.eval.run import LOCAL_CHUNK_DOCS, chunks
-    from llm_ray.eval.scoring import DocumentScorer
-
     model, tokenizer, _ = load_model(checkpoint)
     scorer = DocumentScorer(model, tokenizer, cfg.eval.stride, cfg.eval.batch_size)
     sums: dict[str, list[np.ndarray]] = {"nll_sum": [], "tokens": [], "bytes": []}

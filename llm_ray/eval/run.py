@@ -21,12 +21,18 @@ from typing import Iterator
 
 import numpy as np
 
-from llm_ray.checkpoint import find_model_dir, load_model
+from llm_ray.checkpoint import find_model_dir, load_model, read_train_state
 from llm_ray.config import Config, ConfigError, apply_override, validate
 from llm_ray.data.errors import PrepareError
+from llm_ray.data.prepare import data_dir, load_manifest
+from llm_ray.data.sources import ReadError, iter_documents, list_sources
+from llm_ray.data.splits import documents_shards, split_documents, split_rule
 from llm_ray.eval import contamination, metrics, tasks
+from llm_ray.eval.report import write_report
 from llm_ray.eval.scoring import CheckpointScorer, DocumentScorer
+from llm_ray.ray_utils import init_ray
 from llm_ray.storage import Location, as_location
+from llm_ray.tracking import make_tracker, tracking_dir
 
 Batches = Iterator[list[tuple[str, str]]]  # lists of (doc_key, text)
 LOCAL_CHUNK_DOCS = 256  # documents per DocumentScorer call in this process: bounds its (docs, context) arrays
@@ -62,9 +68,6 @@ def capped(batches: Batches, limit: int | None) -> Batches:
 
 def held_out_documents(cfg: Config, data_path: Location, split: str) -> tuple[str, Batches]:
     """(split, its documents, one list per documents shard, capped at eval.max_documents) of the prepared data."""
-    from llm_ray.data.prepare import load_manifest
-    from llm_ray.data.splits import split_documents
-
     manifest = load_manifest(data_path)
     if split == "auto":
         split = "test" if "test" in manifest["splits"] else "val"
@@ -78,7 +81,6 @@ def files_documents(cfg: Config, path: str) -> Batches:
     """The documents with text of every file in a file or folder of any prepare format, streamed in lists
     of at most LOCAL_CHUNK_DOCS documents of one file, unfiltered, capped at eval.max_documents. An
     unreadable file stops the evaluation."""
-    from llm_ray.data.sources import ReadError, iter_documents, list_sources
 
     def read() -> Batches:
         for ref in list_sources([path], cfg.data):
@@ -179,8 +181,6 @@ def score_stream(batches: Batches, backend: str, model_dir: Path, model, tokeniz
 
 def training_split(cfg: Config, data_path: Location) -> contamination.TrainingSplit:
     """The training documents the contamination tasks read, from the prepared data folder."""
-    from llm_ray.data.splits import documents_shards, split_rule
-
     if not (data_path / "manifest.json").is_file():
         raise EvalError(f"the contamination check needs the training split at {data_path} (set --data, or "
                         "eval.contamination=false)")
@@ -218,8 +218,6 @@ def start_ray(backend: str, train_split: contamination.TrainingSplit | None, e) 
         return None
     import ray
 
-    from llm_ray.ray_utils import init_ray
-
     init_ray()  # returns at once inside a Ray task (a sweep's trial evaluating its checkpoint)
     if train_split is None:
         return None
@@ -238,9 +236,6 @@ def reported(batches: Batches) -> Batches:
 def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | None = None,
              data_path: Path | None = None, eval_data: str | None = None, log=print) -> dict:
     """Score the checkpoint; write eval.json, eval.md and eval.png to <run>/eval; return the results."""
-    from llm_ray.data.prepare import data_dir
-    from llm_ray.eval.report import write_report
-
     started = time.time()
     model_dir, model, tokenizer, cfg = checked_model(checkpoint, overrides, split)
     e = cfg.eval
@@ -284,10 +279,6 @@ def track(cfg: Config, results: dict, state: dict) -> None:
     """With tracking on, the figures go to the training run's W&B run, at its last step."""
     if cfg.tracking.backend == "none":
         return
-    from llm_ray.tracking import make_tracker
-
-    from llm_ray.train.trainer import tracking_dir
-
     tracker = make_tracker(cfg, 0, tracking_dir(cfg), state.get("tracker_run_id"))
     row = {f"eval/{k}": results[k]["value"] for k in ("loss", "perplexity", "bits_per_byte")}
     row.update({f"eval/{k}_ci95_{end}": results[k]["ci95"][i] for k in ("loss", "bits_per_byte")
@@ -313,7 +304,6 @@ def eval_folder(cfg: Config, model_dir: Path) -> Location:
 
 
 def saved_state(model_dir: Path) -> dict:
-    from llm_ray.checkpoint import read_train_state
 
     try:
         state = read_train_state(model_dir, history=False)

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_ray.checkpoint import load_model
+from llm_ray.data.tokenizer import eot_id
+
 
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) of each window over n targets: the window covers targets
@@ -37,7 +40,6 @@ class DocumentScorer:
     """Per-document summed loss (nats), token and byte counts, and loss by position in the window."""
 
     def __init__(self, model, tokenizer, stride: int | None = None, batch_size: int = 16):
-        from llm_ray.data.tokenizer import eot_id
 
         self.model, self.tokenizer = model.eval(), tokenizer
         self.context = model.spec.context_length
@@ -92,7 +94,6 @@ class CheckpointScorer(DocumentScorer):
     """A DocumentScorer built from a checkpoint folder: the class Ray Data's actors construct."""
 
     def __init__(self, checkpoint: str, stride: int | None, batch_size: int, threads: int | None = None):
-        from llm_ray.checkpoint import load_model
 
         if threads:
             torch.set_num_threads(threads)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from llm_ray.checkpoint import find_model_dir, load_model
+from llm_ray.checkpoint.best import read_state
+from llm_ray.checkpoint.provenance import PROVENANCE, provenance
 from llm_ray.data.tokenizer import EOT, PAD
 
 
@@ -101,7 +104,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         import transformers
     except ImportError:
         raise ExportError("exporting to Hugging Face needs transformers: pip install -e '.[hf]'") from None
-    from llm_ray.checkpoint import load_model
 
     model, tokenizer, cfg = load_model(checkpoint)
     arch = architecture(model.spec)
@@ -133,10 +135,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
 def write_provenance(checkpoint, cfg, model, out: Path) -> None:
     """What the export was made from (run, config hash, step, data, scores), for serving it."""
     import json
-
-    from llm_ray.checkpoint import find_model_dir
-    from llm_ray.serve.checkpoints import provenance, read_state
-    from llm_ray.serve.vllm import PROVENANCE
 
     model_dir = find_model_dir(checkpoint).resolve()
     record = provenance(model_dir, cfg, read_state(model_dir), model.num_params(non_embedding=False))

@@ -19,12 +19,23 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
+from llm_ray.checkpoint import TIED, WEIGHTS, find_model_dir, load_model, read_config
+from llm_ray.checkpoint.best import read_state
+from llm_ray.checkpoint.provenance import provenance
+from llm_ray.config import ConfigError, model_spec
+from llm_ray.config.loading import format_validation_error
 from llm_ray.config.serve import ServeConfig
+from llm_ray.data.tokenizer import eot_id
+from llm_ray.model import GPT
 from llm_ray.serve import api
+from llm_ray.serve.engine import Engine
+from llm_ray.serve.options import deployment_options
+from llm_ray.serve.vllm import build_vllm_app
 
 http = FastAPI(title="llm-ray", docs_url=None, redoc_url=None)
 
@@ -37,13 +48,6 @@ class Deadline(Exception):
 @serve.ingress(http)
 class CompletionServer:
     def __init__(self, config: dict):
-        import torch
-
-        from llm_ray.checkpoint import find_model_dir, load_model
-        from llm_ray.data.tokenizer import eot_id
-        from llm_ray.serve.checkpoints import provenance, read_state
-        from llm_ray.serve.engine import Engine
-
         self.cfg = cfg = ServeConfig.model_validate(config)
         self.threads = cfg.torch_threads or max(1, int(-(-cfg.cpus_per_replica // 1)))
         torch.set_num_threads(self.threads)
@@ -67,8 +71,6 @@ class CompletionServer:
     def run_engine(self) -> None:
         """The engine's thread: steps while there is work, and after each step hands its events to
         the event loop in one call (the loop stays free to take requests and stream meanwhile)."""
-        import torch
-
         torch.set_num_threads(self.threads)  # OpenMP's thread count is per thread: set it where the model runs
         self.engine_threads = torch.get_num_threads()
         while True:
@@ -208,25 +210,8 @@ class CompletionServer:
         yield "".join(pending) + api.sse("[DONE]")
 
 
-def deployment_options(cfg: ServeConfig) -> dict:
-    """Ray Serve deployment options from the config."""
-    options = {
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-        "max_queued_requests": cfg.max_queued_requests,
-        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-    }
-    if cfg.autoscaling is not None:
-        options["autoscaling_config"] = cfg.autoscaling.model_dump()
-    else:
-        options["num_replicas"] = cfg.num_replicas
-    return options
-
-
 def build_app(args: dict):
     """Application builder: `serve run llm_ray.serve.app:build_app checkpoint=/abs/path` or a config file."""
-    from llm_ray.checkpoint import find_model_dir
-    from llm_ray.config import ConfigError
-    from llm_ray.config.loading import format_validation_error
     from pydantic import ValidationError
 
     try:
@@ -234,8 +219,6 @@ def build_app(args: dict):
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, ServeConfig)) from None
     if cfg.engine == "vllm":
-        from llm_ray.serve.vllm import build_vllm_app
-
         return build_vllm_app(cfg)
     if cfg.checkpoint is None:
         raise ConfigError("checkpoint: set it to a checkpoint folder (absolute path: replicas run in Ray's own "
@@ -257,13 +240,8 @@ def check_checkpoint(model_dir: Path) -> None:
     """The checkpoint's files are readable and fit together, before any replica tries: its config,
     the tokenizer, and the safetensors header against the model the config describes (built on
     the meta device: no tensor is loaded). ConfigError naming the file otherwise."""
-    import torch
     from safetensors import safe_open
     from tokenizers import Tokenizer
-
-    from llm_ray.checkpoint import TIED, WEIGHTS, read_config
-    from llm_ray.config import ConfigError, model_spec
-    from llm_ray.model import GPT
 
     def shapes(path):
         with safe_open(str(path), framework="pt") as f:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from llm_ray.checkpoint import find_model_dir
+from llm_ray.checkpoint.best import CheckpointChoiceError, best_checkpoint, find_folder
 from llm_ray.config import ConfigError
 from llm_ray.config.serve import ServeConfig
-from llm_ray.serve.checkpoints import CheckpointChoiceError, best_checkpoint, find_folder
+from llm_ray.export.hf import ExportError, export_hf
+from llm_ray.ray_utils import init_ray
+from llm_ray.serve.app import build_app
 
 
 def choose_checkpoint(checkpoint: str | None, run: str | None, sweep: str | None, output_dir: str = "runs",
@@ -26,8 +30,6 @@ def hf_export_for_vllm(checkpoint: str, log=print) -> str:
     """engine vllm serves a Hugging Face export: an llm-ray checkpoint is exported once, beside it."""
     from pathlib import Path
 
-    from llm_ray.checkpoint import find_model_dir
-
     if checkpoint.startswith("s3://") or (Path(checkpoint).expanduser() / "config.json").is_file():
         return checkpoint
     try:
@@ -38,8 +40,6 @@ def hf_export_for_vllm(checkpoint: str, log=print) -> str:
     if not out.is_dir():  # written under another name, then renamed: never a half-written export
         import os
         import shutil
-
-        from llm_ray.export.hf import ExportError, export_hf
 
         partial = out.with_name(f".hf.{os.getpid()}.tmp")
         try:
@@ -72,9 +72,6 @@ def start(cfg: ServeConfig, name: str = "llm-ray", app=None) -> str:
     """Deploy the app (built from cfg unless given) on Ray (joined or started here; HTTP on
     cfg.host:cfg.port) and return its URL."""
     from ray import serve
-
-    from llm_ray.ray_utils import init_ray
-    from llm_ray.serve.app import build_app
 
     app = app or build_app(cfg.model_dump(mode="json"))  # config errors before Ray starts
     init_ray()

@@ -14,17 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llm_ray.checkpoint.provenance import export_provenance
 from llm_ray.config import ConfigError
 from llm_ray.config.serve import ServeConfig
-
-PROVENANCE = "llm_ray_provenance.json"
-
-
-def export_provenance(source: str) -> dict | None:
-    """The provenance `llm-ray export` wrote beside a local export (None for s3:// or older exports)."""
-    path = Path(source).expanduser() / PROVENANCE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
+from llm_ray.serve.options import deployment_options
 
 # Settings of the builtin engine that Ray Serve LLM has no place for: refused when set, not ignored.
 BUILTIN_ONLY = ("limits", "request_timeout_s", "cpus_per_replica", "gpus_per_replica", "torch_threads")
@@ -55,8 +48,6 @@ def llm_config(cfg: ServeConfig) -> dict:
         source = str(folder)
     provenance = export_provenance(source) or {}
     model_id = cfg.model_id or (f"{provenance['run']}@{provenance['step']}" if provenance else Path(source).name)
-    from llm_ray.serve.app import deployment_options
-
     deployment = deployment_options(cfg)
     del deployment["ray_actor_options"]  # Ray Serve LLM sizes its replicas from the engine settings
     engine = {"tensor_parallel_size": cfg.vllm.tensor_parallel_size,

@@ -39,6 +39,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from llm_ray.config import Config, model_spec
+from llm_ray.model import GPT
 
 GIB = 1024**3
 RUNTIME_BYTES = {"cpu": int(1.0 * GIB), "gpu": int(1.5 * GIB)}
@@ -79,8 +80,6 @@ class MemoryEstimate:
 def count_parameters(cfg: Config) -> int:
     """Parameters of the configured model, built on the meta device (no memory, no init cost)."""
     import torch
-
-    from llm_ray.model import GPT
 
     with torch.device("meta"):
         model = GPT(model_spec(cfg))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llm_ray.config import Config, dump_config
 from llm_ray.config.sweep import Dimension, SweepConfig
-from llm_ray.sweep.trial import read_status, trial_name, with_values
+from llm_ray.sweep.trial import EXPERIMENT, read_status, trial_name, with_values
 
 
 def _order(trial) -> int:
@@ -35,8 +35,6 @@ def _error_line(trial) -> str:
 def summarize(sweep: SweepConfig, folder: Path, dims: list[Dimension]) -> dict:
     """{"rows": [...], "best": row or None, "objective": name} from the sweep folder."""
     from ray.tune import ExperimentAnalysis
-
-    from llm_ray.sweep.runner import EXPERIMENT
 
     analysis = ExperimentAnalysis(str(folder / EXPERIMENT))
     rows = []

@@ -6,7 +6,7 @@ Layout of <output_dir>/<sweep name>/:
     tune/             Ray Tune's experiment state: trials, searcher state, results
     trials/<trial>/   each trial's training run: checkpoints, W&B, trial.json (its status)
     data/<key>/       prepared data variants, when the space searches data settings
-    results.csv, best_config.yaml, history.png, importance.png (see sweep.results)
+    results.csv, best_config.yaml, history.png, parallel.png (see sweep.results)
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from pathlib import Path
 import yaml
 
 from llm_ray.config import Config, ConfigError, apply_override, read_source, validate
+from llm_ray.config.loading import PRESETS
 from llm_ray.config.sweep import Dimension, SweepConfig
+from llm_ray.data.prepare import data_dir, prepare
+from llm_ray.ray_utils import init_ray
 from llm_ray.storage import Location
-from llm_ray.sweep.trial import DATA_SECTIONS, data_variant, run_trial
+from llm_ray.sweep.memory import cluster_memory as measured
+from llm_ray.sweep.results import summarize, write_results
+from llm_ray.sweep.trial import DATA_SECTIONS, EXPERIMENT, data_variant, run_trial
 
-EXPERIMENT = "tune"
 # Tune snapshots its experiment (trials, searcher) at most this often; a driver killed with
 # SIGKILL loses what happened since the last snapshot. Its default is 10 s or more.
 SNAPSHOT_SECONDS = "2"
@@ -30,8 +34,6 @@ SNAPSHOT_SECONDS = "2"
 def base_tree(sweep: SweepConfig, sweep_folder: Path) -> dict:
     """The base config's raw tree with the fixed overrides; a relative base path is read next
     to the sweep file."""
-    from llm_ray.config.loading import PRESETS
-
     source = sweep.base
     if source not in PRESETS and not Path(source).expanduser().is_absolute():
         source = str(sweep_folder / source)
@@ -113,8 +115,6 @@ def make_scheduler(sweep: SweepConfig, base: Config):
 
 def cluster_memory(sweep: SweepConfig, may_use_gpu: bool) -> dict:
     """What the memory pre-flight compares against: the sweep's setting, or the cluster's."""
-    from llm_ray.sweep.memory import cluster_memory as measured
-
     if sweep.memory_per_worker_gb:
         return {"per_worker": int(sweep.memory_per_worker_gb * 1024**3)}
     return measured(may_use_gpu)
@@ -123,8 +123,6 @@ def cluster_memory(sweep: SweepConfig, may_use_gpu: bool) -> dict:
 def prepare_base_data(sweep: SweepConfig, base: Config, dims: list[Dimension], log) -> dict:
     """Prepare the base config's data once, where `llm-ray prepare` would put it, unless the
     space searches data settings (then each variant is prepared by the first trial needing it)."""
-    from llm_ray.data.prepare import data_dir, prepare
-
     searched = [d.path for d in dims if d.path.split(".")[0] in DATA_SECTIONS]
     if not searched:
         prepare(base, log=log)
@@ -159,9 +157,6 @@ def check_resume(folder: Path, sweep: SweepConfig, resume: bool) -> None:
 def run_sweep(sweep: SweepConfig, sweep_folder: Path, resume: bool = False, log=print) -> dict:
     """Run (or continue) the sweep; write its results; return the summary (see sweep.results)."""
     from ray import tune
-
-    from llm_ray.ray_utils import init_ray
-    from llm_ray.sweep.results import summarize, write_results
 
     tree = base_tree(sweep, sweep_folder)
     base = validate(tree)

@@ -17,9 +17,14 @@ import json
 from pathlib import Path
 
 from llm_ray.config import Config, ConfigError, set_path, validate
+from llm_ray.data.prepare import MANIFEST, data_dir, prepare
 from llm_ray.data.stages import stage_key
+from llm_ray.eval.run import evaluate
 from llm_ray.storage import Location
+from llm_ray.sweep.memory import GIB, estimate_memory, worker_budget as budget
+from llm_ray.train.trainer import train
 
+EXPERIMENT = "tune"  # Ray Tune's experiment folder, in the sweep folder
 STATUS_FILE = "trial.json"
 DATA_SECTIONS = ("data", "cleaning", "dedup", "tokenizer")  # what the prepared data depends on
 
@@ -61,8 +66,6 @@ def data_variant(cfg: Config) -> dict:
 
 def worker_budget(plan: dict, cfg: Config) -> int | None:
     """Bytes one worker of this trial may use (see memory.worker_budget; trials share the nodes)."""
-    from llm_ray.sweep.memory import worker_budget as budget
-
     return budget(plan["memory"], cfg, plan["concurrent_trials"])
 
 
@@ -85,8 +88,6 @@ def trial_data(plan: dict, cfg: Config, log=print) -> tuple[Path, str]:
     unless the space searches data settings); any other variant under <sweep>/data/<key of its
     settings>. The first trial that needs a variant prepares it, under a lock; every later
     trial with the same settings reuses it."""
-    from llm_ray.data.prepare import MANIFEST, data_dir, prepare
-
     variant = data_variant(cfg)
     base = plan["base_data"]
     if variant == base["variant"]:
@@ -132,8 +133,6 @@ def read_status(folder: Path) -> dict | None:
 def check_trial(plan: dict, values: dict, trial_id: str) -> tuple[Config, dict]:
     """(config, memory estimate) of a trial that can run; InvalidTrial or SkippedTrial otherwise,
     with its status written for the results table."""
-    from llm_ray.sweep.memory import GIB, estimate_memory
-
     folder = Path(plan["trials_dir"]) / trial_name(trial_id)
     try:
         cfg = trial_config(plan, values, trial_id)
@@ -156,8 +155,6 @@ def run_trial(values: dict, plan: dict) -> None:
     """The Tune function trainable (plan comes through tune.with_parameters)."""
     from ray import tune
 
-    from llm_ray.train.trainer import train
-
     trial_id = tune.get_context().get_trial_id()
     folder = Path(plan["trials_dir"]) / trial_name(trial_id)
     status = read_status(folder)
@@ -172,7 +169,6 @@ def run_trial(values: dict, plan: dict) -> None:
     final = {"step": result.step, "tokens": result.step * cfg.train.total_batch_tokens,
              "val_loss": result.val_loss, "checkpoint_dir": result.checkpoint}
     if plan["objective"] == "bits_per_byte":
-        from llm_ray.eval.run import evaluate
 
         report = evaluate(result.checkpoint, data_path=data_path)
         final["bits_per_byte"] = report["bits_per_byte"]["value"]

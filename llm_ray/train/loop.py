@@ -8,41 +8,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from llm_ray.checkpoint.state import TrainState
 from llm_ray.config import Config
 from llm_ray.memory import peak_rss_bytes
 from llm_ray.train.data import MicroBatches
-
-
-
-@dataclass
-class TrainState:
-    """What a resumed run needs besides model and optimizer (DeepSpeed saves those)."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    tokens: int = 0  # training tokens consumed, all workers
-    samples: int = 0  # position in the global block stream: blocks consumed by all workers (see train.data)
-    world_size: int = 0  # workers of the run that wrote this state
-    data_key: str | None = None  # the prepared data's pack-stage key: the stream positions refer to it
-    data_path: str | None = None  # the prepared data folder trained on (evaluation reads its held-out split)
-    # Logged and evaluation metrics, one dict per event, since the last checkpoint: at each checkpoint
-    # they go to the run's history folder (see checkpoint.read_history), so a checkpoint does not grow
-    # with the run.
-    history: list[dict] = field(default_factory=list)
-    history_dir: str | None = None  # the run's history folder (a local path or s3:// URI)
-    history_through: int = 0  # the step up to which history_dir holds the history
-    tracker_run_id: str | None = None  # the W&B run a resumed run continues
-    resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
-    skipped_batches: int = 0  # micro-batches the loss guard rejected
-    parameters: int = 0  # elements of the whole model (tied weights once)
-    parameters_held: list[int] = field(default_factory=list)  # elements each worker held after building
-    worker_nodes: list[str] = field(default_factory=list)  # the Ray node id of each worker (rank order)
+from llm_ray.train.engine import param_groups
 
 
 def reduce_over_workers(value: torch.Tensor, op: str) -> float:
@@ -121,8 +97,6 @@ def l1_matrices(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     hold flat fp32 partitions detached from the model, and a penalty on them never reaches
     the gradients.
     """
-    from llm_ray.train.engine import param_groups
-
     return param_groups(module, 0.0)[0]["params"]
 
 

@@ -9,10 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_ray.checkpoint import MODEL_DIR, read_train_state
+from llm_ray.checkpoint.location import checkpoint_location
+from llm_ray.checkpoint.manifest import ResumePoint, find_resume_point, read_checkpoint_files
 from llm_ray.config import Config, ConfigError
 from llm_ray.data.prepare import PrepareError, data_dir, load_manifest
+from llm_ray.ray_utils import alive_nodes
 from llm_ray.storage import Location, StorageError, as_location, check_shared, check_writable, node_cache
-from llm_ray.train.resume import ResumePoint, check_resumable, find_resume_point, read_checkpoint_files
+from llm_ray.tracking import tracking_dir
+from llm_ray.train.process_group import LoopbackTorchConfig
+from llm_ray.train.resume import check_resumable
+from llm_ray.train.worker import train_loop_per_worker
 
 
 @dataclass
@@ -22,17 +28,6 @@ class TrainResult:
     step: int
     val_loss: float | None
     history: list[dict]
-
-
-def checkpoint_location(cfg: Config) -> tuple[Location, str]:
-    """Where Ray Train keeps checkpoints (train.storage_path, else <output_dir>/<name>/checkpoints) and
-    the config field that named it."""
-    if cfg.train.storage_path is None:
-        return cfg.run_location / "checkpoints", "output_dir"
-    try:  # rejects other schemes, '..' segments, credentials in the URI
-        return Location.parse(cfg.train.storage_path, cfg.data.s3, "train.storage_path"), "train.storage_path"
-    except StorageError as e:  # a config value, so the config error's exit code
-        raise ConfigError(str(e)) from None
 
 
 def checkpoint_storage(cfg: Config):
@@ -50,7 +45,7 @@ def checkpoint_storage(cfg: Config):
 def choose_checkpoint(cfg: Config, storage: str, filesystem, data_key: str | None, tokenizer_json: str,
                       log) -> ResumePoint:
     """The checkpoint a rerun of this run resumes from: the newest that verifies, checked against
-    the config before any worker starts (see train.resume)."""
+    the config before any worker starts (see checkpoint.manifest and train.resume)."""
     from pyarrow import fs
 
     filesystem = filesystem or fs.LocalFileSystem()
@@ -71,9 +66,6 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     seam passed to the workers (see worker.nan_loss_hook); users never set it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from llm_ray.train.process_group import LoopbackTorchConfig
-    from llm_ray.train.worker import train_loop_per_worker
 
     path = as_location(data_path, cfg.data.s3) if data_path else data_dir(cfg)
     check_cluster_storage(cfg, path)
@@ -168,16 +160,8 @@ def publish_model(cfg: Config, checkpoint: Location, log) -> Path:
     return local
 
 
-def tracking_dir(cfg: Config) -> Path:
-    """Where W&B keeps its files: the run folder, or for a run on S3 this node's cache."""
-    run = cfg.run_location
-    return node_cache("wandb", cfg.name) if run.remote else run.local() / "wandb"
-
-
 def check_cluster_storage(cfg: Config, data: Location) -> None:
     """Refuse local paths on a multi-node Ray cluster unless data.shared_filesystem says they are shared."""
-    from llm_ray.ray_utils import alive_nodes
-
     nodes = alive_nodes()
     paths = {"output_dir": cfg.run_location, "--data": data, "train.storage_path": checkpoint_location(cfg)[0]}
     try:

@@ -17,14 +17,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm_ray.checkpoint import (HISTORY_DIR, MODEL_DIR, WEIGHTS, discard_history_after, read_train_state,
-                                save_inference, write_history)
+from llm_ray.checkpoint import (HISTORY_DIR, MODEL_DIR, TIED, WEIGHTS, TrainState, discard_history_after,
+                                read_train_state, save_inference, write_history, write_safetensors)
+from llm_ray.checkpoint.location import checkpoint_location
+from llm_ray.checkpoint.manifest import read_saved_config, write_manifest
 from llm_ray.config import Config, S3Config, model_spec
 from llm_ray.model import GPT
-from llm_ray.storage import Location
+from llm_ray.storage import Location, local_copy, node_cache
+from llm_ray.tracking import make_tracker, tracking_dir
 from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
-from llm_ray.train.loop import TrainState, run_training
-from llm_ray.train.resume import check_resumable, read_saved_config, regroups, write_manifest
+from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, build_model, parameter_share, to_universal
+from llm_ray.train.loop import run_training
+from llm_ray.train.resume import check_resumable, regroups
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -47,8 +51,6 @@ def write_zero3_weights(engine, path: str | None) -> None:
     rank 0 (path given) appends it to the file, so no worker holds more than one whole parameter
     beyond its partition. Every rank must call this."""
     import deepspeed
-
-    from llm_ray.checkpoint import TIED, write_safetensors
 
     params = [(n, p) for n, p in engine.module.named_parameters() if n not in TIED]
 
@@ -74,8 +76,6 @@ def universal_checkpoint(ds_dir: str, ctx):
     """DeepSpeed's universal form of the checkpoint, converted once per node (by its local rank 0)
     into a folder that the node's workers share, and removed after everyone loaded it."""
     import shutil
-
-    from llm_ray.train.engine import to_universal
 
     node_dir = os.path.join(tempfile.gettempdir(), f"llm-ray-universal-{ctx.get_experiment_name()}")
     if ctx.get_local_rank() == 0:
@@ -146,8 +146,6 @@ def checkpoint_to_resume(payload: dict, cfg: Config):
     checkpoint = ray.train.get_checkpoint()
     damaged = {p.rstrip("/") for p in payload.get("damaged_checkpoints", [])}
     if payload.get("resume_from") and (checkpoint is None or checkpoint.path.rstrip("/") in damaged):
-        from llm_ray.train.trainer import checkpoint_location
-
         location = checkpoint_location(cfg)[0]  # train.storage_path, else under output_dir (S3 too)
         filesystem = location.filesystem if location.remote else None
         checkpoint = ray.train.Checkpoint(payload["resume_from"], filesystem=filesystem)
@@ -156,8 +154,6 @@ def checkpoint_to_resume(payload: dict, cfg: Config):
 
 def restore(cfg: Config, model, payload: dict, ctx):
     """(engine, state) restored from the checkpoint to resume, or (None, None) for a fresh start."""
-    from llm_ray.train.engine import build_engine
-
     checkpoint = checkpoint_to_resume(payload, cfg)
     if checkpoint is None:
         return None, None
@@ -198,7 +194,7 @@ def open_history(state: TrainState, cfg: Config, rank: int) -> None:
     it is) and, on rank 0, delete what an earlier run wrote there past the step this one starts from:
     a crashed run's files beyond its last complete checkpoint, or a whole history whose checkpoints
     are gone. Without that, a file of the crashed run and one of this run could cover the same steps."""
-    if state.history_dir is None:  # a fresh run, or a checkpoint of an earlier version (its history in the state)
+    if state.history_dir is None:  # a fresh run
         state.history_dir = (cfg.run_location / HISTORY_DIR).uri
     if rank == 0:
         stale = discard_history_after(Location.parse(state.history_dir, cfg.data.s3), state.history_through)
@@ -222,8 +218,6 @@ def save_checkpoint(directory: str, engine, cfg: Config, state: TrainState, toke
     """This worker's part of a checkpoint in directory: DeepSpeed's resume files, the inference files
     (rank 0) and, last, its manifest. The history since the last checkpoint goes to the run's history
     folder first (see flush_history). Every worker calls it (ZeRO-3 gathers the weights together)."""
-    from llm_ray.train.engine import UNIVERSAL_INFO
-
     flush_history(state, rank, cfg.data.s3)
     engine.save_checkpoint(os.path.join(directory, DS_DIR), tag=DS_TAG,
                            client_state={"train_state": asdict(state), **UNIVERSAL_INFO})
@@ -243,8 +237,6 @@ def save_checkpoint(directory: str, engine, cfg: Config, state: TrainState, toke
 def local_shards(uris: list[str], cfg: Config, data_key: str | None) -> list[Path]:
     """Local paths of the packed shards: the files themselves, or for prepared data on S3 copies in this
     node's cache (made once per node, keyed by the pack stage's key: same files, same order, same blocks)."""
-    from llm_ray.storage import local_copy, node_cache
-
     paths = []
     for uri in uris:
         location = Location.parse(uri, cfg.data.s3, "--data")
@@ -267,7 +259,6 @@ def train_loop_per_worker(payload: dict) -> None:
     device = ray.train.torch.get_device()
 
     apply_torch_threads(cfg.train.torch_threads)
-    from llm_ray.train.engine import build_engine, build_model, parameter_share
 
     if cfg.train.zero_stage == 3:
         return_freed_memory()
@@ -306,10 +297,6 @@ def train_loop_per_worker(payload: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank, world)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    from llm_ray.tracking import make_tracker
-
-    from llm_ray.train.trainer import tracking_dir
 
     folder = Path(payload["tracking_dir"]) if payload.get("tracking_dir") else tracking_dir(cfg)
     tracker = make_tracker(cfg, rank, folder, state.tracker_run_id)

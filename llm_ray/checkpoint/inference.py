@@ -3,14 +3,6 @@
 A training checkpoint directory holds DeepSpeed's shards under ``deepspeed/`` (for
 resuming) and, under ``model/``, what inference needs. Weights are only ever read
 from safetensors, never unpickled.
-
-The run's history (the progress rows and evaluations, one dict per event) is not in the
-checkpoints, which would grow with the run: it lives in the run folder's ``history/``, one
-JSON Lines file per checkpoint interval, ``<start>-<end>.jsonl`` holding the entries logged
-after the checkpoint at step ``start`` up to the one at step ``end`` (the first file also holds
-the untrained model's evaluation at step 0). A checkpoint records the folder and the step up
-to which it holds the history; ``read_history`` follows the files back from that step, so a
-file that a crashed run wrote past its last complete checkpoint is never read.
 """
 
 from __future__ import annotations
@@ -18,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -29,16 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from llm_ray.config import Config, model_spec
 from llm_ray.model import GPT
-from llm_ray.storage import Location
 
 MODEL_DIR = "model"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 WEIGHTS = "model.safetensors"
 TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
-HISTORY_DIR = "history"  # in the run folder: the run's history, one file per checkpoint interval
-HISTORY_FILE = re.compile(r"(\d+)-(\d+)\.jsonl")  # <start>-<end>.jsonl, steps
-# Config fields of earlier versions that no longer exist (and change nothing at inference).
-RETIRED_FIELDS = (("train", "shuffle_buffer_blocks"), ("data", "docs_per_pack_batch"))
 
 
 def save_inference(directory: Path, state_dict: dict[str, torch.Tensor] | None, cfg: Config, tokenizer_json: str,
@@ -95,11 +81,8 @@ def find_model_dir(path: str | Path) -> Path:
 
 
 def read_config(model_dir: Path) -> Config:
-    """The resolved config saved in an inference folder (older versions' retired fields dropped)."""
-    saved = yaml.safe_load((Path(model_dir) / "config.yaml").read_text(encoding="utf-8"))
-    for section, key in RETIRED_FIELDS:  # checkpoints of older versions still load
-        saved.get(section, {}).pop(key, None)
-    return Config.model_validate(saved)
+    """The resolved config saved in an inference folder."""
+    return Config.model_validate(yaml.safe_load((Path(model_dir) / "config.yaml").read_text(encoding="utf-8")))
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, "object", Config]:
@@ -126,74 +109,3 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, "object", Co
     except Exception as e:  # tokenizers raises a plain Exception for a missing or bad file
         raise ValueError(f"{model_dir / 'tokenizer.json'} is missing or not a tokenizer: {e}") from None
     return model.to(device).eval(), tokenizer, cfg
-
-
-def read_train_state(path: str | Path, history: bool = True) -> dict:
-    """The training state a checkpoint was written with; history True: with the run's whole history
-    up to the checkpoint's step under "history" (see read_history), else as stored."""
-    model_dir = find_model_dir(path)
-    state = json.loads((model_dir / "train_state.json").read_text(encoding="utf-8"))
-    if history:
-        state["history"] = read_history(model_dir, state)
-    return state
-
-
-# ------------------------------------------------------------------ the run's history
-
-
-def write_history(folder: Location, start: int, end: int, entries: list[dict]) -> Location:
-    """The entries logged after the checkpoint at step start up to the one at step end, as one file."""
-    target = folder / f"{start:010d}-{end:010d}.jsonl"
-    target.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
-    return target
-
-
-def history_files(folder: Location) -> dict[int, tuple[int, Location]]:
-    """The history files in folder by the step they end at: {end: (start, file)}."""
-    found = {}
-    for file in folder.iterdir():
-        match = HISTORY_FILE.fullmatch(file.name)
-        if match:
-            found[int(match[2])] = (int(match[1]), file)
-    return found
-
-
-def discard_history_after(folder: Location, step: int) -> list[str]:
-    """Delete the history files that end after step: what a run wrote past the checkpoint a new run
-    starts from (all of them for a fresh start). Returns their names."""
-    stale = [file for end, (_, file) in history_files(folder).items() if end > step]
-    for file in stale:
-        file.filesystem.delete_file(file.path)
-    return sorted(file.name for file in stale)
-
-
-def history_chain(folder: Location, through_step: int, since_step: int = -1) -> list[Location]:
-    """The files holding the history from after since_step up to through_step, oldest first: the file
-    ending at through_step, then the one ending where it starts, and so on."""
-    files, chain, end = history_files(folder), [], through_step
-    while end > max(since_step, 0):
-        if end not in files:
-            raise FileNotFoundError(f"the run's history in {folder} has no file ending at step {end} "
-                                    f"(<start>-{end:010d}.jsonl): it was removed, or the checkpoint was moved away "
-                                    "from its run folder")
-        start, file = files[end]
-        if start >= end:
-            raise ValueError(f"{file}: a history file must end after it starts")
-        chain.append(file)
-        end = start
-    return chain[::-1]
-
-
-def read_history(model_dir: Path, state: dict, since_step: int = -1) -> list[dict]:
-    """The history entries of steps after since_step, up to the checkpoint's own: those in the run's
-    history folder, then those the state holds itself (a checkpoint of an earlier version holds all)."""
-    held = [h for h in state.get("history", []) if h["step"] > since_step]
-    if not state.get("history_dir"):
-        return held
-    folder = Location(state["history_dir"])
-    if folder.remote:  # the S3 settings (endpoint, region) are the run's; credentials come from the environment
-        folder = Location.parse(state["history_dir"], read_config(model_dir).data.s3)
-    entries = []
-    for file in history_chain(folder, state["history_through"], since_step):
-        entries += [json.loads(line) for line in file.read_text().splitlines() if line]
-    return [h for h in entries if h["step"] > since_step] + held

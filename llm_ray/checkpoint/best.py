@@ -1,4 +1,4 @@
-"""Which checkpoint to serve, and what it is: the best by validation loss, and its provenance.
+"""Which checkpoint to serve or export: the best by validation loss.
 
 Plain files: a checkpoint's ``model/`` folder holds ``train_state.json``, which names the run's
 history folder (see ``checkpoint.read_history``), whose validation losses say how good each
@@ -7,14 +7,14 @@ checkpoint is.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_ray.checkpoint import MODEL_DIR, WEIGHTS, read_history, read_train_state
+from pyarrow import fs
 
-EVAL_FIGURES = ("loss", "perplexity", "bits_per_byte")
+from llm_ray.checkpoint.history import read_history, read_train_state
+from llm_ray.checkpoint.inference import MODEL_DIR, WEIGHTS
+from llm_ray.checkpoint.manifest import CHECKPOINT_PREFIX, verify
 
 
 class CheckpointChoiceError(Exception):
@@ -51,10 +51,6 @@ def read_state(model_dir: Path) -> dict:
 def model_dirs(folder: Path) -> list[Path]:
     """Every complete checkpoint's inference folder under folder (checkpoints still being written, or
     damaged, fail their manifest check and are left out)."""
-    from pyarrow import fs
-
-    from llm_ray.train.resume import CHECKPOINT_PREFIX, verify
-
     found = []
     for weights in sorted(folder.rglob(WEIGHTS)):
         model_dir = weights.parent
@@ -96,48 +92,3 @@ def find_folder(name_or_dir: str, output_dir: str, what: str) -> Path:
             return candidate.resolve()
     raise CheckpointChoiceError(f"{what} {name_or_dir}: neither {given} nor {Path(output_dir) / name_or_dir} is a "
                                 "folder")
-
-
-def config_hash(cfg) -> str:
-    """A short, stable hash of a resolved config: the same settings give the same hash."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def evaluation_of(model_dir: Path, cfg) -> dict | None:
-    """`llm-ray eval`'s figures for this very checkpoint, when it was evaluated."""
-    run = [] if cfg.run_location.remote else [cfg.run_dir]  # a run on S3: its copy's folders only
-    for folder in (*run, *list(model_dir.parents)[:4]):
-        path = folder / "eval" / "eval.json"
-        if not path.is_file():
-            continue
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        scored = Path(results.get("checkpoint", ""))
-        same = scored.resolve() == model_dir.resolve() if scored.is_absolute() else scored.parts[-2:] == model_dir.parts[-2:]
-        if same:
-            figures = {k: results[k]["value"] for k in EVAL_FIGURES if isinstance(results.get(k), dict)}
-            for k in ("bleu", "rouge1", "rouge2", "rougeL"):
-                if k in results.get("continuation", {}):
-                    figures[k] = results["continuation"][k]
-            return {**figures, "split": results.get("split"), "report": str(path.parent)}
-    return None
-
-
-def provenance(model_dir: Path, cfg, state: dict, parameters: int) -> dict:
-    """What the served model is: its data, run, config, checkpoint and scores."""
-    return {
-        "run": cfg.name,
-        "config_sha256": config_hash(cfg),
-        "checkpoint": str(model_dir),
-        "step": state.get("step"),
-        "tokens": state.get("tokens"),
-        "val_loss": val_loss_at_step(state),
-        "data_key": state.get("data_key"),
-        "data_path": state.get("data_path"),
-        "parameters": parameters,
-        "context_length": cfg.model.context_length,
-        "evaluation": evaluation_of(model_dir, cfg),
-    }
