@@ -201,3 +201,43 @@ def test_scoring_in_chunks_sums_what_scoring_at_once_does(small_model, monkeypat
     results = {"bits_per_byte": metrics.summarize(sums["nll_sum"], sums["tokens"], sums["bytes"], 50, 0)[
         "bits_per_byte"]}
     assert plot(results, sums, []).startswith(b"\x89PNG")
+
+
+def test_eval_report_draws_well_counted_positions_and_writes_one_number_as_text(tmp_path):
+    """eval.json keeps the loss by position only where 100 tokens or more were scored, with their counts; eval.png
+    says so, and gives bits per byte as a number with its interval (read back from its Description), not a bar."""
+    import json
+
+    from PIL import Image
+
+    from llm_ray.eval.report import write_report
+    from llm_ray.storage import Location
+
+    # 3 documents, context 8. Positions 0-3 come from each document's first window only (3 tokens); 4-6 are
+    # scored 60 + 60 + 40 = 160 times, 7 only 30 + 30 = 60 times. Documents 0 and 1 lose 2 nats a token, 2 loses 3.
+    count = np.array([[1] * 4 + [60, 60, 60, 30], [1] * 4 + [60, 60, 60, 30], [1] * 4 + [40, 40, 40, 0]])
+    loss = np.array([[2.0], [2.0], [3.0]])
+    sums = {"position_count": count, "position_nll": count * loss, "tokens": count.sum(axis=1),
+            "nll_sum": (count * loss).sum(axis=1), "bytes": 4 * count.sum(axis=1)}
+    results = {"checkpoint": "ckpt", "documents_from": "d", "split": "val", "documents": 3,
+               "tokens": int(count.sum()), "bytes": int(sums["bytes"].sum()), "context": 8, "stride": 4,
+               **metrics.summarize(sums["nll_sum"], sums["tokens"], sums["bytes"], 50, 0)}
+    write_report(results, sums, [], Location.parse(tmp_path))
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["loss_by_position"] == {"min_tokens": 100, "positions_scored": 8, "position": [4, 5, 6],
+                                           "loss": [pytest.approx((2 * 120 + 3 * 40) / 160)] * 3,
+                                           "tokens": [160, 160, 160]}
+    with Image.open(tmp_path / "eval.png") as image:
+        description = image.text["Description"]
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert "positions with ≥ 100 scored tokens: 3 of 8" in description
+    lo, hi = results["bits_per_byte"]["ci95"]
+    assert f"bits per byte {results['bits_per_byte']['value']:.4f} 95% interval [{lo:.4f}, {hi:.4f}]" in description
+    assert not (pixels == (44, 160, 44)).all(axis=1).any()  # no tab:green: the former single bar is gone
+
+    sums["position_count"] = count[:, :4]  # the demo's case: no position is scored often enough
+    sums["position_nll"] = (count * loss)[:, :4]
+    write_report(results, sums, [], Location.parse(tmp_path))
+    assert json.loads((tmp_path / "eval.json").read_text())["loss_by_position"]["position"] == []
+    with Image.open(tmp_path / "eval.png") as image:
+        assert "no position has 100 scored tokens (the most at one position: 3)" in image.text["Description"]

@@ -1,7 +1,9 @@
 """llm-ray explain on a small checkpoint (no Ray): files, the attention maps, and the axioms the
-attribution methods promise."""
+attribution methods promise; each method on a planted model where one token decides the target."""
 
+import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from llm_ray.checkpoint import save_inference
 from llm_ray.cli import main
 from llm_ray.config import load_config, model_spec
 from llm_ray.data.tokenizer import train_bpe
+from llm_ray.eval.explain import METHODS
 from llm_ray.model import GPT
 from tests.conftest import CORPUS
 
@@ -33,7 +36,6 @@ def checkpoint(tmp_path_factory):
 
 def test_explain_writes_maps_and_attributions_that_keep_their_promises(checkpoint, capsys):
     from llm_ray.checkpoint import load_model
-    from llm_ray.eval.explain import METHODS
 
     assert main(["explain", "--checkpoint", str(checkpoint), "--text", "ROMEO: But soft, what light"]) == 0
     out = capsys.readouterr().out
@@ -61,11 +63,86 @@ def test_explain_writes_maps_and_attributions_that_keep_their_promises(checkpoin
 
 
 def test_rank_correlation():
-    from llm_ray.eval.explain import rank_correlation
+    from llm_ray.eval.explain import UNDEFINED, agreement, rank_correlation
 
     a = np.array([0.1, 0.5, -2.0, 3.0])
     assert rank_correlation(a, a * 10 + 1) == pytest.approx(1.0)
     assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    # Ties share their mean rank: ranks (1, 2, 3, 4) against (1.5, 1.5, 3.5, 3.5) correlate 4 / (sqrt(5) * 2).
+    assert rank_correlation(np.array([1.0, 2, 3, 4]), np.array([0.0, 0, 1, 1])) == pytest.approx(2 / math.sqrt(5))
+    assert rank_correlation(a, np.zeros(4)) is None  # a constant has no ranking
+    scores = {m: a * (i + 1) for i, m in enumerate(METHODS)} | {"lime": np.zeros(4)}
+    pairs = agreement(scores)
+    assert {k for k, v in pairs.items() if v == UNDEFINED} == {f"{m} ~ lime" for m in METHODS[:3]}
+    assert all(v == pytest.approx(1.0) for k, v in pairs.items() if "lime" not in k)
+
+
+# The planted model: a bag of tokens, so the prediction after position T-1 sees every token alike. The target's
+# logit is 2 with DECIDER among the inputs and -0.5 with SUPPRESSOR; the other tokens move only the other logits
+# (a little) and the padding moves nothing. p(target) is about 0.01, as on the demo checkpoint, where Captum's
+# default Lasso zeroed every LIME weight.
+VOCAB, TARGET, PAD, DECIDER, SUPPRESSOR = 300, 7, 0, 11, 12
+PLANTED = [20, 31, 45, DECIDER, 52, SUPPRESSOR, 68, 77]
+
+
+class Planted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.transformer = torch.nn.ModuleDict({"wte": torch.nn.Embedding(VOCAB, 3)})  # where the layer methods hook
+        self.head = torch.nn.Linear(3, VOCAB, bias=False)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            wte, head = self.transformer.wte.weight, self.head.weight  # (VOCAB, 3) each
+            wte.zero_()
+            wte[DECIDER, 0] = wte[SUPPRESSOR, 1] = 1.0
+            wte[20:, 2] = 0.2 + 0.8 * torch.rand(VOCAB - 20, generator=g)  # the other tokens: only channel 2
+            head[:, 2] = 0.3 * torch.randn(VOCAB, generator=g)
+            head[TARGET] = torch.tensor([2.0, -0.5, 0.0])
+
+    def forward(self, ids):  # (N, T) -> logits (N, T, VOCAB), as GPT's
+        return self.head(self.transformer.wte(ids).cumsum(dim=1)), None
+
+
+def exact_shapley(model, ids: torch.Tensor) -> np.ndarray:
+    """Shapley values of p(target) over all 2^T coalitions of tokens (absent: padding), by brute force."""
+    n = ids.size(1)
+    masks = torch.tensor(list(itertools.product([False, True], repeat=n)))  # (2^T, T)
+    with torch.no_grad():
+        value = model(torch.where(masks, ids, PAD))[0][:, -1].softmax(-1)[:, TARGET].double()
+    index = {tuple(m.tolist()): v for m, v in zip(masks, value)}
+    phi = np.zeros(n)
+    for mask, v in index.items():
+        for i in (j for j in range(n) if mask[j]):
+            k = sum(mask) - 1  # the coalition without i
+            weight = math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)
+            phi[i] += weight * float(v - index[mask[:i] + (False,) + mask[i + 1:]])
+    return phi
+
+
+@pytest.fixture(scope="module")
+def planted_scores():
+    from llm_ray.eval.explain import attributions
+
+    model = Planted()
+    ids = torch.tensor([PLANTED])
+    return attributions(model, ids, TARGET, PAD), exact_shapley(model, ids)
+
+
+@pytest.mark.parametrize("method", METHODS)  # every method explain reports
+def test_each_method_finds_the_planted_token(planted_scores, method):
+    scores, shapley = planted_scores
+    decider, suppressor = PLANTED.index(DECIDER), PLANTED.index(SUPPRESSOR)
+    assert shapley.argmax() == decider and shapley.argmin() == suppressor  # the construction, checked
+    values = scores[method]
+    assert values.argmax() == decider and values[decider] > 0, values
+    assert values.argmin() == suppressor and values[suppressor] < 0, values
+    assert np.sign(values[[decider, suppressor]]).tolist() == np.sign(scores["kernel_shap"][[decider, suppressor]]
+                                                                     ).tolist()
+
+
+def test_kernel_shap_estimates_the_exact_shapley_values(planted_scores):
+    scores, shapley = planted_scores
+    assert np.abs(scores["kernel_shap"] - shapley).max() < 0.2 * shapley.max()  # 200 samples of 256 coalitions
 
 
 def test_explain_names_a_bad_checkpoint(tmp_path, capsys):

@@ -6,15 +6,19 @@ are Captum's, for the probability of the predicted (or given) next token:
 
 - gradient x input and integrated gradients on the token embeddings (summed over the width);
 - KernelSHAP and LIME, model-agnostic: each token is a feature, removed by replacing it with
-  the padding token.
+  the padding token. LIME fits a ridge regression, weighted by how many tokens a sample keeps;
+  Captum's default Lasso (alpha 0.01) shrinks every weight to zero when the probability moves by
+  less than about 0.01, which is most of a small model's predictions.
 
 The methods answer slightly different questions, so the output says how far they agree
-(Spearman rank correlation of their per-token scores).
+(Spearman rank correlation of their per-token scores; undefined when a method scores every
+token alike, since a constant has no ranking).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -25,6 +29,13 @@ from llm_ray.data.tokenizer import EOT, PAD
 from llm_ray.storage import as_location, local_folder
 
 METHODS = ("gradient_x_input", "integrated_gradients", "kernel_shap", "lime")
+UNDEFINED = "undefined"  # the rank correlation with a method whose scores are constant
+# LIME's own text defaults (lime.lime_text): ridge with alpha 1 and an exponential kernel of width 25 on the
+# cosine distance x 100 between a sample's kept-token mask and all tokens kept, i.e. width 0.25 unscaled.
+# Ridge shrinks every weight by the same factor whatever the scale of the probability, where Lasso's alpha
+# is a threshold in probability units that zeroes every weight below it.
+LIME_RIDGE_ALPHA = 1.0
+LIME_KERNEL_WIDTH = 0.25
 
 
 def attention_maps(model, ids: torch.Tensor) -> torch.Tensor:
@@ -41,16 +52,32 @@ def attention_maps(model, ids: torch.Tensor) -> torch.Tensor:
             attn.keep_attention, attn.last_attention = False, None
 
 
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho (no ties correction: scores are real numbers)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rho (ties share their mean rank); None when either scores every token alike."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def agreement(scores: dict) -> dict:
+    """Spearman's rho of each pair of methods, or UNDEFINED where one of the two scores every token alike."""
+    rhos = {f"{a} ~ {b}": rank_correlation(scores[a], scores[b])
+            for i, a in enumerate(METHODS) for b in METHODS[i + 1:]}
+    return {pair: UNDEFINED if rho is None else rho for pair, rho in rhos.items()}
+
+
+def lime_similarity(original, perturbed, kept: torch.Tensor, **kwargs) -> float:
+    """LIME's sample weight: exponential kernel on the cosine distance between the kept-token mask (1, T) and
+    all tokens kept. Captum's default measures it on the token ids themselves, whose values mean nothing."""
+    distance = 1.0 - math.sqrt(float(kept.float().mean()))  # cos(mask, ones) = sqrt(kept / T)
+    return math.exp(-distance**2 / (2 * LIME_KERNEL_WIDTH**2))
 
 
 def attributions(model, ids: torch.Tensor, target: int, pad_id: int, samples: int = 200, seed: int = 0) -> dict:
     """Per-token attribution (T,) for each method, of the probability of `target` after ids (1, T)."""
+    from captum._utils.models.linear_model import SkLearnRidge
     from captum.attr import KernelShap, LayerGradientXActivation, LayerIntegratedGradients, Lime
 
     def prob(token_ids: torch.Tensor) -> torch.Tensor:  # (N, T) -> (N,) probability of the target next
@@ -69,7 +96,8 @@ def attributions(model, ids: torch.Tensor, target: int, pad_id: int, samples: in
     out["kernel_shap"] = KernelShap(prob).attribute(ids, baselines=baseline, feature_mask=mask,
                                                     n_samples=samples)[0]
     torch.manual_seed(seed)
-    out["lime"] = Lime(prob).attribute(ids, baselines=baseline, feature_mask=mask, n_samples=samples)[0]
+    lime = Lime(prob, interpretable_model=SkLearnRidge(alpha=LIME_RIDGE_ALPHA), similarity_func=lime_similarity)
+    out["lime"] = lime.attribute(ids, baselines=baseline, feature_mask=mask, n_samples=samples)[0]
     return {k: v.detach().double().numpy() for k, v in out.items()}
 
 
@@ -97,18 +125,17 @@ def explain(checkpoint: str | Path, text: str, target: str | None = None, out_ro
         target_id = int(probs.argmax())
     scores = attributions(model, ids, target_id, pad, samples)
     tokens = [tokenizer.decode([t]) if t != eot else EOT for t in token_ids]
-    agreement = {f"{a} ~ {b}": rank_correlation(scores[a], scores[b])
-                 for i, a in enumerate(METHODS) for b in METHODS[i + 1:]}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "text"
     target_folder = (as_location(out_root, cfg.data.s3, "--out") if out_root
                      else eval_folder(cfg, model_dir).parent / "explain") / slug
     attention = attention_maps(model, ids)
     result = {"text": text, "tokens": tokens, "target": tokenizer.decode([target_id]), "target_id": target_id,
               "target_probability": float(probs[target_id]),
-              "attributions": {k: v.tolist() for k, v in scores.items()}, "rank_correlation": agreement,
+              "attributions": {k: v.tolist() for k, v in scores.items()}, "rank_correlation": agreement(scores),
               "note": "Spearman rank correlations between the methods' per-token scores: near 1, they rank the "
-                      "tokens alike; near 0 or below, read each method for what it measures (gradients: local "
-                      "sensitivity; integrated gradients: path from padding; SHAP and LIME: removing tokens).",
+                      f"tokens alike; {UNDEFINED} when a method scores every token alike; near 0 or below, read "
+                      "each method for what it measures (gradients: local sensitivity; integrated gradients: "
+                      "path from padding; SHAP and LIME: removing tokens).",
               "folder": target_folder.uri}
     with local_folder(target_folder) as out:  # uploaded afterwards for a run on S3
         (out / "attributions.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -8,6 +8,11 @@ import numpy as np
 
 from llm_ray.storage import Location
 
+# The loss-by-position panel draws only positions scored at least this many times: per-token losses spread about
+# 2 nats, so a mean of 100 has a standard error near 0.2 nats, and the mean of a handful (positions before
+# context - stride come only from documents' first windows) is noise.
+MIN_TOKENS_PER_POSITION = 100
+
 
 def table(results: dict) -> str:
     """The short table `llm-ray eval` prints and eval.md opens with."""
@@ -37,9 +42,19 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def loss_by_position(sums: dict, min_tokens: int = MIN_TOKENS_PER_POSITION) -> dict:
+    """The positions of the context scored at least min_tokens times, with their mean loss and token count: what
+    eval.json records and the panel draws."""
+    count = sums["position_count"].sum(axis=0)  # (context,)
+    shown = np.flatnonzero(count >= min_tokens)
+    return {"min_tokens": min_tokens, "positions_scored": int((count > 0).sum()), "position": shown.tolist(),
+            "loss": (sums["position_nll"].sum(axis=0)[shown] / count[shown]).tolist(),
+            "tokens": count[shown].tolist()}
+
+
 def write_report(results: dict, sums: dict, history: list[dict], out: Location) -> None:
     out.mkdir()
-    (out / "eval.json").write_json(results)
+    (out / "eval.json").write_json({**results, "loss_by_position": loss_by_position(sums)})
     md = ["# Evaluation", "", table(results), ""]
     c = results.get("continuation") or {}
     for s in c.get("samples", []):
@@ -54,7 +69,10 @@ def write_report(results: dict, sums: dict, history: list[dict], out: Location) 
 
 
 def plot(results: dict, sums: dict, history: list[dict]) -> bytes:
-    """Loss curves, loss by position in the context, loss by document length, bits per byte (PNG bytes)."""
+    """Loss curves, loss by position in the context, loss by document length, bits per byte (PNG bytes).
+
+    The words of every panel also go into the PNG's Description: alt text for whoever reads the file without
+    seeing it, and what a test reads back."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,25 +85,40 @@ def plot(results: dict, sums: dict, history: list[dict]) -> bytes:
         if points:
             ax.plot(*zip(*points), marker="." if key == "val_loss" else None, label=label)
     ax.set(title="loss during training", xlabel="step", ylabel="nats/token")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no training history recorded", ha="center", va="center", transform=ax.transAxes)
     ax = axes[0, 1]
-    count = sums["position_count"].sum(axis=0)
-    by_position = np.divide(sums["position_nll"].sum(axis=0), count, out=np.full(len(count), np.nan), where=count > 0)
-    ax.plot(np.arange(len(count)), by_position)
-    ax.set(title="loss by position in the context", xlabel="position", ylabel="nats/token")
+    context = sums["position_count"].shape[1]
+    shown = loss_by_position(sums)
+    ax.set(title=f"loss by position in the context\n(positions with ≥ {shown['min_tokens']} scored tokens: "
+           f"{len(shown['position'])} of {context})", xlabel="position", ylabel="nats/token", xlim=(0, context - 1))
+    ax.title.set_fontsize(10)
+    if shown["position"]:
+        by_position = np.full(context, np.nan)  # gaps stay gaps
+        by_position[shown["position"]] = shown["loss"]
+        ax.plot(np.arange(context), by_position, marker="." if len(shown["position"]) < 20 else None)
+    else:
+        most = int(sums["position_count"].sum(axis=0).max(initial=0))
+        ax.text(0.5, 0.5, f"no position has {shown['min_tokens']} scored tokens\n(the most at one position: {most})",
+                ha="center", va="center", transform=ax.transAxes)
     ax = axes[1, 0]
     per_doc = sums["nll_sum"] / np.maximum(1, sums["tokens"])
     ax.scatter(sums["tokens"], per_doc, s=8, alpha=0.6)
     ax.set(title="loss by document length", xlabel="tokens (log scale)", ylabel="nats/token", xscale="log")
     ax = axes[1, 1]
-    bpb = results["bits_per_byte"]
-    ax.bar(["bits per byte"], [bpb["value"]], yerr=[[bpb["value"] - bpb["ci95"][0]], [bpb["ci95"][1] - bpb["value"]]],
-           capsize=8, color="tab:green")
-    ax.set(title="bits per byte, 95% interval")
+    bpb = results["bits_per_byte"]  # one number: written with its interval, not drawn as a bar
+    lo, hi = bpb["ci95"]
+    ax.axis("off")
+    ax.set(title="bits per byte")
+    ax.text(0.5, 0.5, f"{bpb['value']:.4f}\n95% interval [{lo:.4f}, {hi:.4f}]\n(bootstrap over "
+            f"{len(sums['tokens'])} documents)", ha="center", va="center", fontsize=14, transform=ax.transAxes)
     for a in axes.ravel():
         a.grid(alpha=0.3)
     fig.tight_layout()
+    description = " | ".join(" ".join([a.get_title(), *(t.get_text() for t in a.texts)]) for a in axes.ravel())
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=90, format="png")
+    fig.savefig(buffer, dpi=90, format="png", metadata={"Description": description.replace("\n", " ")})
     plt.close(fig)
     return buffer.getvalue()
