@@ -5,7 +5,8 @@ import unicodedata
 import pytest
 
 from llm_ray.config import CleaningConfig
-from llm_ray.data.clean import DROP_REASONS, clean_document, normalize, quality_reason, strip_boilerplate, words
+from llm_ray.data.clean import DROP_REASONS, clean_document, normalize, quality_reason, strip_boilerplate
+from llm_ray.data.text_units import words
 
 CFG = CleaningConfig()
 
@@ -167,7 +168,8 @@ def test_normalize_keeps_joiners_that_carry_meaning():
 
 
 def test_ascii_fast_paths_equal_the_general_rules():
-    from llm_ray.data.clean import _WORD_RE, _characters, _characters_ascii
+    from llm_ray.data.clean import _characters, _characters_ascii
+    from llm_ray.data.text_units import _WORD_RE
 
     rng = random.Random(0)
     alphabet = [chr(c) for c in range(128)] + ["ab", "don't", "  ", "\r\n", "\t \n", "\n\n\n\n\n"] * 8

@@ -10,6 +10,7 @@ import numpy as np
 
 from llm_ray.config import CleaningConfig
 from llm_ray.data.pii import Redaction, redact
+from llm_ray.data.text_units import CJK_RE, INVISIBLE, words
 
 DROP_REASONS: tuple[str, ...] = (
     "too_few_words",
@@ -25,53 +26,7 @@ DROP_REASONS: tuple[str, ...] = (
     "pii",
 )
 
-# Scripts written without spaces between words: each character is one word, so a Chinese
-# paragraph is ~100 words rather than one 100-character "word". Han (with 々〆〇 and the
-# compatibility and supplementary-plane ideographs), Hiragana, Katakana, Hangul syllables.
-_CJK = (
-    "\u3005-\u3007\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
-    "\uac00-\ud7a3\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff"
-)
-_CJK_RE = re.compile(f"[{_CJK}]")
-
-
-def _char_classes(*selectors) -> list[str]:
-    """Regex character-class bodies, one per selector(char, category), from one scan of Unicode."""
-    ranges: list[list[list[int]]] = [[] for _ in selectors]
-    # Planes 4-13, 15 and 16 hold no letters, marks or controls (unassigned or private use).
-    for cp in (*range(0x40000), *range(0xE0000, 0xF0000)):
-        char = chr(cp)
-        category = unicodedata.category(char)
-        for selector, found in zip(selectors, ranges):
-            if selector(char, category):
-                if found and found[-1][1] == cp - 1:
-                    found[-1][1] = cp
-                else:
-                    found.append([cp, cp])
-    return [
-        "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in found)
-        for found in ranges
-    ]
-
-
-# Python's \w misses combining marks (Mn/Mc), which would cut Hindi, Bengali or decomposed Latin
-# words apart, so marks join words too. Only the BMP's: a class with characters beyond it is
-# searched range by range, several times slower, and the astral marks are for historic scripts.
-# No underscore: "_italic_" markup is not part of a word. Invisible: control (Cc) and format (Cf)
-# characters only split or glue tokens at random; ZWNJ/ZWJ stay, as they change spelling in
-# Persian and Indic scripts and build emoji sequences. Lone surrogates (Cs) cannot become UTF-8.
-_MARKS, _INVISIBLE = _char_classes(
-    lambda char, cat: cat[0] == "M" and char <= "\uffff",
-    lambda char, cat: cat in ("Cc", "Cf", "Cs") and char not in "\t\n\u200c\u200d",
-)
-# A letter/digit run with marks after its letters; spelled without an alternation per
-# character, which would double the time words() takes. The classes are disjoint: no backtracking.
-_WORD_CORE = f"[^\\W_{_CJK}]+(?:[{_MARKS}]+[^\\W_{_CJK}]*)*"
-_WORD_RE = re.compile(
-    f"[{_CJK}]"  # each ideograph, kana or syllable is a word of its own
-    f"|{_WORD_CORE}(?:['\u2019]{_WORD_CORE})*"  # apostrophes inside a word: don't, l'homme
-)
-_INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]")
+INVISIBLE_RE = re.compile(f"[{INVISIBLE}]")
 _LINE_BREAK_RE = re.compile("\r\n?|[\x85\u2028\u2029]")  # NEL, LS and PS are line breaks by definition
 _OTHER_SPACE_RE = re.compile(r"[^\S \n\t]")  # NBSP, ideographic space, \v, \f ... (Unicode-aware \s)
 
@@ -83,7 +38,7 @@ def _ascii_table() -> tuple[bytes, bytes]:
     for c in range(128):
         if chr(c) in "\r\n":
             continue
-        out = _INVISIBLE_RE.sub("", _OTHER_SPACE_RE.sub(" ", chr(c)))
+        out = INVISIBLE_RE.sub("", _OTHER_SPACE_RE.sub(" ", chr(c)))
         if out == " " and c != 32:
             to_space += bytes([c])
         elif out == "":
@@ -98,7 +53,7 @@ def _characters(text: str) -> str:
     """Line breaks to \\n, other whitespace to spaces, control and format characters out, NFC."""
     text = _LINE_BREAK_RE.sub("\n", text)
     text = _OTHER_SPACE_RE.sub(" ", text)
-    text = _INVISIBLE_RE.sub("", text)
+    text = INVISIBLE_RE.sub("", text)
     return unicodedata.normalize("NFC", text)
 
 
@@ -156,15 +111,6 @@ def strip_boilerplate(text: str) -> str:
         out = out[start.end() :]
     out = _LICENSE_RE.sub("", out)
     return text if out == text else out.strip()
-
-
-# The same words in ASCII text, twice as fast: no marks, CJK or curly apostrophes to consider.
-_ASCII_WORD_RE = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z0-9]+)*")
-
-
-def words(text: str) -> list[str]:
-    """Words: letter/digit runs (apostrophes inside allowed); each CJK ideograph, kana or Hangul syllable alone."""
-    return (_ASCII_WORD_RE if text.isascii() else _WORD_RE).findall(text)
 
 
 def _duplicate_line_chars(lines: list[str]) -> int:
@@ -228,7 +174,7 @@ def quality_reason(text: str, cfg: CleaningConfig) -> str | None:
     lengths = np.fromiter(map(len, ws), np.int64, n)
     word_chars = int(lengths.sum())
     # CJK words are single characters by construction, so their count is a count of characters.
-    n_cjk = len(_CJK_RE.findall(text))
+    n_cjk = len(CJK_RE.findall(text))
     if n_cjk * 2 < n:  # word length means nothing for a mostly-CJK document
         mean = (word_chars - n_cjk) / (n - n_cjk)
         if not cfg.min_mean_word_length <= mean <= cfg.max_mean_word_length:

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import re
 import unicodedata
 import zlib
 
 import numpy as np
 
+from llm_ray.data.text_units import words
+
 MAX_32 = np.uint64(0xFFFFFFFF)
-_WORD = re.compile(r"\w+", re.UNICODE)
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
 def distinct(values: np.ndarray) -> np.ndarray:
@@ -46,16 +45,9 @@ def exact_hash(text: str) -> str:
 
 
 def shingle_units(text: str, unit: str) -> list[str]:
-    """Words (each CJK character a word of its own) or characters of the normalized text."""
+    """Words (text_units.words: those the quality rules count) or characters of the normalized text."""
     norm = normalized_for_hash(text)
-    if unit == "char":
-        return list(norm)
-    if norm.isascii():  # no CJK to split into characters
-        return _WORD.findall(norm)
-    units = []
-    for w in _WORD.findall(norm):
-        units.extend(list(w) if _CJK.search(w) else [w])
-    return units
+    return list(norm) if unit == "char" else words(norm)
 
 
 def shingle_hashes(text: str, unit: str, ngram: int) -> np.ndarray:

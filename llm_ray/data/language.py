@@ -18,6 +18,7 @@ import re
 from collections.abc import Collection
 
 from llm_ray.config.languages import LANGID_CODES
+from llm_ray.data.text_units import HAN, HANGUL, KANA
 
 SUPPORTED: frozenset[str] = frozenset(LANGID_CODES)  # tests check it against langid's model
 UNDETERMINED = "und"  # ISO 639-2 "undetermined": digits, punctuation or nothing
@@ -29,9 +30,9 @@ UNDETERMINED = "und"  # ISO 639-2 "undetermined": digits, punctuation or nothing
 SAMPLE_CHARS = 1_500
 NUM_WINDOWS = 3
 
-_HAN_RE = re.compile("[\u3005-\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff]")
-_KANA_RE = re.compile("[\u3041-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff\uff66-\uff9d]")
-_HANGUL_RE = re.compile("[\u1100-\u11ff\u3131-\u318e\uac00-\ud7a3]")
+_HAN_RE = re.compile(f"[{HAN}]")
+_KANA_RE = re.compile(f"[{KANA}]")
+_HANGUL_RE = re.compile(f"[\u1100-\u11ff\u3131-\u318e{HANGUL}]")  # with the jamo, which are no words
 # CJK letters, punctuation and fullwidth forms: removed before langid sees a mostly non-CJK sample,
 # because each is three UTF-8 bytes that only zh, ja or ko ever produce, so a few quoted Chinese
 # words can outweigh two English sentences ("The sign said 禁止吸烟 ..." is zh to langid).

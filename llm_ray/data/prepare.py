@@ -32,7 +32,7 @@ import numpy as np
 
 from llm_ray.config import Config, ConfigError
 from llm_ray.data import stages, transforms
-from llm_ray.data.clean import words
+from llm_ray.data.text_units import words
 from llm_ray.data.dedup_stage import dedup_stage
 from llm_ray.data.documents import documents_stage
 from llm_ray.data.errors import PrepareError
