@@ -44,7 +44,8 @@ SEARCHERS = ("bayes", "tpe", "random")
 def prepared_data(out: Path) -> tuple[list[str], list[str]]:
     """The debug preset's packed train and validation shards (prepared once, with a local Ray)."""
     from llm_ray.config import load_config
-    from llm_ray.data.prepare import data_dir, load_manifest, prepare
+    from llm_ray.data.pack import load_manifest
+    from llm_ray.data.prepare import data_dir, prepare
     from llm_ray.ray_utils import init_ray
 
     cfg = load_config("debug", [f"output_dir={out}"])

@@ -205,7 +205,7 @@ def test_split_thresholds_name_the_fraction_instead_of_crashing():
 
 
 def test_pack_encodes_in_batches_bounded_by_characters():
-    from llm_ray.data.prepare import encode_batches
+    from llm_ray.data.pack import encode_batches
 
     docs = ["a" * 300, "b" * 300, "c" * 500, "d" * 2000, "e" * 10]
     batches = list(encode_batches(docs, max_chars=700))

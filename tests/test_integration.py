@@ -14,7 +14,8 @@ import torch
 from llm_ray.checkpoint import load_model, read_train_state
 from llm_ray.cli import main
 from llm_ray.config import ConfigError, load_config
-from llm_ray.data.prepare import data_dir, load_manifest, prepare
+from llm_ray.data.pack import load_manifest
+from llm_ray.data.prepare import data_dir, prepare
 from llm_ray.train.trainer import train
 from tests.conftest import debug_config
 

@@ -357,16 +357,13 @@ def _coordinate(shards: list[Location], d, out: Location, seed: int, val_fractio
             "coordinator_growth_bytes": max(0, rss_bytes() - rss_before)}  # while holding every round's results
 
 
-def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:
+def dedup_key(cfg, documents_key: str) -> str:
+    # The record's split summary depends on the split seed and validation share.
+    return stages.stage_key("dedup", documents_key, cfg.dedup.model_dump(), cfg.data.split_seed, cfg.data.val_fraction)
 
-    # The record's split summary depends on the split seed and validation share; "star-edges" marks the
-    # record's format (records of the all-pairs rounds had no candidate_edges nor cluster_size_histogram).
-    key = stages.stage_key("dedup", "star-edges", docs_record["key"], cfg.dedup.model_dump(), cfg.data.split_seed,
-                           cfg.data.val_fraction)
-    if (record := stages.completed(out, key)) is not None:
-        log("dedup: up to date, skipped")
-        return record
-    stages.begin(out, key)
+
+def deduplicate(cfg, docs_dir: Location, docs_record: dict, out: Location, log) -> dict:
+    """The documents' duplicate clusters, and per documents shard the rows kept (one per cluster) under out."""
     if docs_record["docs_out"] == 0:
         raise PrepareError("no documents survived cleaning: check data.sources and the cleaning.* thresholds "
                            f"(drops: {dict(docs_record['drops'])})")
@@ -381,7 +378,7 @@ def dedup_stage(cfg, docs_dir: Location, docs_record: dict, out: Location, log) 
         f"and {found['near_duplicate_pairs']} near-duplicate edges (of {found['candidate_edges']} candidates); "
         f"{found['clusters_with_copies']} clusters with "
         f"copies (LSH {found['lsh_bands']} bands x {found['lsh_rows']} rows)")
-    return stages.finish(out, key, {**found, "example_pairs": examples})
+    return {**found, "example_pairs": examples}
 
 
 def document_key(shards: list[Location], offsets: np.ndarray, doc_id: int) -> str:

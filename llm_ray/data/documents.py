@@ -25,7 +25,7 @@ from llm_ray.data.clean import clean_document
 from llm_ray.data.decontaminate import Screens, build_screens
 from llm_ray.data.errors import PrepareError
 from llm_ray.data.pii import Redaction, example
-from llm_ray.data.sources import FileRef, ReadError, iter_documents, list_sources
+from llm_ray.data.sources import FileRef, ReadError, iter_documents
 from llm_ray.memory import private_rss_bytes, reset_peak_rss
 from llm_ray.storage import Location
 
@@ -207,19 +207,19 @@ def _group_done(marker: Location) -> bool:
     return marker.is_file() and not marker.read_json()["failed"]
 
 
-def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> dict:
+def documents_key(cfg: Config, files: list[FileRef], eval_sets: list[FileRef]) -> str:
+    return stages.stage_key("documents", [f.fingerprint for f in files], cfg.data.text_field, cfg.data.txt_mode,
+                            cfg.data.invalid_utf8, cfg.data.max_document_mb, cfg.data.mb_per_task,
+                            cfg.cleaning.model_dump(), signature_fields(cfg), [f.fingerprint for f in eval_sets],
+                            cfg.data.decontaminate_threshold)
+
+
+def clean_documents(cfg: Config, files: list[FileRef], eval_sets: list[FileRef], out: Location, key: str,
+                    log) -> dict:
+    """Every file read, cleaned, screened and hashed into documents shards under out, group by group
+    (a group finished by an earlier run with the same key is reused); the totals and the shards."""
     import ray
 
-    eval_sets = list_sources(cfg.data.decontaminate, cfg.data, "data.decontaminate") if cfg.data.decontaminate \
-        else []
-    key = stages.stage_key("documents", "streamed-chunks", [f.fingerprint for f in files], cfg.data.text_field,
-                           cfg.data.txt_mode, cfg.data.invalid_utf8, cfg.data.max_document_mb, cfg.data.mb_per_task,
-                           cfg.cleaning.model_dump(), signature_fields(cfg),
-                           [f.fingerprint for f in eval_sets], cfg.data.decontaminate_threshold)
-    if (record := stages.completed(out, key)) is not None:
-        log("documents: up to date, skipped")
-        return record
-    stages.begin(out, key)
     groups = file_groups(files, cfg.data.files_per_task, cfg.data.mb_per_task * CHUNKS_PER_GROUP)
     gids = [stages.stage_key("group", key, [f.fingerprint for f in g]) for g in groups]
     todo = {i for i, gid in enumerate(gids) if not _group_done(out / f"group-{gid}.json")}
@@ -256,4 +256,4 @@ def documents_stage(cfg: Config, files: list[FileRef], out: Location, log) -> di
         log(f"documents: skipped {uri}: {why}")
     log(f"documents: {totals['docs_in']:,} documents in {len(shards)} shards ({totals['chunks'].get('cleaned', 0)} "
         f"cleaned now, {totals['chunks'].get('reused', 0)} reused); {totals['docs_out']:,} kept")
-    return stages.finish(out, key, {"shards": shards, **totals})
+    return {"shards": shards, **totals}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 from llm_ray import __version__
 from llm_ray.data.corpus import CorpusError
@@ -29,6 +29,18 @@ OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
 def stage_key(name: str, *parts: Any) -> str:
     blob = json.dumps([name, __version__, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def run(name: str, directory: Location, key: str, build: Callable[[Location, str], dict], log) -> dict:
+    """A resumable stage's record: the complete one in directory when it was built with key (the stage
+    is up to date and skipped); else directory is opened for key (finished shards of the same key kept,
+    anything else cleared), build(directory, key) writes the stage's outputs and returns the record's
+    fields, and the record is written complete."""
+    if (record := completed(directory, key)) is not None:
+        log(f"{name}: up to date, skipped")
+        return record
+    begin(directory, key)
+    return finish(directory, key, build(directory, key))
 
 
 def completed(directory: Location, key: str) -> dict | None:

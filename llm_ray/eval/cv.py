@@ -26,7 +26,8 @@ from llm_ray.checkpoint import load_model
 from llm_ray.config import Config
 from llm_ray.data import stages, transforms
 from llm_ray.data.errors import PrepareError
-from llm_ray.data.prepare import data_dir, encode_batches, prepare
+from llm_ray.data.pack import MANIFEST, BlockWriter, encode, training_manifest
+from llm_ray.data.prepare import data_dir, prepare
 from llm_ray.data.splits import assign_splits, kept_documents
 from llm_ray.data.tokenizer import eot_id, train_bpe
 from llm_ray.eval import metrics
@@ -68,39 +69,6 @@ def corpus_folds(cfg: Config, data_path: Location, folds: int) -> Folds:
                        tuple(manifest["split_thresholds"]))
 
 
-class BlockWriter:
-    """transforms.pack_blocks over a stream of documents, written as one .npy shard per add() into
-    <out>/pack/<split>/: the tokens that do not fill a block yet carry over to the next add, so the
-    blocks are those of the whole stream (consecutive blocks overlap by one token) while only one
-    batch of documents is held."""
-
-    def __init__(self, out: Path, split: str, eot: int, block_size: int, dtype: np.dtype):
-        self.out, self.split, self.eot, self.block_size, self.dtype = out, split, eot, block_size, dtype
-        self.carry = np.zeros(0, dtype=np.int64)  # the stream's tokens from the next block's start on
-        self.shards: list[dict] = []  # {"file" (relative to out), "blocks"}, in stream order
-        self.documents = 0
-
-    def add(self, token_docs: list[list[int]]) -> None:
-        parts = [self.carry]
-        for ids in token_docs:
-            parts += [np.asarray(ids, dtype=np.int64), np.array([self.eot], dtype=np.int64)]
-        stream = np.concatenate(parts)
-        self.documents += len(token_docs)
-        n_blocks = max(0, (len(stream) - 1) // self.block_size)
-        if n_blocks:
-            starts = np.arange(n_blocks) * self.block_size
-            blocks = stream[starts[:, None] + np.arange(self.block_size + 1)[None, :]]  # (n, block_size + 1)
-            file = f"pack/{self.split}/{len(self.shards):05d}.npy"
-            (self.out / file).parent.mkdir(parents=True, exist_ok=True)
-            np.save(self.out / file, blocks.astype(self.dtype))
-            self.shards.append({"file": file, "blocks": n_blocks})
-        self.carry = stream[n_blocks * self.block_size:]  # the last block's final token opens the next
-
-    @property
-    def blocks(self) -> int:
-        return sum(s["blocks"] for s in self.shards)
-
-
 def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int]:
     """A prepared-data folder (manifest, tokenizer, packed train/val shards) for one fold, in two passes:
     the tokenizer learns on the other folds, then each documents shard is encoded and packed.
@@ -116,11 +84,7 @@ def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int
     for shard in passes():
         for name, texts in (("train", [x for x, f in shard if f != fold]), ("val", [x for x, f in shard if f == fold])):
             if texts:
-                ids = []  # token arrays; the tokenizer's Encoding objects (~100 bytes a token) live one batch at a time
-                for batch in encode_batches(texts):
-                    ids += [np.array(e.ids, dtype=np.uint32)
-                            for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False)]
-                writers[name].add(ids)
+                writers[name].add(encode(tokenizer, texts))
     splits = {}
     for name, writer in writers.items():
         if writer.blocks == 0:
@@ -129,9 +93,8 @@ def pack_fold(cfg: Config, passes: Folds, fold: int, out: Path) -> dict[str, int
         splits[name] = {"shards": writer.shards, "blocks": writer.blocks, "tokens": writer.blocks * cfg.data.block_size}
     key = stages.stage_key("cv-pack", splits["train"]["blocks"], splits["val"]["blocks"], cfg.data.block_size,
                            tokenizer.to_str())
-    manifest = {"block_size": cfg.data.block_size, "vocab_size": tokenizer.get_vocab_size(), "dtype": dtype.name,
-                "tokenizer": "tokenizer/tokenizer.json", "splits": splits, "stage_keys": {"pack": key}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    manifest = training_manifest(cfg.data.block_size, tokenizer, dtype.name, splits, {"pack": key})
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return {name: writer.documents for name, writer in writers.items()}
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from llm_ray.checkpoint import find_model_dir, load_model, read_train_state
 from llm_ray.config import Config, ConfigError, apply_override, validate
 from llm_ray.data.errors import PrepareError
-from llm_ray.data.prepare import data_dir, load_manifest
+from llm_ray.data.pack import load_manifest
+from llm_ray.data.prepare import data_dir
 from llm_ray.data.sources import ReadError, iter_documents, list_sources
 from llm_ray.data.splits import documents_shards, split_documents, split_rule
 from llm_ray.eval import contamination, metrics, tasks

@@ -12,7 +12,8 @@ from llm_ray.checkpoint import MODEL_DIR, read_train_state
 from llm_ray.checkpoint.location import checkpoint_location
 from llm_ray.checkpoint.manifest import ResumePoint, find_resume_point, read_checkpoint_files
 from llm_ray.config import Config, ConfigError
-from llm_ray.data.prepare import PrepareError, data_dir, load_manifest
+from llm_ray.data.pack import load_manifest
+from llm_ray.data.prepare import PrepareError, data_dir
 from llm_ray.ray_utils import alive_nodes
 from llm_ray.storage import Location, StorageError, as_location, check_shared, check_writable, node_cache
 from llm_ray.tracking import tracking_dir
