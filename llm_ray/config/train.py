@@ -63,8 +63,9 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     eval_every: int = Field(50, ge=1, description="Validate every N steps (and at the end).")
     eval_batches: int = Field(
-        8, ge=1, description="Validation micro-batches at each evaluation, over all workers: the first "
-        "eval_batches x micro_batch_size validation blocks (or all of them), whatever the worker count."
+        8, ge=1, description="Validation micro-batches at each evaluation, over all workers: a sample of "
+        "eval_batches x micro_batch_size validation blocks (or all of them) drawn with `seed`, the same at every "
+        "evaluation whatever the worker count."
     )
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     storage_path: str | None = Field(
