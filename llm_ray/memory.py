@@ -1,4 +1,5 @@
-"""This process's resident memory (Linux /proc; elsewhere what getrusage knows), for records and benchmarks."""
+"""Memory probes, one of each: this process's resident memory (Linux /proc; elsewhere what getrusage
+knows), its peak on CPU or GPU, and a GPU's size. For records, checks and benchmarks."""
 
 from __future__ import annotations
 
@@ -74,3 +75,21 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this process on device: allocated device memory on GPU, resident set size on CPU."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch  # only where a GPU is used
+
+        return torch.cuda.max_memory_allocated(device)
+    return peak_rss_bytes()
+
+
+def gpu_total_bytes() -> int | None:
+    """The memory of this process's (first visible) GPU, or None without one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None

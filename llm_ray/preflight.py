@@ -18,6 +18,7 @@ from llm_ray.data.corpus import CorpusError
 from llm_ray.data.prepare import data_dir, local_sources
 from llm_ray.data.sources import check_uri
 from llm_ray.ray_utils import join
+from llm_ray.memory import gpu_total_bytes
 from llm_ray.storage import (StorageError, as_location, check_credentials, check_shared, check_writable, s3_error,
                              s3_filesystem)
 from llm_ray.sweep.memory import cluster_memory, estimate_memory, worker_budget
@@ -212,22 +213,13 @@ def check_memory(cfg: Config, cluster: Cluster) -> Check:
         largest = max(cluster.nodes, key=lambda n: n.memory)
         memory = {"node": largest.memory, "node_cpus": largest.cpus}
         if cfg.train.use_gpu:
-            memory["gpu"] = local_gpu_memory()
+            memory["gpu"] = gpu_total_bytes()
     budget = worker_budget(memory, cfg)
     stage = f"ZeRO-{cfg.train.zero_stage}" + (" with offload" if cfg.train.offload_optimizer else "")
     if budget is None:
         return Check("memory", WARN, f"{stage}: needs about {estimate.describe()}; the memory {where} is unknown")
     detail = f"{stage}: needs about {estimate.describe()}; {budget / GIB:.2f} GiB {where}"
     return Check("memory", PASS if estimate.total <= budget else FAIL, detail)
-
-
-def local_gpu_memory() -> int | None:
-    try:
-        import torch
-
-        return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
-    except ImportError:
-        return None
 
 
 def check_object_store(cfg: Config, cluster: Cluster) -> Check:

@@ -26,7 +26,9 @@ def main(preset: str, overrides: list[str]) -> dict:
     from llm_ray.sweep.memory import estimate_memory
     from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validation_batches
     from llm_ray.train.engine import build_engine
-    from llm_ray.train.loop import TrainState, peak_rss_bytes, run_training
+    from llm_ray.checkpoint import TrainState
+    from llm_ray.memory import peak_rss_bytes
+    from llm_ray.train.loop import run_training
 
     cfg = load_config(preset, ["train.num_workers=1", *overrides])
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")

@@ -39,6 +39,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from llm_ray.config import Config, model_spec
+from llm_ray.memory import gpu_total_bytes
 from llm_ray.model import GPT
 
 GIB = 1024**3
@@ -157,13 +158,7 @@ def cluster_memory(may_use_gpu: bool, gpu_timeout_s: float = 300) -> dict:
               "node_cpus": largest["Resources"].get("CPU", 1) if largest else 1}
     if may_use_gpu and ray.cluster_resources().get("GPU"):
 
-        @ray.remote(num_gpus=1)
-        def gpu_memory() -> int:
-            import torch
-
-            return torch.cuda.mem_get_info()[1]
-
-        probe = gpu_memory.remote()
+        probe = ray.remote(num_gpus=1)(gpu_total_bytes).remote()
         try:  # a busy cluster may have no GPU free now: the budget is then unknown, not a failure
             memory["gpu"] = ray.get(probe, timeout=gpu_timeout_s)
         except ray.exceptions.GetTimeoutError:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from llm_ray.checkpoint.state import TrainState
 from llm_ray.config import Config
-from llm_ray.memory import peak_rss_bytes
+from llm_ray.memory import peak_memory_bytes
 from llm_ray.train.data import MicroBatches
 from llm_ray.train.engine import param_groups
 
@@ -105,13 +105,6 @@ def l1_penalty(matrices: list[torch.Tensor]) -> torch.Tensor:
     return sum(p.abs().sum(dtype=torch.float32) for p in matrices)
 
 
-def memory_bytes(device) -> int:
-    """Peak memory of this worker: allocated device memory on GPU, resident set size on CPU."""
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return peak_rss_bytes()
-
-
 @dataclass
 class StepTimes:
     """Seconds spent training, evaluating and checkpointing: throughput counts only the first."""
@@ -162,7 +155,7 @@ def log_row(cfg: Config, engine, state: TrainState, train_loss: float, lr: float
     t = cfg.train
     tokens_per_sec = steps * t.total_batch_tokens / max(times.train, 1e-9)
     row = {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
-           "memory_gb": memory_bytes(device) / 1e9, "train_seconds": times.train, "eval_seconds": times.eval,
+           "memory_gb": peak_memory_bytes(device) / 1e9, "train_seconds": times.train, "eval_seconds": times.eval,
            "checkpoint_seconds": times.checkpoint}
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
