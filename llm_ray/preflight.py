@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_ray.checkpoint import find_model_dir, read_config
-from llm_ray.config import Config
+from llm_ray.checkpoint.location import checkpoint_location
+from llm_ray.config import Config, ConfigError
 from llm_ray.data.corpus import CorpusError
-from llm_ray.data.prepare import data_dir, local_sources
+from llm_ray.data.prepare import cluster_paths, data_dir
 from llm_ray.data.sources import check_uri
-from llm_ray.ray_utils import join
 from llm_ray.memory import gpu_total_bytes
+from llm_ray.ray_utils import join
 from llm_ray.storage import (StorageError, as_location, check_credentials, check_shared, check_writable, s3_error,
                              s3_filesystem)
 from llm_ray.sweep.memory import cluster_memory, estimate_memory, worker_budget
@@ -110,7 +111,8 @@ def check_sources(cfg: Config, cluster: Cluster | None = None) -> Check:
     filesystem is shared, as prepare refuses them); S3 sources have credentials and exist."""
     found = []
     try:
-        check_shared(local_sources(cfg), len(cluster.nodes) if cluster else 1, cfg.data.shared_filesystem)
+        check_shared(cluster_paths(cfg, outputs=False, sources=True), len(cluster.nodes) if cluster else 1,
+                     cfg.data.shared_filesystem)
         for source in cfg.data.sources:
             scheme = check_uri(source)
             if scheme == "builtin":
@@ -137,12 +139,10 @@ def check_storage(cfg: Config, cluster: Cluster) -> Check:
     """output_dir (and train.storage_path) writable; shared by every node of a multi-node cluster."""
     try:
         check_writable(cfg.run_location)
-        places = {"output_dir": cfg.run_location}
         if cfg.train.storage_path:
-            places["train.storage_path"] = as_location(cfg.train.storage_path, cfg.data.s3)
-            check_writable(places["train.storage_path"], "train.storage_path")
-        check_shared(places, len(cluster.nodes), cfg.data.shared_filesystem)
-    except StorageError as e:
+            check_writable(checkpoint_location(cfg)[0], "train.storage_path")
+        check_shared(cluster_paths(cfg), len(cluster.nodes), cfg.data.shared_filesystem)
+    except (StorageError, ConfigError) as e:
         return Check("storage", FAIL, str(e))
     return Check("storage", PASS, f"{cfg.run_location.uri} is writable")
 

@@ -28,6 +28,7 @@ import time
 import ray.data
 from ray.data.expressions import col
 
+from llm_ray.checkpoint.location import checkpoint_location
 from llm_ray.config import Config, ConfigError
 from llm_ray.data import stages
 from llm_ray.data.dedup_stage import dedup_key, deduplicate
@@ -49,6 +50,21 @@ def local_sources(cfg: Config) -> dict[str, Location]:
     named = [("data.sources", s) for s in cfg.data.sources] + [("data.decontaminate", s) for s in cfg.data.decontaminate]
     return {f"{field} ({s})": Location(str(cache_dir())) if s.startswith("builtin:")
             else Location.parse(s, field=field) for field, s in named if not s.startswith("s3://")}
+
+
+def cluster_paths(cfg: Config, outputs: bool = True, sources: bool = False,
+                  data: Location | None = None) -> dict[str, Location]:
+    """The paths a step of the run reads or writes, by field name, for the one storage rule of a cluster
+    of several nodes (storage.check_shared: local paths only on a shared filesystem): the outputs
+    (output_dir, train.storage_path), the local sources when it reads them, the prepared data."""
+    paths = {"output_dir": cfg.run_location} if outputs else {}
+    if outputs and cfg.train.storage_path:  # else the checkpoints are under output_dir
+        paths["train.storage_path"] = checkpoint_location(cfg)[0]
+    if sources:
+        paths.update(local_sources(cfg))
+    if data is not None:
+        paths["--data"] = data
+    return paths
 
 
 def data_dir(cfg: Config) -> Location:
@@ -141,7 +157,7 @@ def input_files(cfg: Config, out: Location, log) -> tuple[list[FileRef], list[Fi
     local paths would be read or written by other nodes."""
     # Tasks on other nodes write the shards: a local folder is only right on a shared filesystem.
     try:
-        check_shared({"output_dir": out, **local_sources(cfg)}, alive_nodes(), cfg.data.shared_filesystem)
+        check_shared(cluster_paths(cfg, sources=True), alive_nodes(), cfg.data.shared_filesystem)
     except StorageError as e:
         raise ConfigError(str(e)) from None
     out.mkdir()

@@ -13,7 +13,7 @@ from llm_ray.checkpoint.location import checkpoint_location
 from llm_ray.checkpoint.manifest import ResumePoint, find_resume_point, read_checkpoint_files
 from llm_ray.config import Config, ConfigError
 from llm_ray.data.pack import load_manifest
-from llm_ray.data.prepare import PrepareError, data_dir
+from llm_ray.data.prepare import PrepareError, cluster_paths, data_dir
 from llm_ray.ray_utils import alive_nodes
 from llm_ray.storage import Location, StorageError, as_location, check_shared, check_writable, node_cache
 from llm_ray.tracking import tracking_dir
@@ -164,9 +164,8 @@ def publish_model(cfg: Config, checkpoint: Location, log) -> Path:
 def check_cluster_storage(cfg: Config, data: Location) -> None:
     """Refuse local paths on a multi-node Ray cluster unless data.shared_filesystem says they are shared."""
     nodes = alive_nodes()
-    paths = {"output_dir": cfg.run_location, "--data": data, "train.storage_path": checkpoint_location(cfg)[0]}
     try:
-        check_shared(paths, nodes, cfg.data.shared_filesystem)
+        check_shared(cluster_paths(cfg, data=data), nodes, cfg.data.shared_filesystem)
     except StorageError as e:
         raise ConfigError(str(e)) from None
 
