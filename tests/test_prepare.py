@@ -57,7 +57,8 @@ def test_prepare_from_s3_dedups_splits_and_reports(ray_session, s3_corpus, tmp_p
     assert "gzip" in report["files"]["failed"][0][1]
     assert report["notes"] == {"empty_file": 1}
     # 14 plays + 3 planted copies read; the copies fold into their originals' clusters.
-    assert report["stages"][1]["docs_out"] == 17 and report["stages"][2]["docs_out"] == 14
+    after = {s["step"]: s["documents"] for s in report["funnel"]}
+    assert after["cleaned text"] == 17 and after["after near dedup (kept)"] == 14
     assert report["dedup"]["clusters_with_copies"] == 3
     assert sum(manifest["documents"].values()) == 14 and all(manifest["documents"].values())
     kept = {row["doc_key"] for row in pq.read_table(out / "dedup").to_pylist()}
@@ -150,17 +151,45 @@ def split_blocks(cfg, manifest):
             for split, info in manifest["splits"].items()}
 
 
-def held_out_membership(cfg):
-    """{file name: split} of every kept document, from its cluster key, as prepare assigns it."""
-    from llm_ray.data.splits import assign_splits, split_thresholds
-
+def split_texts(cfg, manifest) -> dict[str, list[str]]:
+    """{split: its documents, decoded from the packed blocks prepare wrote}. Blocks overlap by one
+    token, so each shard's token stream is rebuilt first; documents end at end-of-text, and a shard's
+    last one may be cut short (its tail did not fill a block)."""
     import numpy as np
+    from tokenizers import Tokenizer
 
-    rows = pq.read_table(data_dir(cfg).local() / "dedup").to_pylist()
-    thresholds = split_thresholds(sorted({r["cluster_key"] for r in rows}), cfg.data)
-    splits = assign_splits({"cluster_key": np.array([r["cluster_key"] for r in rows], dtype=object)},
-                          cfg.data.split_seed, *thresholds)["split"]
-    return {r["doc_key"].rsplit("/", 1)[-1]: split for r, split in zip(rows, splits)}
+    from llm_ray.data.tokenizer import EOT
+
+    tokenizer = Tokenizer.from_file(str(data_dir(cfg).local() / manifest["tokenizer"]))
+    eot = tokenizer.token_to_id(EOT)
+    texts = {}
+    for split, info in manifest["splits"].items():
+        texts[split] = []
+        for shard in info["shards"]:
+            blocks = np.load(data_dir(cfg).local() / shard["file"]).astype(np.int64)
+            ids = np.concatenate([blocks[:, :-1].ravel(), blocks[-1:, -1]]).tolist()
+            docs, current = [], []
+            for i in ids:
+                if i == eot:
+                    docs.append(tokenizer.decode(current))
+                    current = []
+                else:
+                    current.append(i)
+            texts[split] += [d for d in docs + [tokenizer.decode(current)] if d]
+    return texts
+
+
+def held_out_membership(cfg, manifest, corpus) -> dict[str, str]:
+    """{file name: split} of every document in the packed splits, named by the one file of the
+    planted corpus that begins with its first 200 characters (a play and its copy differ sooner)."""
+    files = {p.name: p.read_text() for p in corpus.iterdir()}
+    membership = {}
+    for split, docs in split_texts(cfg, manifest).items():
+        for doc in docs:
+            names = [name for name, text in files.items() if text.startswith(doc[:200])]
+            assert len(names) == 1 and names[0] not in membership, (split, doc[:200], names)
+            membership[names[0]] = split
+    return membership
 
 
 def test_splits_follow_content_across_folders_s3_and_training_seeds(ray_session, s3_server, tmp_path):
@@ -180,7 +209,7 @@ def test_splits_follow_content_across_folders_s3_and_training_seeds(ray_session,
             "s3": config(tmp_path / "s3", ["s3://splits/c/"], f"data.s3.endpoint_url={endpoint}", *extra),
             "seed": config(tmp_path / "seed", [str(a)], "seed=7", *extra)}
     manifests = {k: prepare(c, log=Log()) for k, c in runs.items()}
-    membership = {k: held_out_membership(c) for k, c in runs.items()}
+    membership = {k: held_out_membership(c, manifests[k], a) for k, c in runs.items()}
     assert len(membership["a"]) == 14 and {"train", "val", "test"} == set(membership["a"].values())
     blocks = {k: split_blocks(runs[k], manifests[k]) for k in runs}
     for other in ("b", "s3", "seed"):
@@ -188,47 +217,24 @@ def test_splits_follow_content_across_folders_s3_and_training_seeds(ray_session,
         for split in ("train", "val", "test"):
             assert np.array_equal(blocks[other][split], blocks["a"][split]), (other, split)
     moved = config(tmp_path / "moved", [str(a)], "data.split_seed=1", *extra)
-    prepare(moved, log=Log())
-    assert held_out_membership(moved) != membership["a"]
+    assert held_out_membership(moved, prepare(moved, log=Log()), a) != membership["a"]
 
 
 def test_no_held_out_text_appears_in_any_training_block(ray_session, tmp_path):
     """Decode the packed shards: no 80-character window of any validation or test document (nor of
     the near-copies folded into their clusters) occurs in the training text."""
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from llm_ray.data.tokenizer import EOT
-
     corpus = planted_corpus(tmp_path / "corpus")
     cfg = config(tmp_path, [str(corpus)], "data.val_fraction=0.25", "data.test_fraction=0.15")
     manifest = prepare(cfg, log=Log())
-    tokenizer = Tokenizer.from_file(str(data_dir(cfg).local() / "tokenizer" / "tokenizer.json"))
-    eot = tokenizer.token_to_id(EOT)
-
-    def stream_text(split):  # blocks overlap by one token: rebuild each shard's token stream
-        texts = []
-        for shard in manifest["splits"][split]["shards"]:
-            blocks = np.load(data_dir(cfg).local() / shard["file"]).astype(np.int64)
-            ids = np.concatenate([blocks[:, :-1].ravel(), blocks[-1:, -1]]).tolist()
-            docs, current = [], []
-            for i in ids:
-                if i == eot:
-                    docs.append(tokenizer.decode(current))
-                    current = []
-                else:
-                    current.append(i)
-            texts += docs + [tokenizer.decode(current)]
-        return texts
-
-    train_text = "\n".join(stream_text("train"))
-    membership = held_out_membership(cfg)
+    texts = split_texts(cfg, manifest)
+    train_text = "\n".join(texts["train"])
+    membership = held_out_membership(cfg, manifest, corpus)
     held_out = [name for name, split in membership.items() if split != "train"]
     # A cluster's smallest key is kept: "copy_play_NN" for the plays with a planted copy.
     assert any(name.startswith("copy_") for name in held_out), membership
     checked = 0
     for split in ("val", "test"):
-        for doc in stream_text(split):
+        for doc in texts[split]:
             for start in range(0, max(0, len(doc) - 80), 200):
                 window = doc[start : start + 80]
                 assert window not in train_text, (split, window)

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from llm_ray.data.report import (build_report, cluster_bin_label, funnel, language_shares, plot, write_report,
-                                 _plot_clusters, _plot_languages)
+from llm_ray.data.funnel import cluster_bin_label, funnel, language_shares
+from llm_ray.data.report import build_report, write_report
+from llm_ray.data.report_figure import _plot_clusters, _plot_languages, plot
 from llm_ray.storage import Location
 
 # 1,000 documents read; every number below is chosen by hand so that the expected funnel is literal.
@@ -101,7 +102,8 @@ def test_every_drop_reason_is_in_the_table_json_and_markdown(tmp_path):
     assert written["languages"] == {"en": 880, "de": 25, "fr": 10, "und": 5}
     assert written["contamination_examples"][0]["evaluation_document"] == "eval.jsonl:9"
     assert "| a.jsonl:3 | eval.jsonl:9 | 0.87 |" in md
-    assert written["stages"][1]["docs_out"] == 880 and written["stages"][2]["docs_out"] == 800
+    after = {s["step"]: s["documents"] for s in written["funnel"]}
+    assert after["cleaned text"] == 880 and after["after near dedup (kept)"] == 800
 
 
 def test_records_of_older_versions_still_make_a_report(tmp_path):
