@@ -32,7 +32,7 @@ def records() -> tuple[dict, dict, dict, dict]:
              "candidate_edges": 75, "clusters_with_copies": 21, "largest_cluster": 40,
              "cluster_size_histogram": [[2, 15], [3, 4], [5, 1], [9, 0], [17, 0], [33, 1]], "lsh_bands": 16,
              "lsh_rows": 8, "example_pairs": [{"documents": ["a.jsonl:1", "b.jsonl:2"], "estimated_jaccard": 0.93}],
-             "bytes_out": 700_000}
+             "exact_duplicate_bytes": 30_000, "bytes_out": 700_000}
     manifest = {"splits": {"train": {"documents": 760, "blocks": 100, "tokens": 25_600},
                            "val": {"documents": 30, "blocks": 4, "tokens": 1_024},
                            "test": {"documents": 10, "blocks": 2, "tokens": 512}},
@@ -61,12 +61,12 @@ def test_funnel_steps_add_up_to_the_records():
     ]
     for before, after in zip(steps, steps[1:]):
         assert after["documents"] == before["documents"] - after["dropped_documents"]
-    # Bytes: input bytes of the survivors through the filters, then the cleaned text; the exact-dedup step
-    # has no byte count of its own, so the kept step's drop is measured from the cleaned text.
-    assert [s["bytes"] for s in steps[:-1]] == [1_000_000, 993_000, 990_000, 950_000, 948_000, 900_000, None,
+    # Bytes: input bytes of the survivors through the filters, then the cleaned text, less the exact copies'
+    # 30,000 bytes, then the kept documents' 700,000.
+    assert [s["bytes"] for s in steps[:-1]] == [1_000_000, 993_000, 990_000, 950_000, 948_000, 900_000, 870_000,
                                                 700_000]
     assert steps[5]["dropped_bytes"] == 48_000
-    assert steps[7]["dropped_bytes"] == 200_000 and steps[7]["bytes_since"] == "cleaned text"
+    assert steps[7]["dropped_bytes"] == 170_000 and "bytes_since" not in steps[7]
     assert steps[1]["by_rule"] == {"empty": {"documents": 5, "bytes": 0},
                                    "symbol_word_ratio": {"documents": 20, "bytes": 2_000},
                                    "too_few_words": {"documents": 50, "bytes": 5_000}}
@@ -94,7 +94,7 @@ def test_every_drop_reason_is_in_the_table_json_and_markdown(tmp_path):
         assert reason in report["table"]
     table = report["table"]
     assert "language: -40 docs / -40.0 kB" in table
-    assert "near duplicates: -50 docs / -200.0 kB (since cleaned text)" in table
+    assert "near duplicates: -50 docs / -170.0 kB" in table
     assert "of 75 candidate edges" in table and "2: 15, 3-4: 4, 5-8: 1, 33-64: 1" in table
     assert "languages: en 95.7%, de 2.7%, fr 1.1%, und 0.5%" in table
     assert written["dedup"]["candidate_edges"] == 75
@@ -104,23 +104,6 @@ def test_every_drop_reason_is_in_the_table_json_and_markdown(tmp_path):
     assert "| a.jsonl:3 | eval.jsonl:9 | 0.87 |" in md
     after = {s["step"]: s["documents"] for s in written["funnel"]}
     assert after["cleaned text"] == 880 and after["after near dedup (kept)"] == 800
-
-
-def test_records_of_older_versions_still_make_a_report(tmp_path):
-    docs, dedup, manifest, tok = records()
-    for key in ("text_bytes_in", "drop_bytes", "languages", "contamination_examples", "pii", "pii_chars",
-                "pii_docs", "pii_examples"):
-        del docs[key]
-    for key in ("candidate_edges", "cluster_size_histogram", "bytes_out"):
-        del dedup[key]
-    report = report_of(docs, dedup, manifest, tok)
-    write_report(report, Location.parse(tmp_path))
-    steps = report["funnel"]
-    assert [s["documents"] for s in steps] == [1_000, 925, 922, 882, 880, 880, 850, 800, 800]
-    assert [s["bytes"] for s in steps[:-1]] == [None] * 5 + [900_000, None, None]  # unknown, not invented
-    assert "cluster sizes: not recorded" in report["table"] and "candidate" not in report["table"]
-    assert "languages: off" in report["table"]
-    assert (tmp_path / "prepare_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("demo", [False, True])
@@ -155,7 +138,6 @@ def panel_text(draw, *args) -> str:
 def test_empty_panels_say_why_in_words():
     assert "cleaning.languages not set" in panel_text(_plot_languages, {}, 0)
     assert "no duplicate clusters" in panel_text(_plot_clusters, [], 1)
-    assert "not recorded" in panel_text(_plot_clusters, None, 1)
     assert "no duplicate clusters" not in panel_text(_plot_clusters, [[2, 3]], 2)
     assert "cleaning.languages" not in panel_text(_plot_languages, {"en": 3}, 0)
 

@@ -17,13 +17,13 @@ FUNNEL_BYTES = ("UTF-8 bytes of text: as read through the filters (bytes of the 
 def funnel(docs: dict, dedup: dict, manifest: dict) -> list[dict]:
     """One dict per step: documents and bytes after it, what it dropped (documents, bytes) and why.
     Each step's documents are the previous step's minus its dropped_documents."""
-    drops, drop_bytes = docs.get("drops", {}), docs.get("drop_bytes")
+    drops, drop_bytes = docs["drops"], docs["drop_bytes"]
 
-    def dropped_bytes(reasons) -> int | None:  # old records have no drop_bytes
-        return None if drop_bytes is None else sum(drop_bytes.get(r, 0) for r in reasons)
+    def dropped_bytes(reasons) -> int:
+        return sum(drop_bytes.get(r, 0) for r in reasons)
 
-    steps = [{**_step("read", docs["docs_in"], docs.get("text_bytes_in"), 0, 0, None), "files": docs.get("files", 0),
-              "files_failed": len(docs.get("failed", [])), "stored_bytes": docs.get("bytes_in")}]
+    steps = [{**_step("read", docs["docs_in"], docs["text_bytes_in"], 0, 0, None), "files": docs["files"],
+              "files_failed": len(docs["failed"]), "stored_bytes": docs["bytes_in"]}]
     rules = sorted(r for r in drops if r not in {reason for _, reason in LATER_FILTERS})
     steps.append(_after(steps, "after quality rules", sum(drops[r] for r in rules), dropped_bytes(rules), QUALITY))
     steps[-1]["by_rule"] = {r: {"documents": drops[r], "bytes": dropped_bytes([r])} for r in rules}
@@ -31,11 +31,11 @@ def funnel(docs: dict, dedup: dict, manifest: dict) -> list[dict]:
         steps.append(_after(steps, name, drops.get(reason, 0), dropped_bytes([reason]), reason))
     if steps[-1]["documents"] != docs["docs_out"]:  # the record disagrees with itself: show it, don't hide it
         steps.append(_after(steps, "unaccounted", steps[-1]["documents"] - docs["docs_out"], None, "unaccounted"))
-    steps.append(_after(steps, "cleaned text", 0, None, "cleaning edits", bytes_after=docs.get("bytes_out")))
-    steps.append(_after(steps, "after exact dedup", dedup["exact_duplicates"], dedup.get("exact_duplicate_bytes"),
+    steps.append(_after(steps, "cleaned text", 0, None, "cleaning edits", bytes_after=docs["bytes_out"]))
+    steps.append(_after(steps, "after exact dedup", dedup["exact_duplicates"], dedup["exact_duplicate_bytes"],
                         "exact duplicates"))
     steps.append(_after(steps, KEPT, steps[-1]["documents"] - dedup["docs_out"], None, "near duplicates",
-                        bytes_after=dedup.get("bytes_out")))
+                        bytes_after=dedup["bytes_out"]))
     in_splits = {name: n for name, n in manifest["documents"].items() if n}
     steps.append(_after(steps, "splits", steps[-1]["documents"] - sum(in_splits.values()), None, "not in a split"))
     steps[-1].update(splits=in_splits, tokens={k: s["tokens"] for k, s in manifest["splits"].items()})

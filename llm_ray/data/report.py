@@ -23,18 +23,16 @@ def build_report(manifest: dict, docs: dict, dedup: dict, tok: dict, timings: di
         "funnel_bytes": FUNNEL_BYTES,
         "files": {"read": docs["files"], "failed": docs["failed"]},
         "drops": dict(sorted(docs["drops"].items())),
-        "drop_bytes": dict(sorted(docs.get("drop_bytes", {}).items())),
-        "pii": {"redacted": dict(sorted(docs.get("pii", {}).items())), "characters": docs.get("pii_chars", 0),
-                "documents": docs.get("pii_docs", 0), "examples": docs.get("pii_examples", [])},
+        "drop_bytes": dict(sorted(docs["drop_bytes"].items())),
+        "pii": {"redacted": dict(sorted(docs["pii"].items())), "characters": docs["pii_chars"],
+                "documents": docs["pii_docs"], "examples": docs["pii_examples"]},
         "notes": dict(sorted(docs["notes"].items())),
-        "languages": dict(sorted(docs.get("languages", {}).items(), key=lambda kv: (-kv[1], kv[0]))),
-        "contamination_examples": docs.get("contamination_examples", []),
-        "length_histogram": list(docs.get("length_histogram", [])),
+        "languages": dict(sorted(docs["languages"].items(), key=lambda kv: (-kv[1], kv[0]))),
+        "contamination_examples": docs["contamination_examples"],
+        "length_histogram": list(docs["length_histogram"]),
         "dedup": {**{k: dedup[k] for k in ("exact_duplicates", "near_duplicate_pairs", "clusters_with_copies",
-                                           "largest_cluster", "lsh_bands", "lsh_rows", "example_pairs")},
-                  # absent from older records: None says "not recorded", not zero
-                  "candidate_edges": dedup.get("candidate_edges"),
-                  "cluster_size_histogram": dedup.get("cluster_size_histogram")},
+                                           "largest_cluster", "lsh_bands", "lsh_rows", "example_pairs",
+                                           "candidate_edges", "cluster_size_histogram")}},
         "splits": {name: {"documents": manifest["documents"].get(name, 0), "blocks": s["blocks"],
                           "tokens": s["tokens"]} for name, s in manifest["splits"].items()},
         "tokenizer": {"vocab_size": tok["vocab_size"], "fertility_tokens_per_word": round(tok["fertility"], 3),
@@ -90,12 +88,11 @@ def format_table(r: dict) -> str:
     if r["contamination_examples"]:
         lines.append(f"contamination examples: {len(r['contamination_examples'])} (in prepare_report.md)")
     d = r["dedup"]
-    candidates = "" if d["candidate_edges"] is None else f" of {d['candidate_edges']:,} candidate edges"
     lines.append(f"duplicates: {d['exact_duplicates']:,} exact copies, {d['near_duplicate_pairs']:,} near "
-                 f"edges{candidates}, {d['clusters_with_copies']:,} clusters with copies "
+                 f"edges of {d['candidate_edges']:,} candidate edges, {d['clusters_with_copies']:,} clusters with copies "
                  f"(largest {d['largest_cluster']:,})")
     hist = d["cluster_size_histogram"]
-    lines.append("cluster sizes: " + ("not recorded" if hist is None else "none" if not any(c for _, c in hist)
+    lines.append("cluster sizes: " + ("none" if not any(c for _, c in hist)
                                       else ", ".join(f"{cluster_bin_label(lo)}: {c:,}" for lo, c in hist if c)))
     lines.append("splits: " + ", ".join(f"{k} {v['documents']:,} docs / {v['tokens']:,} tokens"
                                         for k, v in r["splits"].items()))

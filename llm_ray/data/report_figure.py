@@ -126,10 +126,8 @@ def _empty(ax, title: str, message: str) -> None:
     ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="gray")
 
 
-def _plot_clusters(ax, histogram: list | None, largest: int) -> None:
+def _plot_clusters(ax, histogram: list, largest: int) -> None:
     title = "duplicate clusters by size (documents)"
-    if histogram is None:
-        return _empty(ax, title, "cluster sizes not recorded\n(dedup record from an older version)")
     if not any(c for _, c in histogram):
         return _empty(ax, title, "no duplicate clusters")
     counts = [c for _, c in histogram]
