@@ -1,4 +1,4 @@
-"""Metrics trackers behind one small interface: no-op, in-memory (tests) and Weights & Biases.
+"""Metrics trackers behind one small interface: no-op and Weights & Biases.
 
 Only rank 0 tracks. W&B runs offline unless WANDB_API_KEY is set (or the config asks);
 its run id travels in the checkpoint so that a resumed run continues the same W&B run.
@@ -29,20 +29,6 @@ class NoOpTracker:
 
     def log(self, metrics: dict, step: int) -> None:
         pass
-
-    def finish(self) -> None:
-        pass
-
-
-class MemoryTracker:
-    """Keeps every logged row; for tests."""
-
-    def __init__(self):
-        self.run_id = "memory"
-        self.rows: list[tuple[int, dict]] = []
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.rows.append((step, dict(metrics)))
 
     def finish(self) -> None:
         pass

@@ -68,7 +68,7 @@ def test_overlap_with_names_the_most_covered_evaluation_document():
     a, b, c = (random_words(60, vocabulary, rng) for _ in range(3))
     shared = random_words(30, vocabulary, rng)
     evaluation = [a, b + " " + shared, shared + " " + c]  # the 18 n-grams of `shared` are in two documents
-    index = ngrams.eval_index(evaluation, 13)
+    index = ngrams.index_of([ngrams.ngram_hashes(t, 13) for t in evaluation])
     assert list(index.ngrams) == [48, 78, 78] and len(index.hashes) == 48 + 78 + 78 - 18
     assert (np.diff(index.starts) == 2).sum() == 18
     # A training text holding all of a and the shared passage covers a whole, 18 of 78 of the others.

@@ -108,11 +108,6 @@ def index_of(per_doc: list[np.ndarray]) -> EvalIndex:
     return index_from_pairs(doc_ids, np.concatenate(per_doc) if per_doc else EMPTY, len(per_doc))
 
 
-def eval_index(texts: list[str], n: int) -> EvalIndex:
-    """The EvalIndex of the word n-grams of texts; document ids are positions in texts."""
-    return index_of([ngram_hashes(t, n) for t in texts])
-
-
 def found(index: EvalIndex, hashes: np.ndarray) -> np.ndarray:
     """Positions in index.hashes of the given hashes that the index holds (one binary search each)."""
     pos = np.searchsorted(index.hashes, hashes)
@@ -127,11 +122,6 @@ def docs_of(index: EvalIndex, positions: np.ndarray) -> np.ndarray:
     # Each position's run in docs, gathered without a Python loop: start of its run + 0, 1, ..., length - 1.
     offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     return index.docs[np.repeat(index.starts[positions], lengths) + offsets]
-
-
-def hits_per_doc(index: EvalIndex, positions: np.ndarray) -> np.ndarray:
-    """(D,) how many of each document's distinct n-grams are among the given distinct hash positions."""
-    return np.bincount(docs_of(index, positions), minlength=len(index.ngrams)).astype(np.int64)
 
 
 def overlap_with(index: EvalIndex, hashes: np.ndarray) -> tuple[int, float]:
