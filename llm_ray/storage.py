@@ -13,6 +13,7 @@ AWS chain), so Ray tasks on any node receive it as an argument.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -157,6 +158,38 @@ def _s3_filesystem(s3: S3Settings):
     return s3_filesystem(s3)
 
 
+@functools.lru_cache(maxsize=8)
+def _s3_client(s3: S3Settings):
+    """A boto3 S3 client with the same endpoint, region, timeouts, retries and credentials chain as
+    s3_filesystem, for the one request pyarrow cannot make (see Location.write_new)."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config as BotoConfig
+
+    config = BotoConfig(region_name=s3.region, connect_timeout=s3.connect_timeout_s, read_timeout=s3.request_timeout_s,
+                        retries={"mode": "standard", "total_max_attempts": s3.max_attempts},
+                        **({"signature_version": UNSIGNED} if s3.anonymous else {}))
+    return boto3.session.Session().client("s3", endpoint_url=s3.endpoint_url, config=config)
+
+
+def _put_if_absent(location: "Location", data: bytes) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = location.path.partition("/")
+    try:
+        _s3_client(S3Settings.of(location.s3)).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        # 412: the object exists; 409: another conditional write to it was under way (the caller looks again)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        raise StorageError(f"{location.uri}: could not create the object: {code or 'error'} (HTTP {status})") from None
+    except BotoCoreError as e:
+        raise StorageError(f"{location.uri}: could not create the object: {type(e).__name__}") from None
+
+
 @dataclass(frozen=True)
 class Location:
     """A file or folder: an absolute local path, or s3://bucket/key with the S3 settings to reach it."""
@@ -291,6 +324,25 @@ class Location:
     def write_json(self, payload: Any) -> None:
         self.write_text(json.dumps(payload, indent=2, default=str))
 
+    def write_new(self, data: bytes) -> bool:
+        """Write data here only if nothing is here yet, in one step that writers on any node agree on:
+        True if this call wrote it, False if something already was. Local: a complete file hard-linked
+        to the name (a link never replaces a file; also on NFS); S3: a conditional PUT (If-None-Match: *,
+        which AWS S3 honours since 2024, as do MinIO and moto; pyarrow cannot send it, boto3 can)."""
+        if self.remote:
+            return _put_if_absent(self, data)
+        target = Path(self.uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
     def rmtree(self) -> None:
         """Remove the folder and everything under it; nothing happens when it does not exist."""
         if not self.remote:
@@ -413,6 +465,63 @@ def local_copy(location: Location, cache: Path) -> Path:
         if not target.is_file():
             location.download(target)
     return target
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths
+AT_FDCWD = -100  # paths relative to the working directory (absolute ones are anyway)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """The C library's renameat2, or None (not Linux, or glibc before 2.28)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        renameat2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the
+    C library, kernel or filesystem lacks it (not Linux, glibc before 2.28, some network filesystems)."""
+    import ctypes
+
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the local folder new at target, in place of the folder there, so that a reader always finds
+    target whole: the old folder or the new one, never neither, never a mix. Where target exists it is
+    swapped with new in one step (exchange_paths) and the old folder, now at new, is deleted.
+
+    Without that swap (see exchange_paths) the old folder is renamed aside first and new renamed in: two
+    renames on the same disk, no data copied, between which (microseconds) target is missing."""
+    new, target = Path(new), Path(target)
+    try:
+        os.rename(new, target)  # nothing there (or an empty folder): one atomic step
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    if exchange_paths(new, target):
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    aside = target.with_name(f".{target.name}.{secrets.token_hex(8)}.old")
+    os.rename(target, aside)
+    os.rename(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_shared(paths: dict[str, Location], nodes: int, shared_filesystem: bool) -> None:

@@ -99,9 +99,13 @@ def test_startup_trials_are_random_search_then_the_model_takes_over(algorithm):
 
 
 def test_the_sweep_folder_follows_output_dir(tmp_path):
+    from llm_ray.storage import S3Settings
+
     base = load_config("debug", [f"output_dir={tmp_path / 'base'}"])
-    assert sweep_dir(sweep_of(), base) == (tmp_path / "base" / "toy").resolve()
-    assert sweep_dir(sweep_of(output_dir=str(tmp_path / "elsewhere")), base) == (tmp_path / "elsewhere" / "toy")
+    assert sweep_dir(sweep_of(), base).local() == (tmp_path / "base" / "toy").resolve()
+    assert sweep_dir(sweep_of(output_dir=str(tmp_path / "elsewhere")), base).local() == tmp_path / "elsewhere" / "toy"
+    on_s3 = sweep_dir(sweep_of(output_dir="s3://bucket/sweeps/"), base)  # trials on every node reach it
+    assert on_s3.uri == "s3://bucket/sweeps/toy" and on_s3.s3 == S3Settings.of(base.data.s3)
 
 
 def test_the_base_data_folder_is_absolute_for_trials_running_in_other_folders(tmp_path, monkeypatch):

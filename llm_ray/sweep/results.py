@@ -14,7 +14,8 @@ from pathlib import Path
 
 from llm_ray.config import Config, dump_config
 from llm_ray.config.sweep import Dimension, SweepConfig
-from llm_ray.sweep.trial import EXPERIMENT, read_status, trial_name, with_values
+from llm_ray.storage import Location, local_folder
+from llm_ray.sweep.trial import read_status, trial_name, tune_storage, with_values
 
 
 def _order(trial) -> int:
@@ -25,18 +26,19 @@ def _order(trial) -> int:
 
 def _error_line(trial) -> str:
     try:
-        text = Path(trial.error_file).read_text(encoding="utf-8") if trial.error_file else ""
-    except OSError:
+        text = trial.get_error() or ""  # error.txt from the experiment's storage (S3 too)
+    except Exception:
         text = ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else "see the trial's error.txt"
 
 
-def summarize(sweep: SweepConfig, folder: Path, dims: list[Dimension]) -> dict:
+def summarize(sweep: SweepConfig, folder: Location, dims: list[Dimension]) -> dict:
     """{"rows": [...], "best": row or None, "objective": name} from the sweep folder."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(folder / EXPERIMENT))
+    path, filesystem = tune_storage(folder)
+    analysis = ExperimentAnalysis(path, storage_filesystem=filesystem)
     rows = []
     for trial in sorted(analysis.trials, key=_order):
         record = read_status(folder / "trials" / trial_name(trial.trial_id)) or {}
@@ -168,18 +170,20 @@ def plot_parallel(summary: dict, dims: list[Dimension], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(summary: dict, sweep: SweepConfig, base: Config, folder: Path, log=print) -> None:
+def write_results(summary: dict, sweep: SweepConfig, base: Config, folder: Location, log=print) -> None:
+    """results.csv, the plots and best_config.yaml in the sweep folder (written here, then uploaded to S3)."""
     dims = sweep.dimensions()
-    write_csv(summary, dims, folder / "results.csv")
-    plot_history(summary, folder / "history.png")
-    plot_parallel(summary, dims, folder / "parallel.png")
-    log(table(summary, dims))
     best = summary["best"]
+    with local_folder(folder) as out:
+        write_csv(summary, dims, out / "results.csv")
+        plot_history(summary, out / "history.png")
+        plot_parallel(summary, dims, out / "parallel.png")
+        if best is not None:
+            dump_config(best_config(sweep, base, best, dims), out / "best_config.yaml")
+    log(table(summary, dims))
     if best is None:
         log(f"tune: no trial reported {summary['objective']}; see {folder / 'results.csv'}")
         return
-    cfg = best_config(sweep, base, best, dims)
-    dump_config(cfg, folder / "best_config.yaml")
     summary["best_config"] = str(folder / "best_config.yaml")
     log(f"tune: best {best['trial']}: {summary['objective']} {best[summary['objective']]:.4f}")
     log(f"tune: best checkpoint: {best['checkpoint']}")

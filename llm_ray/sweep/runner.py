@@ -1,11 +1,13 @@
 """`llm-ray tune`: a sweep file turned into a Ray Tune experiment, started or restored.
 
-Layout of <output_dir>/<sweep name>/:
+Layout of <output_dir>/<sweep name>/, a local folder or an s3:// prefix (trials on every node read and
+write it; a local one on a multi-node cluster must be on a filesystem every node mounts):
 
     sweep.yaml        the sweep file as run (a --resume must match it)
     tune/             Ray Tune's experiment state: trials, searcher state, results
     trials/<trial>/   each trial's training run: checkpoints, W&B, trial.json (its status)
-    data/<key>/       prepared data variants, when the space searches data settings
+    data/<key>/       prepared data variants, when the space searches data settings, and the
+                      claims of the trials preparing them (see sweep.claim)
     results.csv, best_config.yaml, history.png, parallel.png (see sweep.results)
 """
 
@@ -20,11 +22,11 @@ from llm_ray.config import Config, ConfigError, apply_override, read_source, val
 from llm_ray.config.loading import PRESETS
 from llm_ray.config.sweep import Dimension, SweepConfig
 from llm_ray.data.prepare import data_dir, prepare
-from llm_ray.ray_utils import init_ray
-from llm_ray.storage import Location
+from llm_ray.ray_utils import alive_nodes, init_ray
+from llm_ray.storage import Location, S3Settings, StorageError, check_shared, check_writable
 from llm_ray.sweep.memory import cluster_memory as measured
 from llm_ray.sweep.results import summarize, write_results
-from llm_ray.sweep.trial import DATA_SECTIONS, EXPERIMENT, data_variant, run_trial
+from llm_ray.sweep.trial import DATA_SECTIONS, EXPERIMENT, data_variant, run_trial, tune_storage
 
 # Tune snapshots its experiment (trials, searcher) at most this often; a driver killed with
 # SIGKILL loses what happened since the last snapshot. Its default is 10 s or more.
@@ -47,13 +49,29 @@ def base_tree(sweep: SweepConfig, sweep_folder: Path) -> dict:
     return tree
 
 
-def sweep_dir(sweep: SweepConfig, base: Config) -> Path:
-    folder = sweep.output_dir or base.output_dir
-    if "://" in folder:
-        field = "output_dir" if sweep.output_dir else f"output_dir of the base config ({sweep.base})"
-        raise ConfigError(f"{field}: {folder}: a sweep keeps its trials and results in a local folder; set "
-                          "output_dir in the sweep file to one (the base config's prepared data may stay on S3)")
-    return Path(folder).expanduser().resolve() / sweep.name
+def output_field(sweep: SweepConfig) -> str:
+    """The setting that places the sweep folder, for messages."""
+    return "output_dir" if sweep.output_dir else f"output_dir of the base config ({sweep.base})"
+
+
+def sweep_dir(sweep: SweepConfig, base: Config) -> Location:
+    """<output_dir>/<sweep name>: a local folder or an s3:// prefix (reached with the base's data.s3)."""
+    try:
+        return Location.parse(sweep.output_dir or base.output_dir, base.data.s3, output_field(sweep)) / sweep.name
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_sweep_storage(folder: Location, sweep: SweepConfig, base: Config) -> None:
+    """Trials run on any node and write their status and data into the sweep folder: S3 must be
+    writable, and a local folder on a multi-node cluster must be shared (data.shared_filesystem)."""
+    field = output_field(sweep)
+    try:
+        if folder.remote:
+            check_writable(folder, field)
+        check_shared({field: folder}, alive_nodes(), base.data.shared_filesystem)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def tune_space(dims: list[Dimension], grid: bool) -> dict:
@@ -133,25 +151,26 @@ def prepare_base_data(sweep: SweepConfig, base: Config, dims: list[Dimension], l
             "output_dir": Location.parse(base.output_dir).uri, "name": base.name}
 
 
-def check_resume(folder: Path, sweep: SweepConfig, resume: bool) -> None:
+def check_resume(folder: Location, sweep: SweepConfig, resume: bool) -> None:
     """--resume needs the same sweep; a new start must not overwrite an earlier sweep's results."""
     from ray import tune
 
     saved = folder / "sweep.yaml"
-    exists = tune.Tuner.can_restore(str(folder / EXPERIMENT))
+    path, filesystem = tune_storage(folder)
+    exists = tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     current = sweep.model_dump(mode="json")
     if resume:
         if not exists:
             raise ConfigError(f"--resume: there is no sweep to continue at {folder}")
-        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+        previous = yaml.safe_load(saved.read_text()) if saved.is_file() else None
         if previous != current:
             raise ConfigError(f"--resume: {folder / 'sweep.yaml'} differs from the sweep file given; a sweep "
                               "continues with the search it started (rename the sweep to start a new one)")
     elif exists:
         raise ConfigError(f"sweep {sweep.name!r} already ran at {folder}: add --resume to continue it, or "
                           "give the sweep another name")
-    folder.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
+    folder.mkdir()
+    saved.write_text(yaml.safe_dump(current, sort_keys=False))
 
 
 def run_sweep(sweep: SweepConfig, sweep_folder: Path, resume: bool = False, log=print) -> dict:
@@ -163,22 +182,25 @@ def run_sweep(sweep: SweepConfig, sweep_folder: Path, resume: bool = False, log=
     dims = sweep.dimensions()
     folder = sweep_dir(sweep, base)
     scheduler = make_scheduler(sweep, base)
-    check_resume(folder, sweep, resume)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_SECONDS)
     init_ray()
+    check_sweep_storage(folder, sweep, base)
+    check_resume(folder, sweep, resume)
     may_use_gpu = base.train.use_gpu or any(d.path == "train.use_gpu" for d in dims)
     plan = {
-        "sweep": sweep.name, "objective": sweep.objective, "base_tree": tree, "sweep_dir": str(folder),
-        "trials_dir": str(folder / "trials"), "concurrent_trials": sweep.search.max_concurrent_trials,
+        "sweep": sweep.name, "objective": sweep.objective, "base_tree": tree, "sweep_dir": folder.uri,
+        "trials_dir": (folder / "trials").uri, "s3": S3Settings.of(base.data.s3),
+        "concurrent_trials": sweep.search.max_concurrent_trials,
         "memory": cluster_memory(sweep, may_use_gpu), "base_data": prepare_base_data(sweep, base, dims, log),
     }
     # The trial function only coordinates (its workers reserve their own CPUs and GPUs): a token
     # reservation, as Tune refuses an empty one.
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    experiment, filesystem = tune_storage(folder)
     if resume:
         log(f"tune: continuing the sweep at {folder / EXPERIMENT}")
-        tuner = tune.Tuner.restore(str(folder / EXPERIMENT), trainable, resume_unfinished=True,
-                                   resume_errored=False)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=filesystem)
     else:
         s = sweep.search
         log(f"tune: sweep {sweep.name}: {s.algorithm} search, "
@@ -190,7 +212,7 @@ def run_sweep(sweep: SweepConfig, sweep_folder: Path, resume: bool = False, log=
             tune_config=tune.TuneConfig(search_alg=make_searcher(sweep), scheduler=scheduler,
                                         num_samples=s.trials, max_concurrent_trials=s.max_concurrent_trials,
                                         metric=sweep.objective, mode="min", reuse_actors=False),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=folder.path, storage_filesystem=filesystem,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                       verbose=1),
         )

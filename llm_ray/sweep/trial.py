@@ -6,21 +6,22 @@ against the worker's memory (a trial that cannot fit is skipped before any worke
 or prepares its data, and then runs exactly what `llm-ray train` runs, with one Ray Train
 callback that forwards the workers' reports to Tune. Its checkpoints, metrics, resume and W&B
 run are a normal training run's, in <sweep>/trials/<trial name>/.
+
+Trials run on any node of the cluster: what they share (their status, trial.json; the claims on the
+data variants; the variants themselves) lives in the sweep folder as a storage Location, a local
+folder (one machine, or a filesystem every node mounts) or an s3:// prefix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
-import json
-from pathlib import Path
 
 from llm_ray.config import Config, ConfigError, set_path, validate
 from llm_ray.data.prepare import MANIFEST, data_dir, prepare
 from llm_ray.data.stages import stage_key
 from llm_ray.eval.run import evaluate
-from llm_ray.storage import Location
+from llm_ray.storage import Location, StorageError, as_location
+from llm_ray.sweep.claim import run_once
 from llm_ray.sweep.memory import GIB, estimate_memory, worker_budget as budget
 from llm_ray.train.trainer import train
 
@@ -43,6 +44,18 @@ class SkippedTrial(TrialNotRun):
 
 def trial_name(trial_id: str) -> str:
     return f"trial-{trial_id}"
+
+
+def sweep_location(plan: dict, key: str) -> Location:
+    """A folder of the plan ("sweep_dir", "trials_dir": local paths or s3:// URIs) as a Location, with
+    the sweep's S3 settings."""
+    return Location.parse(plan[key], plan.get("s3"))
+
+
+def tune_storage(folder: Location) -> tuple[str, object]:
+    """(path, pyarrow filesystem or None) of Ray Tune's experiment in the sweep folder."""
+    experiment = folder / EXPERIMENT
+    return experiment.path, experiment.filesystem if experiment.remote else None
 
 
 def with_values(base_tree: dict, values: dict, name: str, output_dir: str, group: str) -> Config:
@@ -69,38 +82,31 @@ def worker_budget(plan: dict, cfg: Config) -> int | None:
     return budget(plan["memory"], cfg, plan["concurrent_trials"])
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """One holder at a time across the trials on this machine (they prepare the same variant)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def trial_data(plan: dict, cfg: Config, log=print) -> tuple[Path, str]:
+def trial_data(plan: dict, cfg: Config, log=print) -> tuple[Location, str]:
     """(prepared data folder, "prepared" | "reused") for this trial's data settings.
 
     The base config's data goes where `llm-ray prepare` puts it (the sweep prepares it up front
     unless the space searches data settings); any other variant under <sweep>/data/<key of its
-    settings>. The first trial that needs a variant prepares it, under a lock; every later
-    trial with the same settings reuses it."""
+    settings>. The first trial that needs a variant prepares it, holding the variant's claim in
+    <sweep>/data/<key>/ (see sweep.claim: trials on any node wait for it); every later trial with
+    the same settings reuses it."""
     variant = data_variant(cfg)
     base = plan["base_data"]
+    data_root = sweep_location(plan, "sweep_dir") / "data"
     if variant == base["variant"]:
         key, where = "base", cfg.model_copy(update={"output_dir": base["output_dir"], "name": base["name"]})
     else:
         key = stage_key("sweep-data", variant)
-        where = cfg.model_copy(update={"output_dir": str(Path(plan["sweep_dir"]) / "data"), "name": key})
-    with file_lock(Path(plan["sweep_dir"]) / "data" / f"{key}.lock"):
-        if (data_dir(where) / MANIFEST).is_file():  # written last, once every stage is complete
-            return data_dir(where), "reused"
+        where = cfg.model_copy(update={"output_dir": data_root.uri, "name": key})
+    data = data_dir(where)
+
+    def work() -> None:
         log(f"tune: preparing the data variant {key} for {cfg.name}")
         prepare(where, log=log)
-    return data_dir(where), "prepared"
+
+    # manifest.json is written last, once every stage is complete
+    prepared = run_once(data_root / key, data / MANIFEST, cfg.name, work, log)
+    return data, "prepared" if prepared else "reused"
 
 
 def objective_callback(objective: str, max_steps: int):
@@ -118,22 +124,22 @@ def objective_callback(objective: str, max_steps: int):
     return ObjectiveReport()
 
 
-def write_status(folder: Path, record: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    Location(str(folder.resolve() / STATUS_FILE)).write_json(record)  # atomic: a reader never sees half
+def write_status(folder: Location, record: dict) -> None:
+    (folder / STATUS_FILE).write_json(record)  # atomic: a reader never sees half (S3: a whole object)
 
 
-def read_status(folder: Path) -> dict | None:
+def read_status(folder: Location | str, s3=None) -> dict | None:
+    """The trial's status record in its folder (a Location, or a local path or URI with s3 settings)."""
     try:
-        return json.loads((folder / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return (as_location(folder, s3) / STATUS_FILE).read_json()
+    except (OSError, ValueError, StorageError):
         return None
 
 
 def check_trial(plan: dict, values: dict, trial_id: str) -> tuple[Config, dict]:
     """(config, memory estimate) of a trial that can run; InvalidTrial or SkippedTrial otherwise,
     with its status written for the results table."""
-    folder = Path(plan["trials_dir"]) / trial_name(trial_id)
+    folder = sweep_location(plan, "trials_dir") / trial_name(trial_id)
     try:
         cfg = trial_config(plan, values, trial_id)
     except ConfigError as e:
@@ -156,14 +162,14 @@ def run_trial(values: dict, plan: dict) -> None:
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    folder = Path(plan["trials_dir"]) / trial_name(trial_id)
+    folder = sweep_location(plan, "trials_dir") / trial_name(trial_id)
     status = read_status(folder)
     if status and status.get("status") == "finished":  # a restored sweep whose snapshot predates the end
         tune.report(status["result"])
         return
     cfg, record = check_trial(plan, values, trial_id)
     data_path, record["data"] = trial_data(plan, cfg)
-    record["data_path"] = str(data_path)
+    record["data_path"] = data_path.uri
     write_status(folder, {**record, "status": "running"})
     result = train(cfg, data_path, callbacks=(objective_callback(plan["objective"], cfg.train.max_steps),))
     final = {"step": result.step, "tokens": result.step * cfg.train.total_batch_tokens,

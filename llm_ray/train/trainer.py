@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from llm_ray.config import Config, ConfigError
 from llm_ray.data.pack import load_manifest
 from llm_ray.data.prepare import PrepareError, cluster_paths, data_dir
 from llm_ray.ray_utils import alive_nodes
-from llm_ray.storage import Location, StorageError, as_location, check_shared, check_writable, node_cache
+from llm_ray.storage import (Location, StorageError, as_location, check_shared, check_writable, node_cache,
+                             replace_folder)
 from llm_ray.tracking import tracking_dir
 from llm_ray.train.process_group import LoopbackTorchConfig
 from llm_ray.train.resume import check_resumable
@@ -144,11 +146,17 @@ def publish_model(cfg: Config, checkpoint: Location, log) -> Path:
         local = node_cache("models", hashlib.sha256(source.uri.encode()).hexdigest()[:16], MODEL_DIR)
     else:
         local = run.local() / MODEL_DIR
-    incoming = local.with_name(f".{MODEL_DIR}.tmp")
-    shutil.rmtree(incoming, ignore_errors=True)
-    source.download(incoming)
-    shutil.rmtree(local, ignore_errors=True)  # no file of an older checkpoint stays behind
-    incoming.rename(local)
+    # Downloaded beside it under a name of its own (two publishers never share one), then swapped in
+    # whole: a reader (a server on the run folder) always finds model/, old or new, never a mix, and no
+    # file of an older checkpoint stays behind (see storage.replace_folder).
+    local.parent.mkdir(parents=True, exist_ok=True)
+    incoming = local.with_name(f".{MODEL_DIR}.{secrets.token_hex(8)}.tmp")
+    incoming.mkdir()
+    try:
+        source.download(incoming)
+        replace_folder(incoming, local)
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
     if run.remote:  # new files first, then the stale ones go: model/ is never empty meanwhile
         published = run / MODEL_DIR
         stale = set(published.files()) - {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}

@@ -71,23 +71,42 @@ def worker_log(line: str) -> None:
     sys.stdout.flush()
 
 
+def node_leaders(value, node_rank: int, leader: bool) -> dict:
+    """{node rank: value} of each node's local rank 0 (leader), on every worker: one all_gather over the
+    whole group, so a node's workers need no process group of their own (Ray Train numbers the nodes)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (node_rank, value) if leader else None)
+    return dict(g for g in gathered if g is not None)
+
+
 @contextlib.contextmanager
 def universal_checkpoint(ds_dir: str, ctx):
-    """DeepSpeed's universal form of the checkpoint, converted once per node (by its local rank 0)
-    into a folder that the node's workers share, and removed after everyone loaded it."""
+    """DeepSpeed's universal form of the checkpoint, converted once per node by its local rank 0 into a
+    folder of its own (mkdtemp: two runs on one machine never share one, whatever their names), whose
+    path that worker passes to the node's others; removed after every worker loaded it. Every worker
+    must enter it. A failed conversion on any node raises on every worker instead of leaving them waiting."""
     import shutil
 
-    node_dir = os.path.join(tempfile.gettempdir(), f"llm-ray-universal-{ctx.get_experiment_name()}")
-    if ctx.get_local_rank() == 0:
-        shutil.rmtree(node_dir, ignore_errors=True)
-        to_universal(ds_dir, DS_TAG, node_dir)
-    dist.barrier()
+    leader = ctx.get_local_rank() == 0
+    node_dir = error = None
+    if leader:
+        node_dir = tempfile.mkdtemp(prefix="llm-ray-universal-")
+        try:
+            to_universal(ds_dir, DS_TAG, node_dir)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
     try:
-        yield node_dir
+        folders = node_leaders((node_dir, error), ctx.get_node_rank(), leader)
+        failed = [f"node {n}: {why}" for n, (_, why) in sorted(folders.items()) if why]
+        if failed:
+            raise RuntimeError(f"converting {ds_dir} to DeepSpeed's universal checkpoint failed: {'; '.join(failed)}")
+        yield folders[ctx.get_node_rank()][0]
     finally:
-        dist.barrier()  # every worker has loaded it
-        if ctx.get_local_rank() == 0:
-            shutil.rmtree(node_dir, ignore_errors=True)
+        try:
+            dist.barrier()  # every worker has loaded it (or failed alike)
+        finally:
+            if leader:
+                shutil.rmtree(node_dir, ignore_errors=True)
 
 
 def nan_loss_hook(spec: dict | None, rank: int):
