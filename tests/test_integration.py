@@ -108,8 +108,13 @@ def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path)
     assert len(state["parameters_held"]) == 2
     assert all(abs(held - state["parameters"] / 2) <= 0.001 * state["parameters"] for held in state["parameters_held"])
     run.train.max_steps += 10  # resumes from the last checkpoint, partitioned again
-    resumed = read_train_state(train(run, data_dir(cfg), log=lambda *_: None).checkpoint)
+    rerun = train(run, data_dir(cfg), log=lambda *_: None)
+    resumed = read_train_state(rerun.checkpoint)
     assert resumed["step"] == run.train.max_steps and resumed["resumed_from"] == [state["step"]]
+    # The run folder's model/ is the newest checkpoint's, replaced whole by the second run.
+    published = run.run_dir / "model"
+    assert read_train_state(published)["step"] == run.train.max_steps
+    assert (published / "model.safetensors").read_bytes() == (Path(rerun.checkpoint) / "model" / "model.safetensors").read_bytes()
 
 
 def test_generate_cli_prints_a_continuation(default_run, capsys):
@@ -122,7 +127,9 @@ def test_generate_cli_prints_a_continuation(default_run, capsys):
     assert first.startswith("ROMEO:") and len(first.strip()) > len("ROMEO:")
     assert main(args) == 0
     assert capsys.readouterr().out == first  # seeded
-    assert main(["generate", "--checkpoint", str(run.run_dir), "--prompt", "x"]) == 1  # no weights there
+    # The run folder's model/ holds the final checkpoint's inference files: the same continuation.
+    assert main([*args[:2], str(run.run_dir), *args[3:]]) == 0 and capsys.readouterr().out == first
+    assert main(["generate", "--checkpoint", str(run.run_dir / "checkpoints"), "--prompt", "x"]) == 1  # no weights
 
 
 def test_pipeline_runs_end_to_end(ray_session, tmp_path, corpus_dir, capsys):

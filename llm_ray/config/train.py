@@ -71,7 +71,8 @@ class TrainConfig(Section):
     storage_path: str | None = Field(
         None, description="Where Ray Train keeps checkpoints: null for <output_dir>/<name>/checkpoints, or an "
         "s3://bucket/prefix URI (endpoint and region from data.s3; credentials from the AWS chain only). The "
-        "final checkpoint's inference files are also copied to <output_dir>/<name>/model."
+        "final checkpoint's inference files are also published to <output_dir>/<name>/model (replaced whole at the end "
+        "of each run)."
     )
     num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")

@@ -123,8 +123,10 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (see {checkpoint_location(cfg)[0]})")
     checkpoint = result.checkpoint.path
-    if filesystem is not None:  # object storage: the inference files come down to this machine
-        checkpoint = str(publish_model(cfg, Location("s3://" + checkpoint, cfg.data.s3), log))
+    remote = filesystem is not None
+    published = publish_model(cfg, Location("s3://" + checkpoint, cfg.data.s3) if remote else Location(checkpoint), log)
+    if remote:  # object storage: sampling and evaluation read the copy on this machine
+        checkpoint = str(published)
     state = read_train_state(checkpoint)
     (cfg.run_location / "loss_curve.png").write_bytes(plot_losses(state["history"]))
     evals = [h for h in state["history"] if "val_loss" in h]
