@@ -2,6 +2,7 @@
 the vLLM app's config (Ray's own schema), the CLI's refusals."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -81,6 +82,10 @@ def test_best_checkpoint_skips_incomplete_ones_and_needs_validation(tmp_path, to
     checkpoint(run / "checkpoint_4", tokenizer, 40, None)  # no validation at its step
     choice = best_checkpoint(tmp_path / "run", "run x")
     assert choice.model_dir == best.resolve() and (choice.step, choice.val_loss, choice.compared) == (20, 3.5, 2)
+    # The run's published model/ (a copy of checkpoint_2's inference files) is that checkpoint, not a third.
+    shutil.copytree(best, tmp_path / "run" / "model")
+    again = best_checkpoint(tmp_path / "run", "run x")
+    assert again.model_dir == best.resolve() and again.compared == 2
     only = tmp_path / "other" / "checkpoint_1"
     checkpoint(only, tokenizer, 5, None)
     with pytest.raises(CheckpointChoiceError, match="train.checkpoint_every should be a multiple of train.eval_every"):

@@ -49,19 +49,27 @@ def read_state(model_dir: Path) -> dict:
 
 
 def model_dirs(folder: Path) -> list[Path]:
-    """Every complete checkpoint's inference folder under folder (checkpoints still being written, or
-    damaged, fail their manifest check and are left out)."""
-    found = []
-    for weights in sorted(folder.rglob(WEIGHTS)):
+    """Every complete checkpoint's inference folder under folder, once: checkpoints still being written,
+    or damaged, fail their manifest check and are left out, and a copy of a checkpoint's inference files
+    (the run's published model/, the same train_state.json) counts as that checkpoint."""
+    found, seen = [], set()
+    # Checkpoint folders first, so that a copy is the one left out.
+    candidates = sorted(folder.rglob(WEIGHTS), key=lambda w: (not _in_checkpoint(w.parent), w))
+    for weights in candidates:
         model_dir = weights.parent
         if not (model_dir / "train_state.json").is_file():
             continue  # e.g. a Hugging Face export
-        checkpoint = model_dir.parent
-        if model_dir.name == MODEL_DIR and checkpoint.name.startswith(CHECKPOINT_PREFIX):
-            if verify(fs.LocalFileSystem(), str(checkpoint.resolve())) is not None:
-                continue
-        found.append(model_dir)
-    return found
+        if _in_checkpoint(model_dir) and verify(fs.LocalFileSystem(), str(model_dir.parent.resolve())) is not None:
+            continue
+        state = (model_dir / "train_state.json").read_bytes()
+        if state not in seen:
+            seen.add(state)
+            found.append(model_dir)
+    return sorted(found)
+
+
+def _in_checkpoint(model_dir: Path) -> bool:
+    return model_dir.name == MODEL_DIR and model_dir.parent.name.startswith(CHECKPOINT_PREFIX)
 
 
 def best_checkpoint(folder: Path, what: str) -> Choice:
