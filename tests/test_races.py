@@ -124,7 +124,7 @@ def test_without_an_atomic_swap_the_old_folder_is_renamed_aside(tmp_path, monkey
     exactly the new folder and nothing beside it."""
     from llm_ray import storage
 
-    monkeypatch.setattr(storage, "exchange_paths", lambda a, b: False)
+    monkeypatch.setattr(storage.local, "exchange_paths", lambda a, b: False)
     target = tmp_path / "model"
     for i in range(3):
         new = tmp_path / f".incoming-{i}"

@@ -13,181 +13,18 @@ AWS chain), so Ray tasks on any node receive it as an argument.
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import io
 import json
 import os
-import re
 import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
-from urllib.parse import urlsplit
 
-S3 = "s3://"
-BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
-# The AWS SDK's error code in pyarrow's messages ("AWS Error SLOW_DOWN during GetObject operation"),
-# and the HTTP status it adds for codes it does not name ("AWS Error UNKNOWN (HTTP status 503)").
-_AWS_CODE = re.compile(r"AWS Error ([A-Z_]+)")
-_HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
-_DENIED = {"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "MISSING_AUTHENTICATION_TOKEN",
-           "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT", "INVALID_SIGNATURE", "INCOMPLETE_SIGNATURE",
-           "REQUEST_EXPIRED"}
-_SERVER = {"SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTLING", "REQUEST_TIMEOUT"}
-
-
-class StorageError(Exception):
-    """A storage location that cannot be used, described for the user (the config field named)."""
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """How to reach S3: endpoint, region, timeouts and retries (never credentials, which come from the
-    AWS chain). The user sets them as `data.s3` (config.S3Config, whose defaults are these)."""
-
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    max_attempts: int = 6
-    connect_timeout_s: float = 5.0
-    request_timeout_s: float = 60.0
-    anonymous: bool = False
-
-    @classmethod
-    def of(cls, settings: Any) -> "S3Settings":
-        """The plain settings of any object with these attributes (config.S3Config); None: defaults."""
-        if settings is None or isinstance(settings, S3Settings):
-            return settings or cls()
-        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
-
-
-def cache_dir() -> Path:
-    """This node's llm-ray cache: $LLM_RAY_CACHE, else $XDG_CACHE_HOME/llm-ray, else ~/.cache/llm-ray."""
-    if os.environ.get("LLM_RAY_CACHE"):
-        return Path(os.environ["LLM_RAY_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llm-ray"
-
-
-# ---------------------------------------------------------------- S3 plumbing
-
-
-def check_s3_uri(uri: str, field: str) -> None:
-    """Raise StorageError, naming field, unless uri is a plain s3://bucket/key (checked before any I/O)."""
-    parts = urlsplit(uri)
-    if parts.scheme != "s3":
-        raise StorageError(f"{field}: {uri!r}: unsupported scheme {parts.scheme!r}; "
-                           "use a local path or s3://bucket/prefix")
-    if not parts.netloc or parts.query or parts.fragment or "@" in parts.netloc:
-        raise StorageError(f"{field}: {uri!r} is not a valid s3://bucket/prefix URI")
-    if not BUCKET_NAME.fullmatch(parts.netloc) or ".." in parts.netloc:
-        raise StorageError(f"{field}: {uri!r}: {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
-                           "letters, digits, dots and hyphens, starting and ending with a letter or digit)")
-    if any(seg in ("..", ".") for seg in parts.path.split("/")):
-        raise StorageError(f"{field}: {uri!r}: '.' and '..' segments are not allowed in S3 keys")
-
-
-def s3_filesystem(s3: S3Settings | Any):
-    """pyarrow's S3 filesystem: credentials from the AWS chain. The AWS SDK's standard retry strategy is
-    the only retry layer: it retries throttling, 5xx and connection errors by their error codes, with
-    backoff, at most s3.max_attempts requests per call."""
-    from pyarrow import fs
-
-    s3 = S3Settings.of(s3)
-    kwargs = dict(region=s3.region, connect_timeout=s3.connect_timeout_s, request_timeout=s3.request_timeout_s,
-                  retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
-                  anonymous=s3.anonymous)
-    if s3.endpoint_url:
-        parts = urlsplit(s3.endpoint_url)
-        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
-    return fs.S3FileSystem(**kwargs)
-
-
-def check_credentials(uri: str, s3: S3Settings | Any, field: str) -> None:
-    """Raise StorageError, naming the URI, when the AWS chain (environment, shared files, profile,
-    container or instance role) has no credentials; pyarrow would otherwise send unsigned requests.
-
-    The check asks boto3's chain; pyarrow reads with the AWS C++ SDK's, which covers the same
-    common sources but may differ on exotic ones (SSO, credential_process)."""
-    if s3.anonymous:
-        return
-    import boto3
-
-    if boto3.Session().get_credentials() is None:
-        raise StorageError(f"{field}: {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
-                           "AWS_SECRET_ACCESS_KEY, a profile, or an instance role; or data.s3.anonymous: true "
-                           "for a public bucket)")
-
-
-def s3_error(uri: str, err: Exception, field: str) -> StorageError:
-    """A StorageError naming field and uri for an S3 error, classified by the AWS SDK's error code
-    (never by matching words of the message, which may quote a key or a server's text)."""
-    return StorageError(f"{field}: {uri}: {s3_reason(err)}")
-
-
-def s3_reason(err: Exception) -> str:
-    """Why an S3 request failed, for a message: by the AWS SDK's error code and the HTTP status."""
-    text = str(err)
-    code = (_AWS_CODE.search(text) or [None, ""])[1]
-    status = int((_HTTP_STATUS.search(text) or [None, "0"])[1])
-    if code in ("NO_SUCH_BUCKET",):
-        why = "the bucket does not exist"
-    elif code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND") or status == 404:
-        why = "no such object"
-    elif code in _DENIED or status == 403:
-        why = "access denied or no credentials (set them through the standard AWS chain: environment, profile, role)"
-    elif code == "REQUEST_TIME_TOO_SKEWED":
-        why = "this machine's clock is too far from the server's (sync it, e.g. with NTP)"
-    elif code == "NETWORK_CONNECTION":
-        why = "cannot connect to the endpoint (check data.s3.endpoint_url and data.s3.region)"
-    elif code in _SERVER or status >= 500:
-        shown = code if code and code != "UNKNOWN" else f"HTTP {status}"
-        why = (f"the server kept failing ({shown}) after data.s3.max_attempts attempts; "
-               "raise data.s3.max_attempts or retry later")
-    elif status == 400:
-        why = f"the server refused the request as malformed ({code or 'HTTP 400'}; check data.s3.endpoint_url)"
-    else:
-        why = f"{type(err).__name__} ({code or 'no AWS error code'})"
-    return why
-
-
-@functools.lru_cache(maxsize=8)
-def _s3_filesystem(s3: S3Settings):
-    return s3_filesystem(s3)
-
-
-@functools.lru_cache(maxsize=8)
-def _s3_client(s3: S3Settings):
-    """A boto3 S3 client with the same endpoint, region, timeouts, retries and credentials chain as
-    s3_filesystem, for the one request pyarrow cannot make (see Location.write_new)."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config as BotoConfig
-
-    config = BotoConfig(region_name=s3.region, connect_timeout=s3.connect_timeout_s, read_timeout=s3.request_timeout_s,
-                        retries={"mode": "standard", "total_max_attempts": s3.max_attempts},
-                        **({"signature_version": UNSIGNED} if s3.anonymous else {}))
-    return boto3.session.Session().client("s3", endpoint_url=s3.endpoint_url, config=config)
-
-
-def _put_if_absent(location: "Location", data: bytes) -> bool:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, _, key = location.path.partition("/")
-    try:
-        _s3_client(S3Settings.of(location.s3)).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        return True
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        # 412: the object exists; 409: another conditional write to it was under way (the caller looks again)
-        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        raise StorageError(f"{location.uri}: could not create the object: {code or 'error'} (HTTP {status})") from None
-    except BotoCoreError as e:
-        raise StorageError(f"{location.uri}: could not create the object: {type(e).__name__}") from None
+from llm_ray.storage.s3 import (S3, S3Settings, StorageError, cached_filesystem, check_credentials, check_s3_uri,
+                                put_if_absent, s3_error)
 
 
 @dataclass(frozen=True)
@@ -228,7 +65,7 @@ class Location:
     @property
     def filesystem(self):
         if self.remote:
-            return _s3_filesystem(S3Settings.of(self.s3))
+            return cached_filesystem(S3Settings.of(self.s3))
         from pyarrow import fs
 
         return fs.LocalFileSystem()
@@ -330,7 +167,7 @@ class Location:
         to the name (a link never replaces a file; also on NFS); S3: a conditional PUT (If-None-Match: *,
         which AWS S3 honours since 2024, as do MinIO and moto; pyarrow cannot send it, boto3 can)."""
         if self.remote:
-            return _put_if_absent(self, data)
+            return put_if_absent(self.uri, S3Settings.of(self.s3), data)
         target = Path(self.uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
@@ -444,11 +281,6 @@ def local_folder(target: Location) -> Iterator[Path]:
         target.upload(Path(tmp))
 
 
-def node_cache(*parts: str) -> Path:
-    """A folder of this node's cache ($LLM_RAY_CACHE, else ~/.cache/llm-ray) for copies of remote files."""
-    return cache_dir().joinpath(*parts)
-
-
 def local_copy(location: Location, cache: Path) -> Path:
     """A local path holding location's file: itself when local, else a copy in cache made once per node
     (workers on one node share it: the copy is written beside its name and renamed)."""
@@ -465,63 +297,6 @@ def local_copy(location: Location, cache: Path) -> Path:
         if not target.is_file():
             location.download(target)
     return target
-
-
-RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths
-AT_FDCWD = -100  # paths relative to the working directory (absolute ones are anyway)
-
-
-@functools.lru_cache(maxsize=1)
-def _renameat2():
-    """The C library's renameat2, or None (not Linux, or glibc before 2.28)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        renameat2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return renameat2
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the
-    C library, kernel or filesystem lacks it (not Linux, glibc before 2.28, some network filesystems)."""
-    import ctypes
-
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def replace_folder(new: Path, target: Path) -> None:
-    """Put the local folder new at target, in place of the folder there, so that a reader always finds
-    target whole: the old folder or the new one, never neither, never a mix. Where target exists it is
-    swapped with new in one step (exchange_paths) and the old folder, now at new, is deleted.
-
-    Without that swap (see exchange_paths) the old folder is renamed aside first and new renamed in: two
-    renames on the same disk, no data copied, between which (microseconds) target is missing."""
-    new, target = Path(new), Path(target)
-    try:
-        os.rename(new, target)  # nothing there (or an empty folder): one atomic step
-        return
-    except OSError as e:
-        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-            raise
-    if exchange_paths(new, target):
-        shutil.rmtree(new, ignore_errors=True)
-        return
-    aside = target.with_name(f".{target.name}.{secrets.token_hex(8)}.old")
-    os.rename(target, aside)
-    os.rename(new, target)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_shared(paths: dict[str, Location], nodes: int, shared_filesystem: bool) -> None:
