@@ -72,13 +72,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
 
     path = as_location(data_path, cfg.data.s3) if data_path else data_dir(cfg)
     check_cluster_storage(cfg, path)
-    manifest = load_manifest(path)
-    if manifest["block_size"] != cfg.data.block_size:
-        raise PrepareError(f"data at {path} was packed with block_size {manifest['block_size']}, "
-                           f"but data.block_size is {cfg.data.block_size}: run `llm-ray prepare` again")
-    if manifest["vocab_size"] > cfg.vocab_size:
-        raise PrepareError(f"the tokenizer at {path} has {manifest['vocab_size']} tokens, more than the "
-                           f"model's vocabulary ({cfg.vocab_size})")
+    manifest = prepared_manifest(cfg, path)
     # Workers read blocks by index from memory-mapped shards (see train.data): one global order is
     # what makes resume exact, whatever the worker count. Shards in S3 are copied to each node once.
     shards = {split: [(path / s["file"]).uri for s in manifest["splits"][split]["shards"]]
@@ -122,8 +116,24 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (see {checkpoint_location(cfg)[0]})")
-    checkpoint = result.checkpoint.path
-    remote = filesystem is not None
+    return finished_run(cfg, result.checkpoint.path, filesystem is not None, log)
+
+
+def prepared_manifest(cfg: Config, path: Location) -> dict:
+    """The manifest of the prepared data at path, checked against the config (block size, vocabulary)."""
+    manifest = load_manifest(path)
+    if manifest["block_size"] != cfg.data.block_size:
+        raise PrepareError(f"data at {path} was packed with block_size {manifest['block_size']}, "
+                           f"but data.block_size is {cfg.data.block_size}: run `llm-ray prepare` again")
+    if manifest["vocab_size"] > cfg.vocab_size:
+        raise PrepareError(f"the tokenizer at {path} has {manifest['vocab_size']} tokens, more than the "
+                           f"model's vocabulary ({cfg.vocab_size})")
+    return manifest
+
+
+def finished_run(cfg: Config, checkpoint: str, remote: bool, log) -> TrainResult:
+    """The run's result from its final checkpoint (a path on the checkpoint storage; remote: on S3):
+    its inference files published to the run's model/, and its loss curve drawn."""
     published = publish_model(cfg, Location("s3://" + checkpoint, cfg.data.s3) if remote else Location(checkpoint), log)
     if remote:  # object storage: sampling and evaluation read the copy on this machine
         checkpoint = str(published)
