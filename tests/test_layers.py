@@ -31,28 +31,28 @@ def test_the_package_keeps_its_layers():
     assert "3 kept, 0 broken" in done.stdout
 
 
-def test_an_upward_import_inside_a_function_breaks_the_layers(copy):
-    with open(copy / "llm_ray" / "storage.py", "a") as f:
-        f.write("\n\ndef _upward():\n    from llm_ray.data import sources  # noqa: F401\n")
+def broken(copy: Path, module: str, imported: str) -> str:
+    """lint-imports' report on the copy after `module` imports `imported` inside a function (it must fail)."""
+    with open(copy / (module.replace(".", "/") + ".py"), "a") as f:
+        f.write(f"\n\ndef _added():\n    import {imported}  # noqa: F401\n")
     done = lint(copy)
     assert done.returncode == 1, done.stdout
-    assert "llm_ray.storage is not allowed to import llm_ray.data" in done.stdout
+    return done.stdout
+
+
+def test_an_upward_import_inside_a_function_breaks_the_layers(copy):
+    report = broken(copy, "llm_ray.storage.local", "llm_ray.data.sources")  # storage is the bottom layer
+    assert "llm_ray.storage is not allowed to import llm_ray.data" in report
 
 
 def test_a_cycle_between_two_modules_of_a_package_breaks_the_acyclic_contract(copy):
     # sweep.trial is imported by sweep.results; an import back closes a cycle inside llm_ray.sweep.
-    with open(copy / "llm_ray" / "sweep" / "trial.py", "a") as f:
-        f.write("\n\ndef _back():\n    from llm_ray.sweep import results  # noqa: F401\n")
-    done = lint(copy)
-    assert done.returncode == 1, done.stdout
-    assert "No import cycles between the modules of any package BROKEN" in done.stdout
-    assert ".trial -> .results" in done.stdout or ".results -> .trial" in done.stdout, done.stdout
+    report = broken(copy, "llm_ray.sweep.trial", "llm_ray.sweep.results")
+    assert "No import cycles between the modules of any package BROKEN" in report
+    assert ".trial -> .results" in report or ".results -> .trial" in report, report
 
 
 def test_serving_may_not_import_training(copy):
-    with open(copy / "llm_ray" / "serve" / "launch.py", "a") as f:
-        f.write("\n\ndef _train():\n    from llm_ray.train import trainer  # noqa: F401\n")
-    done = lint(copy)
-    assert done.returncode == 1, done.stdout
-    assert "llm_ray.serve is not allowed to import llm_ray.train" in done.stdout
-    assert "llm_ray.serve.launch -> llm_ray.train.trainer" in done.stdout
+    report = broken(copy, "llm_ray.serve.launch", "llm_ray.train.trainer")
+    assert "llm_ray.serve is not allowed to import llm_ray.train" in report
+    assert "llm_ray.serve.launch -> llm_ray.train.trainer" in report
