@@ -49,16 +49,24 @@ def s3_server(aws_env):
 
 
 @pytest.fixture(scope="session")
-def ray_session(aws_env):
+def ray_session(aws_env, tmp_path_factory):
     """One local Ray for every integration test in the session (started after the AWS env is set,
-    so its workers inherit the credentials as they would on a node)."""
+    so its workers inherit the credentials as they would on a node). Its node cache (copies of remote
+    shards and models, see storage.cache_dir) is a temporary folder, not ~/.cache/llm-ray: set before
+    Ray starts, as its workers take the environment of that moment."""
     import ray
 
     from llm_ray.ray_utils import init_ray
 
+    saved = os.environ.get("LLM_RAY_CACHE")
+    os.environ["LLM_RAY_CACHE"] = str(tmp_path_factory.mktemp("node-cache"))
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("LLM_RAY_CACHE", None)
+    else:
+        os.environ["LLM_RAY_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def signatures(texts, cfg=DedupConfig()):
 def exact_jaccard(x: str, y: str, cfg=DedupConfig()) -> float:
     sx = set(dedup.shingle_hashes(x, cfg.shingle, cfg.ngram).tolist())
     sy = set(dedup.shingle_hashes(y, cfg.shingle, cfg.ngram).tolist())
-    return dedup.jaccard(sx, sy)
+    return len(sx & sy) / max(1, len(sx | sy))
 
 
 def test_minhash_estimates_jaccard():
@@ -83,6 +83,25 @@ def test_exact_hash_ignores_case_and_whitespace():
 def test_cjk_shingles_are_characters():
     units = dedup.shingle_units("床前明月光，疑是地上霜。", "word")
     assert units[:5] == ["床", "前", "明", "月", "光"]
+
+
+def test_dedup_contamination_and_the_quality_rules_count_the_same_words():
+    """One definition of a word (text_units.words): an inner apostrophe joins, an underscore splits,
+    each CJK character (kana's prolonged-sound mark too) is a word. Counted by hand: 8 words."""
+    from llm_ray.config import CleaningConfig
+    from llm_ray.data import ngrams
+    from llm_ray.data.clean import quality_reason
+
+    text = "Don't snake_case: 東京タワー!"
+    expected = ["don't", "snake", "case", "東", "京", "タ", "ワ", "ー"]
+    assert dedup.shingle_units(text, "word") == expected
+    # The quality rules see the same count: 8 words pass min_words=8 and fail min_words=9.
+    loose = dict(max_symbol_word_ratio=1.0, min_mean_word_length=0, max_mean_word_length=100,
+                 max_duplicate_line_fraction=1.0)
+    assert quality_reason(text, CleaningConfig(min_words=9, **loose)) == "too_few_words"
+    assert quality_reason(text, CleaningConfig(min_words=8, **loose)) != "too_few_words"
+    # Contamination's n-grams are n consecutive of these words: 8 words give 8 - 3 + 1 trigrams.
+    assert len(ngrams.ngram_hashes(text, 3)) == 6
 
 
 def test_lsh_parameters_fit_the_signature():
@@ -162,12 +181,77 @@ def test_components_pick_the_first_document_and_the_smallest_hash():
     assert sorted(found["sizes"].tolist()) == [2, 5]  # document 4 stands for an exact group of 3
 
 
+def above(u: float) -> float:
+    """The smallest float above u: where a threshold goes to put a split key u below it."""
+    return float(np.nextafter(u, 1))
+
+
+# (test_fraction, split keys u of the clusters, (val, val + test) thresholds), val_fraction 0.2, worked by hand.
+SPLIT_CASES = [
+    (0.0, [0.1, 0.5, 0.9], (0.2, 0.2)),  # 0.1 is below 0.2: the thresholds stay put
+    (0.0, [0.5, 0.6, 0.9], (above(0.5), above(0.5))),  # nothing below 0.2: val moves just past 0.5
+    (0.3, [0.1, 0.3, 0.9], (0.2, 0.5)),  # 0.3 falls in [0.2, 0.5): test is not empty
+    (0.3, [0.1, 0.6, 0.9], (0.2, above(0.6))),  # nothing in [0.2, 0.5): test moves just past 0.6
+    (0.3, [0.5, 0.9, 0.95], (above(0.5), above(0.9))),  # val moves past 0.5, then test past the next, 0.9
+    (0.3, [0.5, 0.6, 0.95], (above(0.5), above(0.5) + 0.3)),  # val moves; 0.6 is already in test
+]
+SPLIT_ERRORS = [
+    (0.0, [0.5], "1 distinct document(s) after dedup; at least 2 are needed"),
+    (0.3, [0.1, 0.9], "2 distinct document(s) after dedup; at least 3 are needed"),
+    (0.0, [0.05, 0.1], "every one of the 2 distinct documents fell into a held-out split"),
+    (0.3, [0.1, 0.3, 0.45], "every one of the 3 distinct documents fell into a held-out split"),
+]
+
+
+def shardings(keys: list[str]) -> list[list[list[str]]]:
+    """Ways the cluster keys may lie across shards: all in one, one each (with an empty shard), reversed."""
+    return [[keys], [[k] for k in keys] + [[]], [[k] for k in reversed(keys)], [keys[1:], keys[:1]]]
+
+
+@pytest.mark.parametrize("test_fraction, u, expected", SPLIT_CASES)
+def test_split_thresholds_keep_every_split_non_empty(monkeypatch, test_fraction, u, expected):
+    from llm_ray.config import DataConfig
+    from llm_ray.data import transforms
+    from llm_ray.data.dedup_stage import merge_summaries, split_summary
+    from llm_ray.data.splits import split_thresholds, thresholds_from_summary
+
+    monkeypatch.setattr(transforms, "split_key", lambda key, seed: float(key))  # a cluster key is its u
+    data = DataConfig(val_fraction=0.2, test_fraction=test_fraction)
+    keys = [repr(x) for x in u]
+    assert split_thresholds(keys, data) == expected
+    for shards in shardings(keys):
+        parts = [split_summary(shard, data.split_seed, data.val_fraction) for shard in shards]
+        assert thresholds_from_summary(merge_summaries(parts), data) == expected, shards
+
+
+@pytest.mark.parametrize("test_fraction, u, message", SPLIT_ERRORS)
+def test_split_thresholds_fail_when_a_split_must_be_empty(monkeypatch, test_fraction, u, message):
+    from llm_ray.config import DataConfig
+    from llm_ray.data import transforms
+    from llm_ray.data.dedup_stage import merge_summaries, split_summary
+    from llm_ray.data.errors import PrepareError
+    from llm_ray.data.splits import split_thresholds, thresholds_from_summary
+
+    monkeypatch.setattr(transforms, "split_key", lambda key, seed: float(key))
+    data = DataConfig(val_fraction=0.2, test_fraction=test_fraction)
+    keys = [repr(x) for x in u]
+    with pytest.raises(PrepareError, match=re.escape(message)):
+        split_thresholds(keys, data)
+    for shards in shardings(keys):
+        parts = [split_summary(shard, data.split_seed, data.val_fraction) for shard in shards]
+        with pytest.raises(PrepareError, match=re.escape(message)):
+            thresholds_from_summary(merge_summaries(parts), data)
+
+
 @pytest.mark.parametrize("test_fraction", [0.0, 0.3])
 def test_split_thresholds_from_shard_summaries_equal_those_of_all_keys(test_fraction):
+    """On the real split hash: the merged shard summaries give the thresholds (or the error) of all keys
+    at once, and those thresholds leave a key in every requested split."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
     from llm_ray.config import DataConfig
+    from llm_ray.data import transforms
     from llm_ray.data.dedup_stage import merge_summaries, split_summary
     from llm_ray.data.errors import PrepareError
     from llm_ray.data.splits import split_thresholds, thresholds_from_summary
@@ -178,38 +262,24 @@ def test_split_thresholds_from_shard_summaries_equal_those_of_all_keys(test_frac
     @given(st.lists(st.lists(st.text(min_size=1, max_size=6), max_size=6), min_size=1, max_size=4))
     def check(shards):
         keys = sorted({k for shard in shards for k in shard})
-        shards = [[k for k in shard if k in keys] for shard in shards]
         seen, parts = set(), []
         for shard in shards:  # each key in one shard, as cluster keys are
             mine = [k for k in dict.fromkeys(shard) if k not in seen]
             seen.update(mine)
             parts.append(split_summary(mine, data.split_seed, data.val_fraction))
         try:
-            expected = reference_thresholds(keys, data)
+            expected = split_thresholds(keys, data)
         except PrepareError as e:
-            with pytest.raises(PrepareError, match=re.escape(str(e)[:15])):
+            with pytest.raises(PrepareError) as merged:
                 thresholds_from_summary(merge_summaries(parts), data)
+            assert str(merged.value) == str(e)
             return
         assert thresholds_from_summary(merge_summaries(parts), data) == expected
-        assert split_thresholds(keys, data) == expected
+        val_t, test_t = expected
+        u = np.array([transforms.split_key(k, data.split_seed) for k in keys])
+        assert np.any(u < val_t) and np.any(u >= test_t), (u, expected)
+        assert val_t >= data.val_fraction and test_t >= val_t + data.test_fraction
+        if test_fraction:
+            assert np.any((u >= val_t) & (u < test_t)), (u, expected)
 
     check()
-
-
-def reference_thresholds(cluster_keys, data):
-    """The thresholds as computed from every key at once (the definition the summaries must meet)."""
-    from llm_ray.data import transforms
-    from llm_ray.data.errors import PrepareError
-
-    u = np.sort([transforms.split_key(k, data.split_seed) for k in cluster_keys])
-    wanted = 2 + (data.test_fraction > 0)
-    if len(u) < wanted:
-        raise PrepareError(f"{len(u)} distinct document(s) after dedup")
-    val_t = max(data.val_fraction, float(np.nextafter(u[0], 1)))
-    test_t = val_t + data.test_fraction
-    if data.test_fraction > 0 and not np.any((u >= val_t) & (u < test_t)):
-        above = u[u >= val_t]
-        test_t = float(np.nextafter(above[0], 1)) if len(above) else test_t
-    if not np.any(u >= test_t):
-        raise PrepareError(f"every one of the {len(u)} distinct documents fell into a held-out split")
-    return val_t, test_t

@@ -228,12 +228,13 @@ def kill_a_worker_after_the_first_checkpoint(run_dir: Path, killed: dict) -> Non
     from ray.util.state import list_actors
 
     job_id = ray.get_runtime_context().get_job_id()
+    gcs = ray.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
     deadline = time.time() + 240
     while time.time() < deadline and not killed:
         # Ray Train registers a checkpoint in this snapshot once every worker has reported it.
         if list((run_dir / "checkpoints").glob("*/checkpoint_manager_snapshot.json")):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-                                           ("job_id", "=", job_id)])
+            workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"),
+                                                        ("state", "=", "ALIVE"), ("job_id", "=", job_id)])
             if workers and workers[0].pid:
                 os.kill(workers[0].pid, signal.SIGKILL)
                 killed["pid"] = workers[0].pid
@@ -270,6 +271,8 @@ def test_resume_with_fewer_workers_reproduces_the_uninterrupted_losses(prepared,
     next unseen block, so every step's loss matches a run that was never interrupted."""
     import threading
 
+    from ray.train import WorkerGroupError
+
     cfg, _ = prepared
     base = cfg.model_copy(update={"output_dir": str(tmp_path)}, deep=True)
     base.train.max_steps, base.train.checkpoint_every, base.train.log_every = 24, 4, 1
@@ -281,10 +284,13 @@ def test_resume_with_fewer_workers_reproduces_the_uninterrupted_losses(prepared,
     watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(run.run_dir, killed),
                                daemon=True)
     watcher.start()
-    with pytest.raises(Exception):
+    with pytest.raises(WorkerGroupError) as failed:  # max_failures 0: the group is not restarted
         train(run, data_dir(cfg), log=lambda *_: None)
     watcher.join()
     assert killed, "no worker was killed"
+    # The failure is the death of the worker this test killed, not some other error along the way.
+    assert "its worker process has died" in str(failed.value), failed.value
+    assert any(f"pid={killed['pid']}," in str(e) for e in failed.value.worker_failures.values()), failed.value
     run.train.num_workers = 1  # the same global batch: 2 accumulation steps instead of 2 workers
     resumed = read_train_state(train(run, data_dir(cfg), log=lambda *_: None).checkpoint)
 

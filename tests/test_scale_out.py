@@ -19,7 +19,7 @@ def bucket_objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
 
 
 def test_debug_pipeline_on_s3_runs_resumes_and_leaves_no_local_run_folder(ray_session, s3_server, tmp_path,
-                                                                          monkeypatch):
+                                                                          tmp_path_factory, monkeypatch):
     """output_dir: s3://...: prepare's shards, keep lists, tokenizer and report, the checkpoints, the model
     and the evaluation all go to the S3 server on 127.0.0.1; workers read the packed shards from there
     (copied once per node); a rerun skips every prepare stage and resumes training from S3; nothing is
@@ -54,6 +54,7 @@ def test_debug_pipeline_on_s3_runs_resumes_and_leaves_no_local_run_folder(ray_se
                for k in objects)
     # The workers' copies of the packed shards are byte for byte the objects (same blocks, same order).
     cache = node_cache("data", manifest["stage_keys"]["pack"])
+    assert cache.is_relative_to(tmp_path_factory.getbasetemp())  # the session's node cache, not ~/.cache/llm-ray
     for file in shards:
         split, name = file.split("/")[-2:]
         assert (cache / split / name).read_bytes() == objects[f"data/{file}"]

@@ -169,5 +169,3 @@ def clusters(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
     return np.array([uf.find(i) for i in range(n)])
 
 
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / max(1, len(a | b))

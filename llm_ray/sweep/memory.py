@@ -43,7 +43,9 @@ from llm_ray.memory import gpu_total_bytes
 from llm_ray.model import GPT
 
 GIB = 1024**3
-RUNTIME_BYTES = {"cpu": int(1.0 * GIB), "gpu": int(1.5 * GIB)}
+# The CPU figure: a Ray Train worker training the debug model (whose own parts are ~14 MB) peaked at
+# 588 MB resident (tests/test_memory.py holds it to 25%). The GPU one is not measured yet.
+RUNTIME_BYTES = {"cpu": int(0.55 * GIB), "gpu": int(1.5 * GIB)}
 
 
 @dataclass
