@@ -161,6 +161,40 @@ def step_blocks(blocks, order, position: int, world: int, micro: int, accum: int
     return sorted(int(b[0]) for _ in range(accum) for w in workers for b in next(w))
 
 
+def test_prefetched_batches_are_read_ahead_in_a_thread_and_are_the_same(tmp_path):
+    """train.prefetch_batches: the rounds after the one handed out are read by a background thread, through
+    `prepare`; the batches, their order (across an epoch edge) and the position are those of plain reads."""
+    import threading
+    import time
+
+    from llm_ray.train.data import BlockOrder, MicroBatches
+
+    blocks = packed(tmp_path)  # 17 blocks
+    reads = []  # (position's first block, thread) of every read
+    take = blocks.take
+
+    def recording_take(indices):
+        reads.append((int(indices[0]), threading.current_thread().name))
+        return take(indices)
+
+    blocks.take = recording_take
+    plain = MicroBatches(blocks, BlockOrder(17, seed=1), 3, 1, 2, 2)
+    expected = [next(plain).copy() for _ in range(6)]  # 6 rounds of 2 workers x 2 blocks: past block 17
+    reads.clear()
+    ahead = MicroBatches(blocks, BlockOrder(17, seed=1), 3, 1, 2, 2, prefetch=2, prepare=lambda b: b * 2)
+    first = next(ahead)
+    for _ in range(1000):  # wait for the two reads ahead (not a timing assertion: they just have to happen)
+        if len(reads) == 3:
+            break
+        time.sleep(0.01)
+    assert len(reads) == 3 and all(name.startswith("llm-ray-batches") for _, name in reads)
+    got = [first] + [next(ahead) for _ in range(5)]
+    assert all(np.array_equal(g, 2 * e) for g, e in zip(got, expected))
+    assert ahead.position == plain.position == 3 + 6 * 4
+    ahead.close()
+    assert np.array_equal(next(ahead), next(plain) * 2)  # closed: plain reads from the same position on
+
+
 def test_block_order_is_a_seeded_permutation_per_epoch():
     from llm_ray.train.data import BlockOrder
 

@@ -106,6 +106,11 @@ class TrainConfig(Section):
         "The order is global, so a resumed run continues with the next unseen block, also after a change "
         "of train.num_workers."
     )
+    prefetch_batches: int = Field(
+        2, ge=0, description="Micro-batches each worker's background thread reads ahead of training (into "
+        "pinned memory on GPU, so that the copy to the device overlaps); 0 reads each when it is needed. "
+        "The batches are the same either way."
+    )
 
 
 class TrackingConfig(Section):

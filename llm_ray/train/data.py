@@ -19,7 +19,10 @@ worker touches only the blocks it trains on.
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -84,19 +87,43 @@ class PackedBlocks:
 
 class MicroBatches:
     """A worker's micro-batches from a stream position on: each next() gives its blocks of the
-    round and moves the position past every worker's micro-batch of that round."""
+    round and moves the position past every worker's micro-batch of that round.
 
-    def __init__(self, blocks: PackedBlocks, order: BlockOrder, position: int, rank: int, world: int, micro: int):
+    With prefetch > 0, a background thread reads the next `prefetch` rounds while the current one
+    trains, each passed through `prepare` there (e.g. into pinned memory for a GPU copy that overlaps).
+    A round's blocks are a function of its position alone, so the batches and their order are the same;
+    `position` counts the rounds handed out, not those read ahead."""
+
+    def __init__(self, blocks: PackedBlocks, order: BlockOrder, position: int, rank: int, world: int, micro: int,
+                 prefetch: int = 0, prepare: Callable[[np.ndarray], Any] | None = None):
         self.blocks, self.order = blocks, order
         self.position, self.rank, self.world, self.micro = position, rank, world, micro
+        self.prefetch, self.prepare = prefetch, prepare or (lambda batch: batch)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="llm-ray-batches") if prefetch else None
+        self._ahead: deque[Future] = deque()  # the rounds after `position`, read or being read, in order
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> np.ndarray:
-        batch = self.blocks.take(self.order.blocks(self.position + self.rank * self.micro, self.micro))
+    def _read(self, position: int):
+        return self.prepare(self.blocks.take(self.order.blocks(position + self.rank * self.micro, self.micro)))
+
+    def __next__(self):
+        if self._reader is None:
+            batch = self._read(self.position)
+        else:
+            while len(self._ahead) <= self.prefetch:
+                ahead = self.position + len(self._ahead) * self.world * self.micro
+                self._ahead.append(self._reader.submit(self._read, ahead))
+            batch = self._ahead.popleft().result()
         self.position += self.world * self.micro
         return batch
+
+    def close(self) -> None:
+        """Stop reading ahead (the reads under way finish first)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader, self._ahead = None, deque()
 
 
 def validation_batches(blocks: PackedBlocks, count: int, seed: int, rank: int, world: int,

@@ -124,7 +124,7 @@ def train_step(cfg: Config, engine, train_batches: MicroBatches, state: TrainSta
     loss_sum = torch.zeros((), device=device)
     done = 0
     while done < accum:
-        block = torch.from_numpy(next(train_batches))
+        block = torch.as_tensor(next(train_batches))  # numpy, or a tensor the batches' reader made
         state.samples = train_batches.position
         state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
         # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.

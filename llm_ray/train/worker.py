@@ -309,8 +309,10 @@ def train_loop_per_worker(payload: dict) -> None:
         PackedBlocks(local_shards(payload["val_shards"], cfg, payload["data_key"])), cfg.train.eval_batches * micro,
         cfg.seed, rank, world, micro)]
     blocks = PackedBlocks(local_shards(payload["train_shards"], cfg, payload["data_key"]))
+    pinned = device.type == "cuda"  # a host-to-device copy from pinned memory overlaps the compute
     train_batches = MicroBatches(blocks, BlockOrder(len(blocks), cfg.seed, cfg.train.shuffle), state.samples, rank,
-                                 world, cfg.train.micro_batch_size)
+                                 world, cfg.train.micro_batch_size, prefetch=cfg.train.prefetch_batches,
+                                 prepare=lambda b: torch.from_numpy(b).pin_memory() if pinned else torch.from_numpy(b))
 
     def save(state: TrainState, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -324,4 +326,5 @@ def train_loop_per_worker(payload: dict) -> None:
         run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
                      worker_log, tracker, model_flops, loss_hook=nan_loss_hook(payload.get("test_nan_loss"), rank))
     finally:
+        train_batches.close()
         tracker.finish()
