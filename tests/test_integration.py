@@ -5,12 +5,14 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import llm_ray
 from llm_ray.checkpoint import load_model, read_train_state
 from llm_ray.cli import main
 from llm_ray.config import ConfigError, load_config
@@ -100,11 +102,15 @@ def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path)
     run = cfg.model_copy(update={"name": "zero3", "output_dir": str(tmp_path)}, deep=True)
     run.train.zero_stage = 3
     run.train.checkpoint_every, run.train.num_checkpoints_to_keep = 10, 1  # 6 checkpoints written, 1 kept
+    called = time.time()
     result = train(run, data_dir(cfg), log=lambda *_: None)
+    returned = time.time()
     check_loss_falls_and_checkpoint_reloads(run, result, manifest["vocab_size"])
     assert len([p for p in (run.run_dir / "checkpoints" / run.name).glob("checkpoint_*") if p.is_dir()]) == 1
     # Built under deepspeed.zero.Init: right after building, each worker held half of the model.
     state = read_train_state(result.checkpoint)
+    # The command here is pytest: its first step came after train() was called, before it returned.
+    assert called - llm_ray.STARTED < state["startup_seconds"] < returned - llm_ray.STARTED
     assert len(state["parameters_held"]) == 2
     assert all(abs(held - state["parameters"] / 2) <= 0.001 * state["parameters"] for held in state["parameters_held"])
     run.train.max_steps += 10  # resumes from the last checkpoint, partitioned again

@@ -26,7 +26,7 @@ def one_worker(*overrides):
     return load_config("debug", ["train.num_workers=1", "train.total_batch_tokens=512", *overrides])
 
 
-def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0):
+def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, started=None):
     """run_training on random tokens: (final state, engine)."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -42,7 +42,7 @@ def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0):
     kwargs = {"clock": clock} if clock else {}
     state = run_training(cfg, engine, batches, val, TrainState(world_size=1), save or (lambda s, m: None),
                          lambda m: None, 0, torch.device("cpu"), log=log or (lambda line: None),
-                         flops_per_token=flops_per_token, **kwargs)
+                         flops_per_token=flops_per_token, started=started, **kwargs)
     return state, engine
 
 
@@ -58,6 +58,19 @@ def test_l1_shrinks_the_matrices_under_every_zero_stage_and_precision(process_gr
         with torch.no_grad():
             norms[l1] = float(l1_penalty(l1_matrices(engine.module)))
     assert norms[0.05] < 0.5 * norms[0.0], norms
+
+
+def test_startup_seconds_run_from_the_command_start_to_the_first_step(process_group, tmp_path):
+    """A command that started 100 s before this test: its first optimizer step comes 100 s plus the time
+    this test took to get there after it; without a start time nothing is recorded."""
+    import time
+
+    cfg = one_worker("train.max_steps=3")
+    before = time.time()
+    state, _ = run(cfg, tmp_path, started=before - 100.0)
+    after = time.time()
+    assert 100.0 < state.startup_seconds <= 100.0 + (after - before)
+    assert run(cfg, tmp_path)[0].startup_seconds is None
 
 
 def test_progress_rows_log_the_lr_each_step_used(process_group, tmp_path):

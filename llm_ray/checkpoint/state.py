@@ -28,3 +28,6 @@ class TrainState:
     parameters: int = 0  # elements of the whole model (tied weights once)
     parameters_held: list[int] = field(default_factory=list)  # elements each worker held after building
     worker_nodes: list[str] = field(default_factory=list)  # the Ray node id of each worker (rank order)
+    # Seconds from the command's start to this run's first optimizer step (Ray, DeepSpeed, data, the
+    # untrained model's evaluation): what a short run pays before it trains.
+    startup_seconds: float | None = None

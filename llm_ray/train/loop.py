@@ -197,6 +197,7 @@ def run_training(
     flops_per_token: int = 0,
     clock: Callable[[], float] = time.perf_counter,
     loss_hook=None,
+    started: float | None = None,
 ) -> TrainState:
     """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
 
@@ -206,6 +207,8 @@ def run_training(
     the run's history folder); report(metrics) only reports.
     tracker (rank 0) receives loss, the LR each step used, gradient norm, throughput (training
     time only), MFU, memory, and the seconds spent evaluating and checkpointing.
+    started: when the command started (time.time()); the state records the seconds from then to this
+    run's first optimizer step as startup_seconds.
     """
     t = cfg.train
     device_type = getattr(device, "type", str(device))
@@ -233,6 +236,10 @@ def run_training(
         loss_sum += step_loss
         times.train += clock() - began
         state.step += 1
+        if started is not None and state.step == start_step + 1:
+            state.startup_seconds = time.time() - started  # wall clock, whatever `clock` measures
+            if rank == 0:
+                log(f"step {state.step:>6} | first step {state.startup_seconds:.1f} s after the command started")
         state.tokens += t.total_batch_tokens
         steps_since_log += 1
         last = state.step == t.max_steps

@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import llm_ray
 from llm_ray.checkpoint import MODEL_DIR, read_train_state
 from llm_ray.checkpoint.location import checkpoint_location
 from llm_ray.checkpoint.manifest import ResumePoint, find_resume_point, read_checkpoint_files
@@ -87,6 +88,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "tokenizer_json": tokenizer_json,
+            "command_started": llm_ray.STARTED,  # for startup_seconds: the command's start to the first step
             # absolute: workers run in their own folders; None: the worker's own node cache (a run on S3)
             "tracking_dir": None if cfg.run_location.remote else str(tracking_dir(cfg)),
             "train_shards": shards["train"],

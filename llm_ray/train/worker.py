@@ -324,7 +324,8 @@ def train_loop_per_worker(payload: dict) -> None:
     state.tracker_run_id = tracker.run_id
     try:
         run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
-                     worker_log, tracker, model_flops, loss_hook=nan_loss_hook(payload.get("test_nan_loss"), rank))
+                     worker_log, tracker, model_flops, loss_hook=nan_loss_hook(payload.get("test_nan_loss"), rank),
+                     started=payload.get("command_started"))
     finally:
         train_batches.close()
         tracker.finish()
