@@ -35,15 +35,29 @@ def checkpoint(tmp_path, tokenizer, overrides):
     return model
 
 
+UNTIED = "model.tie_embeddings=false"
+
+
 @pytest.mark.parametrize("overrides, arch", [([], "GPT2LMHeadModel"), (["model.bias=false"], "GPT2LMHeadModel"),
                                              ([*LLAMA, "model.bias=false"], "LlamaForCausalLM"),
-                                             (LLAMA, "LlamaForCausalLM")])
+                                             (LLAMA, "LlamaForCausalLM"),
+                                             ([UNTIED], "GPT2LMHeadModel"),
+                                             (["model.mlp=relu2"], "GPT2LMHeadModel"),
+                                             ([*LLAMA, UNTIED], "LlamaForCausalLM"),
+                                             ([*LLAMA, "model.bias=false", "model.qk_norm=true"], "Qwen3ForCausalLM"),
+                                             ([*LLAMA, "model.bias=false", "model.qk_norm=true", UNTIED],
+                                              "Qwen3ForCausalLM")])
 def test_transformers_loads_the_export_and_computes_the_same_model(tmp_path, tokenizer, monkeypatch, overrides, arch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ours = checkpoint(tmp_path, tokenizer, overrides)
     out = export_hf(tmp_path, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == arch
+    untied = UNTIED in overrides
+    assert hf.config.tie_word_embeddings is not untied
+    out_weight, in_weight = hf.get_output_embeddings().weight, hf.get_input_embeddings().weight
+    assert (out_weight.data_ptr() == in_weight.data_ptr()) is not untied
+    torch.testing.assert_close(out_weight, ours.lm_head.weight, rtol=0, atol=0)
     x = torch.randint(0, 300, (3, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x)[0], rtol=0, atol=1e-4)
@@ -69,6 +83,21 @@ def test_other_architectures_are_refused_naming_the_option(tmp_path, tokenizer, 
     assert main(["export", "--checkpoint", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
     err = capsys.readouterr().err
     assert "not a readable safetensors file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.logit_softcap=30"], "model.logit_softcap=30.0"),
+    ([*LLAMA, "model.bias=false", "model.logit_softcap=30"], "model.logit_softcap=30.0"),
+    (["model.qk_norm=true"], "model.qk_norm=true"),
+    ([*LLAMA, "model.qk_norm=true"], "model.bias=true"),
+    (["model.mlp=relu2", "model.pos_encoding=rope"], "model.mlp=relu2"),
+])
+def test_options_no_architecture_computes_are_refused_naming_the_field(tmp_path, tokenizer, capsys, overrides, named):
+    checkpoint(tmp_path, tokenizer, overrides)
+    assert main(["export", "--checkpoint", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err, err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_export_cli(tmp_path, tokenizer, capsys):

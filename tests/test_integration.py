@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import llm_ray
-from llm_ray.checkpoint import load_model, read_train_state
+from llm_ray.checkpoint import load_model, read_train_state, tied_names
 from llm_ray.cli import main
-from llm_ray.config import ConfigError, load_config
+from llm_ray.config import ConfigError, load_config, model_spec
 from llm_ray.data.pack import load_manifest
 from llm_ray.data.prepare import data_dir, prepare
 from llm_ray.train.trainer import train
@@ -86,8 +86,9 @@ def check_loss_falls_and_checkpoint_reloads(cfg, result, vocab_size: int) -> Non
         for p in reference.parameters():
             p.zero_()  # nothing of the safetensors weights may survive into the reference
     missing, unexpected = reference.load_state_dict(ds_state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is wte, tied
-    assert set(ds_state) | {"lm_head.weight"} == set(reference.state_dict())
+    tied = set(tied_names(model_spec(cfg)))  # a tied lm_head is wte
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)
+    assert set(ds_state) | tied == set(reference.state_dict())
     probe = torch.randint(0, vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(model(probe)[0], reference(probe)[0], rtol=0, atol=0)
@@ -121,6 +122,21 @@ def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path)
     published = run.run_dir / "model"
     assert read_train_state(published)["step"] == run.train.max_steps
     assert (published / "model.safetensors").read_bytes() == (Path(rerun.checkpoint) / "model" / "model.safetensors").read_bytes()
+
+
+def test_a_modern_recipe_trains_and_its_checkpoint_reloads(prepared, tmp_path):
+    """Query/key norms, squared ReLU, capped logits and an output layer of its own (issue 23), at ZeRO-3:
+    the loss falls and the streamed weights, lm_head among them, equal DeepSpeed's own."""
+    cfg, manifest = prepared
+    run = cfg.model_copy(update={"name": "recipe", "output_dir": str(tmp_path)}, deep=True)
+    run.train.zero_stage = 3
+    run.model = run.model.model_copy(update={"qk_norm": True, "mlp": "relu2", "logit_softcap": 30.0,
+                                             "tie_embeddings": False})
+    result = train(run, data_dir(cfg), log=lambda *_: None)
+    check_loss_falls_and_checkpoint_reloads(run, result, manifest["vocab_size"])
+    model = load_model(result.checkpoint)[0]
+    assert model.spec.qk_norm and model.spec.mlp == "relu2" and not model.spec.tie_embeddings
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
 
 
 def test_generate_cli_prints_a_continuation(default_run, capsys):

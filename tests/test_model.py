@@ -19,6 +19,7 @@ VARIANTS = [
     dict(pos_encoding="sinusoidal"),
     dict(pos_encoding="rope"),
     dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+    dict(pos_encoding="rope", mlp="relu2", qk_norm=True, logit_softcap=30.0, tie_embeddings=False),  # issue 23
 ]
 
 

@@ -94,22 +94,24 @@ def collect(queue, procs, timeout_s: float = 600) -> list:
     return sorted(results)
 
 
-def test_zero3_never_builds_the_whole_model_and_saves_it_one_parameter_at_a_time(tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["model.tie_embeddings=false"]])
+def test_zero3_never_builds_the_whole_model_and_saves_it_one_parameter_at_a_time(tmp_path, overrides):
     """Two gloo processes at ZeRO-3 (no Ray): right after building, each holds half of every parameter;
     the streamed model.safetensors equals the weights gathered whole, equals a plain build with the same
-    seed (same initialization as ZeRO-0/1/2), and reloads to the engine's logits exactly."""
+    seed (same initialization as ZeRO-0/1/2), and reloads to the engine's logits exactly. An output layer
+    with its own weight is saved; a tied one is not (it is the token embedding)."""
     import torch
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    from llm_ray.checkpoint import TIED
+    from llm_ray.checkpoint import tied_names
     from llm_ray.config import load_config, model_spec
     from llm_ray.model import GPT
     from tests._zero3_workers import build_and_save
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=build_and_save, args=(rank, str(tmp_path), [], queue)) for rank in (0, 1)]
+    procs = [ctx.Process(target=build_and_save, args=(rank, str(tmp_path), overrides, queue)) for rank in (0, 1)]
     for p in procs:
         p.start()
     results = collect(queue, procs)
@@ -119,17 +121,20 @@ def test_zero3_never_builds_the_whole_model_and_saves_it_one_parameter_at_a_time
 
     saved = load_file(str(tmp_path / "model.safetensors"))
     reference = torch.load(tmp_path / "reference.pt", weights_only=True)
-    whole = {k: v for k, v in reference["whole"].items() if k not in TIED}
+    cfg = load_config("debug", ["train.zero_stage=3", *overrides])
+    tied = tied_names(model_spec(cfg))
+    whole = {k: v for k, v in reference["whole"].items() if k not in tied}
     assert saved.keys() == whole.keys()
+    assert ("lm_head.weight" in saved) == (not cfg.model.tie_embeddings)
     assert all(torch.equal(saved[k], whole[k]) for k in whole)
-    cfg = load_config("debug", ["train.zero_stage=3"])
     torch.manual_seed(cfg.seed)
     plain = GPT(model_spec(cfg))
     from llm_ray.train.engine import param_groups
 
     assert results[0][3] == len(param_groups(plain, 0.1)[0]["params"]) > 0  # weight decay on the same matrices
-    assert all(torch.equal(saved[k], v) for k, v in plain.state_dict().items() if k not in TIED)
-    plain.load_state_dict(saved, strict=False)
+    assert all(torch.equal(saved[k], v) for k, v in plain.state_dict().items() if k not in tied)
+    missing, unexpected = plain.load_state_dict(saved, strict=False)
+    assert set(missing) == set(tied) and not unexpected
     plain.eval()
     batch = torch.arange(2 * cfg.data.block_size).reshape(2, -1) % cfg.vocab_size
     with torch.no_grad():

@@ -10,10 +10,10 @@
 
 from llm_ray.checkpoint.history import (HISTORY_DIR, discard_history_after, read_history, read_train_state,
                                         write_history)
-from llm_ray.checkpoint.inference import (MODEL_DIR, TIED, WEIGHTS, find_model_dir, load_model, read_config,
-                                          save_inference, write_safetensors)
+from llm_ray.checkpoint.inference import (MODEL_DIR, WEIGHTS, find_model_dir, load_model, read_config,
+                                          save_inference, tied_names, write_safetensors)
 from llm_ray.checkpoint.state import TrainState
 
-__all__ = ["HISTORY_DIR", "MODEL_DIR", "TIED", "WEIGHTS", "TrainState", "discard_history_after", "find_model_dir",
-           "load_model", "read_config", "read_history", "read_train_state", "save_inference", "write_history",
-           "write_safetensors"]
+__all__ = ["HISTORY_DIR", "MODEL_DIR", "WEIGHTS", "TrainState", "discard_history_after", "find_model_dir",
+           "load_model", "read_config", "read_history", "read_train_state", "save_inference", "tied_names",
+           "write_history", "write_safetensors"]

@@ -24,7 +24,12 @@ from llm_ray.model import GPT
 MODEL_DIR = "model"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 WEIGHTS = "model.safetensors"
-TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
+
+
+def tied_names(spec) -> tuple[str, ...]:
+    """State-dict names that are another parameter's tensor, left out of model.safetensors: the output
+    layer's weight when it is the token embedding's (spec.tie_embeddings)."""
+    return ("lm_head.weight",) if spec.tie_embeddings else ()
 
 
 def save_inference(directory: Path, state_dict: dict[str, torch.Tensor] | None, cfg: Config, tokenizer_json: str,
@@ -34,7 +39,8 @@ def save_inference(directory: Path, state_dict: dict[str, torch.Tensor] | None, 
     out = Path(directory) / MODEL_DIR
     out.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in TIED}
+        tied = tied_names(model_spec(cfg))
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in tied}
         save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
@@ -100,10 +106,12 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, "object", Co
         state = load_file(str(model_dir / WEIGHTS), device=device)
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise ValueError(f"{model_dir / WEIGHTS} is not a readable safetensors file: {e}") from None
+    tied = set(tied_names(model.spec))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if set(missing) - set(TIED) or unexpected:
+    missing, unexpected = set(missing) - tied, set(unexpected) | (tied & set(state))  # a tied name is no tensor
+    if missing or unexpected:
         raise ValueError(f"{model_dir / WEIGHTS} does not fit the model in its config.yaml: "
-                         f"missing {sorted(set(missing) - set(TIED))}, unexpected {sorted(unexpected)}")
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     try:
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a plain Exception for a missing or bad file

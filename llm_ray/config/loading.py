@@ -158,4 +158,7 @@ def model_spec(cfg: Config):
         mlp=m.mlp,
         dropout=m.dropout,
         bias=m.bias,
+        qk_norm=m.qk_norm,
+        logit_softcap=m.logit_softcap,
+        tie_embeddings=m.tie_embeddings,
     )

@@ -20,9 +20,22 @@ class ModelConfig(Section):
         "learned", description="Positional encoding: learned absolute (GPT-2), sinusoidal, or rotary (RoPE)."
     )
     norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalization before each sublayer.")
-    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward type: GELU (GPT-2) or SwiGLU.")
+    mlp: Literal["gelu", "swiglu", "relu2"] = Field(
+        "gelu", description="Feed-forward type: GELU (GPT-2), SwiGLU (Llama) or squared ReLU (relu2, Primer)."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residual paths.")
     bias: StrictBool = Field(True, description="Biases in linear layers and LayerNorm (GPT-2 has them).")
+    qk_norm: StrictBool = Field(
+        False, description="Normalize queries and keys per head (with `norm`) before attention, as OLMo 2 and "
+        "Qwen3: attention logits stay bounded however large the projections grow."
+    )
+    logit_softcap: float | None = Field(
+        None, gt=0, description="Soft cap on the output logits, cap * tanh(logits / cap) (Gemma 2); null: uncapped."
+    )
+    tie_embeddings: StrictBool = Field(
+        True, description="The output layer reuses the token embedding's weight (GPT-2); false gives it its own "
+        "(vocab_size x n_embd more parameters)."
+    )
     n_head: int = Field(4, ge=1, description="Attention heads per block; must divide n_embd.")
 
     @field_validator("n_head")

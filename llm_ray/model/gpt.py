@@ -32,14 +32,19 @@ class GPTSpec:
     n_embd: int
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     dropout: float = 0.0
     bias: bool = True
     rope_theta: float = 10000.0
+    qk_norm: bool = False  # normalize queries and keys per head (with `norm`) before attention
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    tie_embeddings: bool = True  # the output layer is the token embedding's weight
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap must be positive, got {self.logit_softcap}")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError("rotary position encoding needs an even head size (n_embd // n_head)")
 
@@ -54,10 +59,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def make_norm(spec: GPTSpec) -> nn.Module:
+def make_norm(spec: GPTSpec, dim: int | None = None) -> nn.Module:
+    """The spec's norm over dim features (default n_embd)."""
+    dim = dim or spec.n_embd
     if spec.norm == "rmsnorm":
-        return RMSNorm(spec.n_embd)
-    return nn.LayerNorm(spec.n_embd, bias=spec.bias)
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=spec.bias)
 
 
 def sinusoidal_table(context_length: int, dim: int) -> torch.Tensor:
@@ -137,6 +144,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=spec.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias)
         self.resid_dropout = nn.Dropout(spec.dropout)
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm:  # over each head's hs features: |q . k| / sqrt(hs) stays bounded by the norm weights
+            self.q_norm = make_norm(spec, spec.n_embd // spec.n_head)
+            self.k_norm = make_norm(spec, spec.n_embd // spec.n_head)
         # Opt-in, for interpretability: compute attention explicitly and keep its weights
         # (B, nh, T, T) in last_attention. Off, attention runs fused (SDPA) and keeps nothing.
         self.keep_attention = False
@@ -150,6 +161,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm:  # before the rotation, as OLMo 2 and Qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -177,12 +190,12 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: GPTSpec):
         super().__init__()
-        self.swiglu = spec.mlp == "swiglu"
-        if self.swiglu:
+        self.kind = spec.mlp
+        if self.kind == "swiglu":
             # 2/3 of 4C keeps the parameter count of the GELU MLP (LLaMA's choice), rounded to 8.
             hidden = 8 * ((int(8 * spec.n_embd / 3) + 7) // 8)
             self.c_fc = nn.Linear(spec.n_embd, 2 * hidden, bias=spec.bias)  # gate and value together
-        else:
+        else:  # gelu, relu2
             hidden = 4 * spec.n_embd
             self.c_fc = nn.Linear(spec.n_embd, hidden, bias=spec.bias)
         self.c_proj = nn.Linear(hidden, spec.n_embd, bias=spec.bias)
@@ -190,9 +203,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()  # Primer's squared ReLU
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
         return self.dropout(self.c_proj(h))
@@ -225,7 +240,8 @@ class GPT(nn.Module):
             parts["wpe"] = nn.Embedding(spec.context_length, spec.n_embd)
         self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
 
         # Fixed tables are buffers, not parameters, and are not saved (they are derived).
         if spec.pos_encoding == "sinusoidal":
@@ -265,13 +281,16 @@ class GPT(nn.Module):
         return plan
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; with non_embedding, position embeddings are left out.
+        """Parameter count; with non_embedding, the parameters of embedding lookups are left out.
 
-        Token embeddings stay in: they are tied to the output layer, whose matmul costs FLOPs.
+        Those are the position embeddings, and the token embeddings when the output layer has its
+        own weight; tied, they stay in: they are the output layer, whose matmul costs FLOPs.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.spec.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -290,9 +309,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is None:
             positions = torch.arange(T, device=idx.device)[None]  # (1, T)
+            end = T  # known on the host: a training step never waits on the device here
         else:
             positions = cache.positions(rows, T)  # (B, T)
-        end = int(positions[:, -1].max()) + 1
+            end = int(positions[:, -1].max()) + 1  # reads the device; decoding syncs each step anyway
         if end > self.spec.context_length:
             raise ValueError(f"sequence of {end} tokens exceeds context_length {self.spec.context_length}")
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -312,6 +332,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(rows, T)
         logits = self.lm_head(self.transformer.ln_f(x))
+        if self.spec.logit_softcap is not None:  # Gemma 2: smoothly into (-cap, cap)
+            logits = self.spec.logit_softcap * torch.tanh(logits / self.spec.logit_softcap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

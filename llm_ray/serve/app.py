@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
-from llm_ray.checkpoint import TIED, WEIGHTS, find_model_dir, load_model, read_config
+from llm_ray.checkpoint import WEIGHTS, find_model_dir, load_model, read_config, tied_names
 from llm_ray.checkpoint.best import read_state
 from llm_ray.checkpoint.provenance import provenance
 from llm_ray.config import ConfigError, model_spec
@@ -256,9 +256,9 @@ def check_checkpoint(model_dir: Path) -> None:
         except Exception as e:  # yaml, pydantic, safetensors and tokenizers each raise their own types
             raise ConfigError(f"checkpoint: {model_dir / name} is missing or unreadable: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    spec = model_spec(read["config.yaml"])
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(model_spec(read["config.yaml"])).state_dict().items()
-                    if k not in TIED}
+        expected = {k: tuple(v.shape) for k, v in GPT(spec).state_dict().items() if k not in tied_names(spec)}
     if read[WEIGHTS] != expected:
         wrong = sorted(k for k in expected.keys() | read[WEIGHTS].keys() if expected.get(k) != read[WEIGHTS].get(k))
         raise ConfigError(f"checkpoint: {model_dir / WEIGHTS} does not fit the model in its config.yaml: "

@@ -91,18 +91,20 @@ def count_parameters(cfg: Config) -> int:
 
 def layer_elements(cfg: Config) -> tuple[int, int]:
     """Activation elements autograd keeps per token of one block: (kept at 4 bytes under autocast,
-    the rest). Norm inputs 2d; attention: QKV input d, q, k, v 3d, attention output and its
-    projection's input 2d; rotary embeddings copy q and k (2d); MLP: its input d, then GELU's input
-    and output 2 x 4d, or SwiGLU's gate and value, activation and product 4 x hidden."""
+    the rest). Norm inputs 2d, and the query/key norms' inputs 2d more (qk_norm); attention: QKV input
+    d, q, k, v 3d, attention output and its projection's input 2d; rotary embeddings copy q and k (2d);
+    MLP: its input d, then GELU's input and output 2 x 4d (squared ReLU: the ReLU's output and its
+    square, also 2 x 4d), or SwiGLU's gate and value, activation and product 4 x hidden."""
     d = cfg.model.n_embd
     spec = model_spec(cfg)
+    norms = 2 * d + (2 * d if spec.qk_norm else 0)
     attention = 6 * d + (2 * d if spec.pos_encoding == "rope" else 0)
     if spec.mlp == "swiglu":
         hidden = 8 * ((int(8 * d / 3) + 7) // 8)
         mlp = d + 4 * hidden
     else:
         mlp = d + 8 * d
-    return 2 * d, attention + mlp
+    return norms, attention + mlp
 
 
 def activation_bytes(cfg: Config) -> int:
@@ -117,6 +119,8 @@ def activation_bytes(cfg: Config) -> int:
     else:
         layers = (cfg.model.n_layer + 1) * per_layer
     head = 2 * d * element + 3 * cfg.vocab_size * 4  # final norm, logits, log-softmax, their gradient (fp32)
+    if cfg.model.logit_softcap is not None:
+        head += cfg.vocab_size * element  # the cap's tanh output, kept for its backward
     return tokens * (layers + head)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm_ray.checkpoint import (HISTORY_DIR, MODEL_DIR, TIED, WEIGHTS, TrainState, discard_history_after,
-                                read_train_state, save_inference, write_history, write_safetensors)
+from llm_ray.checkpoint import (HISTORY_DIR, MODEL_DIR, WEIGHTS, TrainState, discard_history_after,
+                                read_train_state, save_inference, tied_names, write_history, write_safetensors)
 from llm_ray.checkpoint.location import checkpoint_location
 from llm_ray.checkpoint.manifest import read_saved_config, write_manifest
 from llm_ray.config import Config, S3Config, model_spec
@@ -52,7 +52,8 @@ def write_zero3_weights(engine, path: str | None) -> None:
     beyond its partition. Every rank must call this."""
     import deepspeed
 
-    params = [(n, p) for n, p in engine.module.named_parameters() if n not in TIED]
+    tied = tied_names(engine.module.spec)
+    params = [(n, p) for n, p in engine.module.named_parameters() if n not in tied]
 
     def gathered():
         for _, p in params:
