@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_ray.config import load_config
-from llm_ray.data.documents import documents_stage
+from llm_ray.data import stages
+from llm_ray.data.documents import clean_documents, documents_key
 from llm_ray.data.prepare import data_dir, prepare
 from llm_ray.data.sources import list_sources
 from tests.test_prepare import Log
@@ -35,6 +36,13 @@ def stage_config(tmp_path, source, *overrides):
     # Cleaning and signatures off: this measures the reading and chunking, not the rules.
     return load_config("debug", [f"output_dir={tmp_path}", f"data.sources=[{source}]", "data.max_files=null",
                                  "cleaning.enabled=false", "dedup.near=false", *overrides])
+
+
+def documents_stage(cfg, files, out, log):
+    """The documents stage as prepare runs it: through the stage runner, skipped when up to date."""
+    eval_sets = list_sources(cfg.data.decontaminate, cfg.data, "data.decontaminate") if cfg.data.decontaminate else []
+    return stages.run("documents", out, documents_key(cfg, files, eval_sets),
+                      lambda folder, key: clean_documents(cfg, files, eval_sets, folder, key, log), log)
 
 
 def run_stage(cfg):
