@@ -10,7 +10,7 @@ from llm_ray.config.base import Section
 from llm_ray.config.data import CleaningConfig, DataConfig, DedupConfig, TokenizerConfig
 from llm_ray.config.eval import EvalConfig
 from llm_ray.config.model import ModelConfig
-from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig
+from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig, muon_problems
 from llm_ray.storage import Location, StorageError
 
 
@@ -76,6 +76,7 @@ class Config(Section):
             problems.append("train.offload_optimizer supports train.optimizer adam and adamw, not sgd")
         if t.offload_params and t.zero_stage != 3:
             problems.append(f"train.offload_params needs train.zero_stage 3 (got {t.zero_stage})")
+        problems += muon_problems(t)
         if self.train.min_lr > self.train.lr:
             problems.append(f"train.min_lr ({self.train.min_lr}) exceeds train.lr ({self.train.lr})")
         if problems:

@@ -43,9 +43,17 @@ class TrainConfig(Section):
         4096, ge=1, description="Tokens per optimizer step over all workers; gradient accumulation is derived."
     )
     max_steps: int = Field(200, ge=1, description="Optimizer steps to run.")
-    optimizer: Literal["adamw", "adam", "sgd"] = Field(
-        "adamw", description="adamw (decoupled weight decay), adam (L2 penalty in the gradient), or sgd."
+    optimizer: Literal["adamw", "adam", "sgd", "muon"] = Field(
+        "adamw", description="adamw (decoupled weight decay), adam (L2 penalty in the gradient), sgd, or muon "
+        "(Muon's orthogonalized momentum on the 2-D weights inside the blocks, AdamW on embeddings, output "
+        "layer, norms and biases; fp32 or bf16, no optimizer offload; ZeRO stage 1-3 need grad_clip 0, as "
+        "DeepSpeed clips Muon's orthogonalized update there)."
     )
+    muon_lr: float = Field(
+        0.02, gt=0, description="Peak learning rate of Muon's matrices (optimizer muon), in spectral norm per "
+        "step; it follows lr's schedule (scaled by muon_lr / lr). The AdamW parameters use lr."
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum (optimizer muon).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
     schedule: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = Field(
@@ -111,6 +119,25 @@ class TrainConfig(Section):
         "pinned memory on GPU, so that the copy to the device overlaps); 0 reads each when it is needed. "
         "The batches are the same either way."
     )
+
+
+def muon_problems(t: TrainConfig) -> list[str]:
+    """The settings under which DeepSpeed's Muon would not train as Muon (train.engine.check_muon says why;
+    tests/test_muon.py shows each): checked with the config, and again where the engine is built."""
+    if t.optimizer != "muon":
+        return []
+    problems = []
+    if t.zero_stage >= 1 and t.grad_clip > 0:
+        problems.append(f"train.optimizer muon at train.zero_stage {t.zero_stage} needs train.grad_clip 0 (got "
+                        f"{t.grad_clip}): DeepSpeed's ZeRO-{t.zero_stage} clips Muon's orthogonalized update with "
+                        "the gradients, which shrinks every Muon step; or use train.zero_stage 0, which clips the "
+                        "gradients before Newton-Schulz")
+    if t.precision == "fp16":
+        problems.append("train.optimizer muon supports train.precision fp32 and bf16, not fp16 (DeepSpeed's fp16 "
+                        "Muon path is not tested here)")
+    if t.offload_optimizer:
+        problems.append("train.offload_optimizer supports train.optimizer adam and adamw, not muon")
+    return problems
 
 
 class TrackingConfig(Section):

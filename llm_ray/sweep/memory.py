@@ -7,8 +7,10 @@ Per worker, with N workers, P parameters and ZeRO stage s (DeepSpeed's partition
 
     weights      4 bytes/param (bf16: 2), divided by N at stage 3
     gradients    4 bytes/param (bf16: 2), divided by N at stage >= 2
-    optimizer    Adam: m and v, 8 bytes/param; SGD: momentum, 4 (0 without momentum); bf16 adds
-                 fp32 master weights and fp32 gradients (8 more); divided by N at stage >= 1
+    optimizer    Adam: m and v, 8 bytes/param; SGD: momentum, 4 (0 without momentum); Muon: momentum,
+                 4 per param of the hidden matrices (8 at stage 1-2, which stage a copy of it each
+                 step), and Adam's 8 for the rest; bf16 adds fp32 master weights and fp32 gradients
+                 (8 more); divided by N at stage >= 1
     buckets      ZeRO-2/3 gradient reduction buffers: 2 x reduce_bucket_size elements
     transients   the gradients flattened once more for the all-reduce and clipping, and fp32
                  temporaries of the optimizer step (1 x gradients + 4 bytes/param, partitioned
@@ -41,6 +43,7 @@ from dataclasses import asdict, dataclass
 from llm_ray.config import Config, model_spec
 from llm_ray.memory import gpu_total_bytes
 from llm_ray.model import GPT
+from llm_ray.train.engine import is_hidden_matrix
 
 GIB = 1024**3
 # The CPU figure: a Ray Train worker training the debug model (whose own parts are ~14 MB) peaked at
@@ -89,6 +92,15 @@ def count_parameters(cfg: Config) -> int:
     return sum(p.numel() for p in model.parameters())  # a tied weight is listed once
 
 
+def count_muon_parameters(cfg: Config) -> int:
+    """Parameters that train.optimizer muon updates with Muon (the hidden matrices), on the meta device."""
+    import torch
+
+    with torch.device("meta"):
+        model = GPT(model_spec(cfg))
+    return sum(p.numel() for name, p in model.named_parameters() if is_hidden_matrix(name, p))
+
+
 def layer_elements(cfg: Config) -> tuple[int, int]:
     """Activation elements autograd keeps per token of one block: (kept at 4 bytes under autocast,
     the rest). Norm inputs 2d, and the query/key norms' inputs 2d more (qk_norm); attention: QKV input
@@ -132,12 +144,15 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
     weights = params * (2 if half else 4) // (n if stage == 3 else 1)
     gradients = params * (2 if half else 4) // (n if stage >= 2 else 1)
     if t.optimizer == "sgd":
-        state_per_param = 4 if t.momentum > 0 else 0
+        state = params * (4 if t.momentum > 0 else 0)
+    elif t.optimizer == "muon":
+        matrices = count_muon_parameters(cfg)
+        state = matrices * (8 if stage in (1, 2) else 4) + (params - matrices) * 8
     else:
-        state_per_param = 8
+        state = params * 8
     if half:
-        state_per_param += 8  # fp32 master weights and fp32 gradients
-    optimizer = params * state_per_param // (n if stage >= 1 else 1)
+        state += params * 8  # fp32 master weights and fp32 gradients
+    optimizer = state // (n if stage >= 1 else 1)
     buckets = 2 * cfg.model.n_embd**2 * (2 if half else 4) if stage >= 2 else 0
     transients = gradients + params * 4 // (n if stage >= 1 else 1)
     offloaded = 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llm_ray.config import Config, TrainConfig, model_spec
+from llm_ray.config import Config, ConfigError, TrainConfig, model_spec
+from llm_ray.config.train import muon_problems
 from llm_ray.model import GPT
 from llm_ray.train.schedule import lr_at
 
@@ -26,6 +27,51 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
+    """A 2-D weight inside a transformer block (attention and MLP projections): what Muon updates."""
+    return name.startswith("transformer.h.") and len(getattr(param, "ds_shape", param.shape)) == 2
+
+
+def muon_param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
+    """AdamW groups (param_groups less the hidden matrices), then one Muon group of the hidden matrices.
+
+    Every parameter is tagged ``use_muon``: DeepSpeed's ZeRO-1/2/3 and bf16 optimizers read the tag
+    on the parameter, not the group, to decide where Newton-Schulz runs. Tagged here rather than by
+    DeepSpeed's own optimizer config, which tags by name ("embed", "lm_head") and would put our
+    embeddings (``transformer.wte``, ``wpe``) on Muon.
+    """
+    hidden = [p for name, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(name, p)]
+    muon_ids = {id(p) for p in hidden}
+    groups = []
+    for group in param_groups(model, t.weight_decay):
+        rest = [p for p in group["params"] if id(p) not in muon_ids]
+        if rest:
+            groups.append({**group, "params": rest, "use_muon": False, "lr": t.lr, "betas": (t.beta1, t.beta2),
+                           "eps": 1e-8})
+    groups.append({"params": hidden, "use_muon": True, "lr": t.muon_lr, "momentum": t.muon_momentum,
+                   "weight_decay": t.weight_decay})
+    for group in groups:
+        for p in group["params"]:
+            p.use_muon = group["use_muon"]
+    return groups
+
+
+def check_muon(t: TrainConfig) -> None:
+    """Refuse the settings under which DeepSpeed's Muon would not train as Muon (tests/test_muon.py shows each).
+
+    ZeRO-1/2/3 run Newton-Schulz inside their gradient reduction and then take the clipping norm
+    over the result (stage_1_and_2.py step(): "the clip covers the orthogonalized gradient";
+    stage3.py _apply_muon_to_accumulated_grads: "before the norm, which keeps being taken over the Muon
+    update"): with train.grad_clip > 0 every Muon step shrinks by the norm of all the
+    orthogonalized updates (x30 on the debug model) whatever the gradients. ZeRO-0 clips the
+    gradients first and orthogonalizes in the optimizer's step, as Muon is defined. The grad_norm
+    that progress rows report under ZeRO-1/2/3 is that norm too, not the gradients'.
+    """
+    problems = muon_problems(t)
+    if problems:
+        raise ConfigError("\n  ".join(problems))
+
+
 def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for cfg: generated, never written by hand.
 
@@ -45,6 +91,8 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
                         # defaults (1e9) keep every gathered parameter until the step ends, which on a
                         # model this size is the whole model again.
                         stage3_max_live_parameters=12 * h * h, stage3_max_reuse_distance=12 * h * h)
+            if t.optimizer == "muon":
+                zero["reduce_scatter"] = False  # stage3.py: "Muon and reduce scatter cannot be used together"
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if t.offload_params:
@@ -102,6 +150,13 @@ def parameter_share(model: torch.nn.Module) -> tuple[int, int]:
 
 def build_optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer over param groups; DeepSpeed's CPU Adam when its state is offloaded to the CPU."""
+    if t.optimizer == "muon":
+        # DeepSpeed's Muon: Newton-Schulz runs in its ZeRO-1/2/3 optimizers (on the reduced gradient)
+        # or, at ZeRO-0, in this optimizer's step (on the clipped fp32 gradient); the AdamW half is
+        # torch's fused AdamW, stepped from this optimizer's step.
+        from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+        return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={"fused": True})
     if t.optimizer == "sgd":
         if t.offload_optimizer:
             raise ValueError("train.offload_optimizer supports adam and adamw, not sgd")
@@ -121,7 +176,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, load_universal: bool = Fal
     import deepspeed
 
     t = cfg.train
-    optimizer = build_optimizer(param_groups(model, t.weight_decay), t)
+    check_muon(t)
+    groups = muon_param_groups(model, t) if t.optimizer == "muon" else param_groups(model, t.weight_decay)
+    optimizer = build_optimizer(groups, t)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
