@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 from llm_ray.config import PRESETS, ConfigError, dump_config, load_config
+from llm_ray.ray_utils import Terminated
 
 EXIT_USAGE = 2  # bad config or arguments
 EXIT_FAILURE = 1  # the run itself failed
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -149,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"llm-ray: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:  # SIGTERM, once Ray is up (ray_utils.unwind_on_sigterm)
+        print("llm-ray: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("llm-ray: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _run(args) -> int:
@@ -336,7 +342,6 @@ def _generate(args) -> int:
 
 def _serve(args) -> int:
     import os
-    import signal
     import time
 
     from llm_ray.config.serve import load_serve_config
@@ -357,8 +362,8 @@ def _serve(args) -> int:
 
     app = build_app(cfg.model_dump(mode="json"))  # every config problem before the port or Ray
     check_port_free(cfg.host, cfg.port)
-    # `ray job stop` sends SIGTERM and kills 3 s later: leave through the finally below as Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # `ray job stop` sends SIGTERM and kills 3 s later: once Ray is up, SIGTERM raises Terminated
+    # (ray_utils.unwind_on_sigterm), so the finally below runs as on Ctrl-C
     try:
         url = start(cfg, app=app)
         print(f"serving {checkpoint} at {url} (OpenAI base_url {url}/v1; playground {url}/); Ctrl-C stops", flush=True)
