@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,14 +99,32 @@ def test_two_workers_zero2_loss_falls_and_checkpoint_reloads(prepared, default_r
     check_loss_falls_and_checkpoint_reloads(*default_run, prepared[1]["vocab_size"])
 
 
+def wait_until_no_alive_actor(class_name: str, timeout_s: float = 60) -> None:
+    """Wait for this session's Ray to hold no live actor of class_name; fail naming them after timeout_s."""
+    import ray
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address
+    deadline = time.time() + timeout_s
+    while True:
+        alive = list_actors(address=gcs, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        if not alive or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not alive, f"{len(alive)} {class_name} actor(s) outlived their run: {alive}"
+
+
 def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path):
     cfg, manifest = prepared
     run = cfg.model_copy(update={"name": "zero3", "output_dir": str(tmp_path)}, deep=True)
     run.train.zero_stage = 3
     run.train.checkpoint_every, run.train.num_checkpoints_to_keep = 10, 1  # 6 checkpoints written, 1 kept
-    called = time.time()
+    called, handler = time.time(), signal.getsignal(signal.SIGINT)
     result = train(run, data_dir(cfg), log=lambda *_: None)
     returned = time.time()
+    # Ray Train's own Ctrl-C handler (which holds the run's controller) is gone, and so is the controller.
+    assert signal.getsignal(signal.SIGINT) is handler
+    wait_until_no_alive_actor("TrainController")
     check_loss_falls_and_checkpoint_reloads(run, result, manifest["vocab_size"])
     assert len([p for p in (run.run_dir / "checkpoints" / run.name).glob("checkpoint_*") if p.is_dir()]) == 1
     # Built under deepspeed.zero.Init: right after building, each worker held half of the model.

@@ -6,6 +6,8 @@ import hashlib
 import io
 import secrets
 import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,10 +117,23 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     )
     log(f"train: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, "
         f"{cfg.grad_accum_steps} accumulation step(s), {t.max_steps} steps")
-    result = trainer.fit()
+    result = fit_restoring_sigint(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (see {checkpoint_location(cfg)[0]})")
     return finished_run(cfg, result.checkpoint.path, filesystem is not None, log)
+
+
+def fit_restoring_sigint(trainer):
+    """trainer.fit(), then the SIGINT handler that was there before: Ray Train installs its own (which
+    holds the run's TrainController actor, keeping it alive) and never restores the previous one, so
+    Ctrl-C after training (sampling, evaluation) was swallowed and the controller outlived the run."""
+    main = threading.current_thread() is threading.main_thread()  # handlers are set there only
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def prepared_manifest(cfg: Config, path: Location) -> dict:
