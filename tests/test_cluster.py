@@ -168,8 +168,13 @@ def job_status(head: Head, job_id: str) -> str:
 
 
 def newest_step(checkpoints: Path) -> int:
-    states = [json.loads(p.read_text()) for p in checkpoints.glob("checkpoint_*/model/train_state.json")]
-    return max((s["step"] for s in states), default=0)
+    """The step of the newest complete checkpoint: every worker wrote its manifest (a worker writes it last)."""
+    steps = []
+    for state in checkpoints.glob("checkpoint_*/model/train_state.json"):
+        manifests = sorted((state.parents[1] / "_manifest").glob("rank-*.json"))
+        if manifests and len(manifests) == json.loads(manifests[0].read_text())["world_size"]:
+            steps.append(json.loads(state.read_text())["step"])
+    return max(steps, default=0)
 
 
 def job_logs(head: Head, job_id: str) -> str:
@@ -217,6 +222,10 @@ def test_ray_job_submit_path_end_to_end_with_a_killed_driver_resubmitted_and_ser
     deadline = time.time() + 120
     while "failed" not in (status := job_status(ray_head, job_id)).lower():
         assert time.time() < deadline, status
+        time.sleep(1)
+    # The job's workers outlive its driver by a moment and may finish one more checkpoint meanwhile.
+    while any(p.info["name"] == "ray::RayTrainWorker" for p in psutil.process_iter(["name"])):
+        assert time.time() < deadline, "the killed job's training workers are still running"
         time.sleep(1)
     killed_at = newest_step(checkpoints)
     assert 10 <= killed_at < 60

@@ -488,9 +488,11 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(de
         assert main([*common, "--eval-data", files, "--set", f"eval.backend={backend}", "--set", "eval.concurrency=1",
                      "--set", "eval.cpus_per_actor=0.5"]) == 0
         figures[backend] = json.loads((run.run_dir / "eval" / "eval.json").read_text())
+    import ray
     from ray.util.state import list_actors
 
-    scorers = [a for a in list_actors(detail=True, limit=1000) if "CheckpointScorer" in a.class_name]
+    gcs = ray.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
+    scorers = [a for a in list_actors(address=gcs, detail=True, limit=1000) if "CheckpointScorer" in a.class_name]
     assert len(scorers) == 1 and scorers[0].required_resources["CPU"] == 0.5  # eval.concurrency, cpus_per_actor
     local, ray_data = figures["local"], figures["ray"]
     assert local["backend"] == "local" and ray_data["backend"] == "ray" and local["documents"] == 3
@@ -501,7 +503,7 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(de
     assert local["contamination"]["contaminated"] >= 1
 
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(run.run_dir)]) == 1  # no weights there
+    assert main(["eval", "--checkpoint", str(run.run_dir / "checkpoints")]) == 1  # no weights there
     assert "--checkpoint" in capsys.readouterr().err
     assert main([*common, "--split", "test"]) == 1
     assert "data.test_fraction" in capsys.readouterr().err
