@@ -159,16 +159,21 @@ def quiet_deprecated_collectives() -> None:
 
 
 def checkpoint_to_resume(payload: dict, cfg: Config):
-    """Ray's latest checkpoint of the run, unless the driver found it damaged: then the newest
-    complete one (see train.resume)."""
+    """The checkpoint to resume from: Ray's latest of the run, or the newest complete one the driver found
+    (see checkpoint.manifest) when that is newer or Ray's is damaged. A driver killed mid-training leaves
+    Ray's record at the last checkpoint it registered, while its workers may finish one more; a restart
+    within this run (train.max_failures) makes Ray's the newer. Checkpoint folder names sort by time."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     damaged = {p.rstrip("/") for p in payload.get("damaged_checkpoints", [])}
-    if payload.get("resume_from") and (checkpoint is None or checkpoint.path.rstrip("/") in damaged):
+    if checkpoint is not None and checkpoint.path.rstrip("/") in damaged:
+        checkpoint = None
+    newest = payload.get("resume_from")
+    if newest and (checkpoint is None or Path(newest.rstrip("/")).name > Path(checkpoint.path.rstrip("/")).name):
         location = checkpoint_location(cfg)[0]  # train.storage_path, else under output_dir (S3 too)
         filesystem = location.filesystem if location.remote else None
-        checkpoint = ray.train.Checkpoint(payload["resume_from"], filesystem=filesystem)
+        checkpoint = ray.train.Checkpoint(newest, filesystem=filesystem)
     return checkpoint
 
 
