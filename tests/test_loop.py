@@ -2,12 +2,10 @@
 L1 under every ZeRO stage and precision, the LR and throughput that the progress rows report."""
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from llm_ray.config import load_config, model_spec
 from llm_ray.model import GPT
@@ -26,7 +24,7 @@ def one_worker(*overrides):
     return load_config("debug", ["train.num_workers=1", "train.total_batch_tokens=512", *overrides])
 
 
-def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, started=None):
+def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, started=None, loss_hook=None):
     """run_training on random tokens: (final state, engine)."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -42,7 +40,8 @@ def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, start
     kwargs = {"clock": clock} if clock else {}
     state = run_training(cfg, engine, batches, val, TrainState(world_size=1), save or (lambda s, m: None),
                          lambda m: None, 0, torch.device("cpu"), log=log or (lambda line: None),
-                         flops_per_token=flops_per_token, started=started, **kwargs)
+                         flops_per_token=flops_per_token, started=started, loss_hook=loss_hook,
+                         **kwargs)
     return state, engine
 
 
@@ -114,14 +113,75 @@ def test_mfu_is_reported_against_peak_tflops_per_worker(process_group, tmp_path)
         assert row["mfu"] == pytest.approx(10**6 * row["tokens_per_sec"] / (0.5e12 * 1))
 
 
-def test_a_nan_on_either_worker_reaches_both(tmp_path):
-    """gloo's MAX is std::max, which drops a NaN on rank 1 (both ranks would see 1.0 and train on
-    the NaN): non-finite losses are mapped to +inf first, so both ranks see it and skip."""
-    import torch.multiprocessing as mp
 
-    from tests._gloo_workers import worst_loss_per_rank
 
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(worst_loss_per_rank, args=(str(tmp_path / "store"), queue), nprocs=2)
-    results = dict(queue.get() for _ in range(2))
-    assert results == {0: [math.inf, math.inf], 1: [math.inf, math.inf]}
+def bad_losses(indices, factor=math.nan):
+    """A loss hook: the loss times factor at those micro-batches (counted from 0 over the run)."""
+    seen = {"count": 0}
+
+    def hook(state, loss):
+        seen["count"] += 1
+        return loss * factor if seen["count"] - 1 in indices else loss
+
+    return hook
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (2, "bf16")])
+def test_a_nan_discards_its_whole_step_under_every_zero_stage_and_precision(process_group, tmp_path, stage,
+                                                                             precision):
+    """Two micro-batches per step; the 4th (step 2's second) is NaN. Its step is discarded whole: no
+    weight turns NaN, the LR schedule advances only with applied steps, and two more micro-batches
+    are drawn to make up the step. DeepSpeed's optimizers discard it at ZeRO-1/2/3 and in bf16;
+    at ZeRO-0 fp32, discard_nonfinite_step does (without it, every weight turns NaN there)."""
+    cfg = one_worker(f"train.zero_stage={stage}", f"train.precision={precision}", "train.total_batch_tokens=1024",
+                     "train.max_steps=4", "train.eval_every=100", "train.checkpoint_every=100")
+    assert cfg.grad_accum_steps == 2
+    state, engine = run(cfg, tmp_path, loss_hook=bad_losses({3}))
+    assert state.step == 4 and state.skipped_batches == 2
+    assert state.samples == (4 + 1) * 2 * cfg.train.micro_batch_size
+    assert engine.lr_scheduler.last_epoch == 4 and engine.skipped_steps == 1
+    with torch.no_grad():
+        assert all(torch.isfinite(p).all() for p in engine.module.parameters())
+    assert all(math.isfinite(h["train_loss"]) for h in state.history if "train_loss" in h)
+
+
+def test_a_spike_after_the_warmup_is_discarded_and_too_many_stop_the_run(process_group, tmp_path):
+    """A finite loss 100x the running mean: its gradients are finite, so only the guard's poisoned
+    objective makes DeepSpeed discard the step (without it, the spike trains)."""
+    cfg = one_worker("train.max_steps=25", "train.eval_every=100", "train.checkpoint_every=100")
+    state, _ = run(cfg, tmp_path, loss_hook=bad_losses({22}, factor=100.0))
+    assert state.step == 25 and state.skipped_batches == 1
+    early, _ = run(cfg, tmp_path, loss_hook=bad_losses({5}, factor=100.0))  # before the guard's warmup
+    assert early.skipped_batches == 0
+    off, _ = run(one_worker("train.max_steps=25", "train.spike_factor=0"), tmp_path,
+                 loss_hook=bad_losses({22}, factor=100.0))
+    assert off.skipped_batches == 0  # spike_factor 0: spikes train
+    stop = one_worker("train.max_steps=25", "train.max_skipped_batches=2")
+    with pytest.raises(RuntimeError, match="train.max_skipped_batches"):
+        run(stop, tmp_path, loss_hook=bad_losses({2, 3, 4}))
+
+
+@pytest.mark.parametrize("stage, per_step", [(2, 0), (0, 1)])
+def test_no_host_read_per_micro_batch(process_group, tmp_path, monkeypatch, stage, per_step):
+    """Values the step code reads to the host (item, float, bool, int of a tensor), 4 micro-batches a step:
+    none under ZeRO-2, one per step under ZeRO-0 fp32 (whether the gradients are finite)."""
+    step_code = {"train_step", "rejected", "record", "poisoned", "discard_nonfinite_step", "split_block"}
+    reads = []
+    for name in ("item", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            import sys
+
+            caller = sys._getframe(1).f_code
+            if caller.co_name in step_code and caller.co_filename.endswith("loop.py"):
+                reads.append((caller.co_name, _name))
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = one_worker(f"train.zero_stage={stage}", "train.total_batch_tokens=2048", "train.max_steps=3",
+                     "train.log_every=100", "train.eval_every=100", "train.checkpoint_every=100")
+    assert cfg.grad_accum_steps == 4
+    state, _ = run(cfg, tmp_path)
+    assert state.step == 3
+    assert len(reads) == per_step * 3, reads

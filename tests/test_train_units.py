@@ -111,17 +111,30 @@ def test_split_block_shifts_targets():
     assert y.tolist() == [[1, 2, 3, 4], [6, 7, 8, 9]]
 
 
-def test_loss_guard_skips_nan_and_spikes_and_gives_up():
-    from llm_ray.train.loop import LossGuard
+def test_loss_guard_rejects_nan_and_spikes_on_the_device_and_gives_up():
+    from llm_ray.train.loop import LossGuard, poisoned
 
-    guard = LossGuard(spike_factor=3.0, max_skipped=2, warmup=5)
-    assert all(guard.accept(2.0) for _ in range(5))
-    assert not guard.accept(float("nan")) and not guard.accept(7.0)  # nan; 7 > 3 x 2
-    assert guard.accept(5.0)  # high but under the factor
+    guard = LossGuard(spike_factor=3.0, max_skipped=2, device="cpu", warmup=5)
+    assert not guard.rejected(torch.tensor(9.0))  # no spike verdict before the warmup
+    for _ in range(5):
+        guard.record(True, torch.tensor(2.0), 1, ours=False)
+    assert float(guard.mean) == pytest.approx(2.0)
+    assert guard.rejected(torch.tensor(float("nan"))) and guard.rejected(torch.tensor(7.0))  # 7 > 3 x 2
+    assert not guard.rejected(torch.tensor(5.0))  # high but under the factor
+    guard.record(True, torch.tensor(4.0), 1, ours=False)
+    assert float(guard.mean) == pytest.approx(0.98 * 2.0 + 0.02 * 4.0)  # the running mean moves
+    guard.record(False, torch.tensor(1.0), 4, ours=False)  # fp16's loss scaler discarded it: not counted
+    guard.record(False, torch.tensor(1.0), 2, ours=True)
+    assert guard.skipped == 2
     with pytest.raises(RuntimeError, match="train.max_skipped_batches"):
-        guard.accept(float("inf"))
-    early = LossGuard(spike_factor=3.0, max_skipped=2, warmup=5)
-    assert early.accept(9.0) and early.accept(2.0)  # no spike verdict before the warmup
+        guard.record(False, torch.tensor(1.0), 1, ours=True)
+
+    weight = torch.ones(3, requires_grad=True)
+    poisoned((weight * 2).sum(), torch.tensor(True)).backward()
+    assert torch.isnan(weight.grad).all()  # a rejected micro-batch's gradients mark the step
+    weight.grad = None
+    poisoned((weight * 2).sum(), torch.tensor(False)).backward()
+    assert weight.grad.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -85,11 +85,11 @@ class TrainConfig(Section):
     num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
     spike_factor: float = Field(
-        4.0, ge=0, description="Skip a micro-batch whose loss exceeds this multiple of the recent mean (0 "
-        "disables); NaN and inf losses are always skipped."
+        4.0, ge=0, description="Discard the optimizer step of a micro-batch whose loss exceeds this multiple of "
+        "the recent mean (0 disables); steps with a NaN or inf loss are always discarded."
     )
     max_skipped_batches: int = Field(
-        10, ge=0, description="Stop with an error once more micro-batches than this were skipped by the guard."
+        10, ge=0, description="Stop with an error once the guard's discarded steps held more micro-batches than this."
     )
     activation_checkpointing: StrictBool = Field(
         False, description="Recompute each block's activations in the backward pass: less memory, ~30% more compute."

@@ -31,19 +31,6 @@ def reduce_over_workers(value: torch.Tensor, op: str) -> float:
     return float(value.item())
 
 
-def worst_loss_over_workers(loss: torch.Tensor) -> float:
-    """The largest loss of all workers, +inf when any worker's loss is NaN or infinite.
-
-    NaN is mapped to +inf before the MAX: gloo's max is std::max, which keeps or drops a NaN
-    depending on the order of its arguments, so NaN itself would not reach every worker and
-    the workers could take different decisions (one skipping backward while the others
-    all-reduce gradients: a hang until the collective timeout).
-    """
-    value = loss.detach().float().reshape(1)
-    value = torch.where(torch.isfinite(value), value, torch.full_like(value, math.inf))
-    return reduce_over_workers(value, "max")
-
-
 def split_block(block: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T + 1) packed tokens -> inputs (B, T) and next-token targets (B, T)."""
     block = block.to(device, dtype=torch.long, non_blocking=True)
@@ -67,27 +54,76 @@ def evaluate(engine, val_batches: list[tuple[torch.Tensor, float]], device) -> f
 
 
 class LossGuard:
-    """Rejects non-finite losses and spikes above spike_factor x the running mean of accepted ones."""
+    """Discards a step with a non-finite loss, or one spiking above spike_factor x the running mean of accepted steps.
 
-    def __init__(self, spike_factor: float, max_skipped: int, warmup: int = 20, decay: float = 0.98):
+    The verdict is taken on the device, with no host read per micro-batch: a rejected micro-batch's
+    objective is multiplied by NaN, so its gradients, and after the all-reduce every worker's
+    gradients, are NaN; DeepSpeed's optimizers then discard the whole step on every worker (its
+    gradient-norm check, which it reads once per step anyway: ZeRO-1/2/3 and its bf16 optimizer),
+    or ``discard_nonfinite_step`` does (ZeRO-0 in fp32 or fp16 passes the plain torch optimizer).
+    The host learns of it from ``engine.was_step_applied()`` after the step.
+    """
+
+    def __init__(self, spike_factor: float, max_skipped: int, device, warmup: int = 20, decay: float = 0.98):
         self.spike_factor, self.max_skipped, self.warmup, self.decay = spike_factor, max_skipped, warmup, decay
-        self.mean: float | None = None
+        self.mean = torch.zeros((), device=device)  # of accepted steps' mean losses; valid once accepted > 0
         self.accepted = 0
         self.skipped = 0
 
-    def accept(self, loss: float) -> bool:
-        spike = (self.spike_factor > 0 and self.mean is not None and self.accepted >= self.warmup
-                 and loss > self.spike_factor * self.mean)
-        if not math.isfinite(loss) or spike:
-            self.skipped += 1
-            if self.skipped > self.max_skipped:
-                raise RuntimeError(
-                    f"{self.skipped} micro-batches skipped for non-finite or spiking loss (last: {loss}), more "
-                    f"than train.max_skipped_batches ({self.max_skipped}); lower train.lr or check the data")
-            return False
-        self.accepted += 1
-        self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
-        return True
+    def rejected(self, loss: torch.Tensor) -> torch.Tensor:
+        """A device-side bool: this micro-batch's loss is non-finite, or a spike once the mean has warmed up."""
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss)
+        if self.spike_factor > 0 and self.accepted >= self.warmup:
+            bad |= loss > self.spike_factor * self.mean
+        return bad
+
+    def record(self, applied: bool, step_loss: torch.Tensor, micro_batches: int, ours: bool) -> None:
+        """After a step: an applied step's mean loss joins the running mean (on the device); a step
+        discarded for a loss this guard rejected (ours) counts its micro-batches against max_skipped.
+        A step that fp16's loss scaler discarded for overflowing gradients is not counted."""
+        if applied:
+            if self.accepted == 0:
+                self.mean.copy_(step_loss)
+            else:
+                self.mean.lerp_(step_loss.to(self.mean.dtype), 1 - self.decay)
+            self.accepted += 1
+            return
+        if not ours:
+            return
+        self.skipped += micro_batches
+        if self.skipped > self.max_skipped:
+            raise RuntimeError(
+                f"{self.skipped} micro-batches skipped for non-finite or spiking loss, more than "
+                f"train.max_skipped_batches ({self.max_skipped}); lower train.lr or check the data")
+
+
+def poisoned(objective: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """objective, or NaN times it when rejected: NaN gradients mark the step for discarding."""
+    return objective * torch.where(rejected, torch.full_like(objective, math.nan), torch.ones_like(objective))
+
+
+def plain_torch_optimizer(engine) -> bool:
+    """Whether DeepSpeed steps our torch optimizer itself (ZeRO-0 without bf16): no overflow check of its own."""
+    return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+
+
+def discard_nonfinite_step(engine) -> None:
+    """At the accumulation boundary under a plain torch optimizer, make engine.step() discard a step
+    whose (all-reduced) gradients are non-finite, as DeepSpeed's own optimizers do: no update, no LR
+    step, ``was_step_applied()`` False. One host read per optimizer step."""
+    optimizer = engine.optimizer
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+    if "_step_before_discard" in optimizer.__dict__:  # the previous step was discarded: restore its step
+        optimizer.step = optimizer.__dict__.pop("_step_before_discard")
+    optimizer.overflow = not finite
+    if not finite:
+        # DeepSpeed's _take_model_step calls optimizer.step(), then zero_grad(), then reads
+        # optimizer.overflow to skip the LR schedule and report the step as not applied. The step
+        # replaced here is the LR scheduler's wrapper of the optimizer's: kept, and put back above.
+        optimizer._step_before_discard = optimizer.step
+        optimizer.step = lambda *args, **kwargs: None
 
 
 def l1_matrices(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -116,37 +152,43 @@ class StepTimes:
 
 def train_step(cfg: Config, engine, train_batches: MicroBatches, state: TrainState, guard: LossGuard,
                device, l1_params: list, log, rank: int, loss_hook=None) -> tuple[torch.Tensor, float]:
-    """One optimizer step: accum accepted micro-batches. Returns (mean loss on device, LR used)."""
+    """One optimizer step of accum micro-batches, drawing new ones for as long as the guard discards
+    the step. Returns (mean loss on device, LR used). No host read per micro-batch (see LossGuard)."""
     t = cfg.train
     accum = cfg.grad_accum_steps
     device_type = getattr(device, "type", str(device))
     lr_used = engine.get_lr()[0]  # the scheduler steps after the optimizer: read it before
-    loss_sum = torch.zeros((), device=device)
-    done = 0
-    while done < accum:
-        block = torch.as_tensor(next(train_batches))  # numpy, or a tensor the batches' reader made
-        state.samples = train_batches.position
-        state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
-        # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
-            _, loss = engine(*split_block(block, device))
-        if loss_hook is not None:  # a testing seam (e.g. a NaN on one worker)
-            loss = loss_hook(state, loss)
-        # Every worker decides from the worst loss of all: one all-reduce of one number per
-        # micro-batch. Its host read waits for the forward pass, then backward is launched at
-        # once: a gap of a kernel launch, which a GPU step of many milliseconds does not notice.
-        if not guard.accept(worst_loss_over_workers(loss)):
-            state.skipped_batches += 1
+    while True:
+        loss_sum = torch.zeros((), device=device)
+        rejected = torch.zeros((), dtype=torch.bool, device=device)
+        for _ in range(accum):
+            block = torch.as_tensor(next(train_batches))  # numpy, or a tensor the batches' reader made
+            state.samples = train_batches.position
+            state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
+            # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+                _, loss = engine(*split_block(block, device))
+            if loss_hook is not None:  # a testing seam (e.g. a NaN on one worker)
+                loss = loss_hook(state, loss)
+            bad = guard.rejected(loss)
+            rejected |= bad
+            objective = loss + t.l1 * l1_penalty(l1_params) if t.l1 else loss
+            engine.backward(poisoned(objective, bad))  # DeepSpeed divides by the accumulation steps
+            if engine.is_gradient_accumulation_boundary() and plain_torch_optimizer(engine):
+                discard_nonfinite_step(engine)
+            engine.step()  # optimizer and LR schedule step only on the accumulation boundary
+            loss_sum += loss.detach().float() / accum
+        applied = engine.was_step_applied()
+        # Only when a step was discarded (on every worker alike): did the guard reject a loss on any worker?
+        ours = not applied and reduce_over_workers(rejected.float(), "max") > 0
+        guard.record(applied, loss_sum, accum, ours)
+        if applied:
+            return loss_sum, lr_used
+        if ours:
+            state.skipped_batches += accum
             if rank == 0:
-                log(f"step {state.step + 1:>6} | skipped a micro-batch: loss {loss.item():.4f} here, "
-                    "non-finite or spiking on some worker")
-            continue
-        done += 1
-        objective = loss + t.l1 * l1_penalty(l1_params) if t.l1 else loss
-        engine.backward(objective)  # DeepSpeed divides by the accumulation steps
-        engine.step()  # optimizer and LR schedule step only on the accumulation boundary
-        loss_sum += loss.detach() / accum
-    return loss_sum, lr_used
+                log(f"step {state.step + 1:>6} | skipped {accum} micro-batch(es): a loss was non-finite or spiking "
+                    f"on some worker (this worker's mean {float(loss_sum):.4f})")
 
 
 def log_row(cfg: Config, engine, state: TrainState, train_loss: float, lr: float, steps: int, times: StepTimes,
@@ -215,7 +257,7 @@ def run_training(
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging (a sync point)
     steps_since_log, times = 0, StepTimes()
     run_start, start_step = clock(), state.step
-    guard = LossGuard(t.spike_factor, t.max_skipped_batches)
+    guard = LossGuard(t.spike_factor, t.max_skipped_batches, device)
     guard.skipped = state.skipped_batches  # the budget spans restarts
     l1_params = l1_matrices(engine.module) if t.l1 else []
 
