@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 
+import llm_ray
+
 LOOPBACK = "127.0.0.1"
 # Ray treats a machine as a single-node, laptop set-up (its default on macOS and Windows) when this is 0.
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -60,10 +62,12 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         join(os.environ["RAY_ADDRESS"])
+        llm_ray.mark("ray")
         return
     single_machine()
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK)
     unwind_on_sigterm()
+    llm_ray.mark("ray")
     start_watchdog()
 
 

@@ -131,6 +131,11 @@ def test_two_workers_zero3_loss_falls_and_checkpoint_reloads(prepared, tmp_path)
     state = read_train_state(result.checkpoint)
     # The command here is pytest: its first step came after train() was called, before it returned.
     assert called - llm_ray.STARTED < state["startup_seconds"] < returned - llm_ray.STARTED
+    phases = state["startup_phases"]  # where the start-up went, milestone by milestone
+    assert [name for name in phases if name != "ray"] == ["trainer", "worker", "engine", "data", "untrained_eval",
+                                                         "first_step"]
+    assert list(phases.values()) == sorted(phases.values())
+    assert phases["first_step"] == pytest.approx(state["startup_seconds"], abs=0.01)
     assert len(state["parameters_held"]) == 2
     assert all(abs(held - state["parameters"] / 2) <= 0.001 * state["parameters"] for held in state["parameters_held"])
     run.train.max_steps += 10  # resumes from the last checkpoint, partitioned again

@@ -24,7 +24,8 @@ def one_worker(*overrides):
     return load_config("debug", ["train.num_workers=1", "train.total_batch_tokens=512", *overrides])
 
 
-def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, started=None, loss_hook=None):
+def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, started=None, loss_hook=None,
+        startup_marks=None):
     """run_training on random tokens: (final state, engine)."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -41,6 +42,7 @@ def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, start
     state = run_training(cfg, engine, batches, val, TrainState(world_size=1), save or (lambda s, m: None),
                          lambda m: None, 0, torch.device("cpu"), log=log or (lambda line: None),
                          flops_per_token=flops_per_token, started=started, loss_hook=loss_hook,
+                         startup_marks=startup_marks,
                          **kwargs)
     return state, engine
 
@@ -66,9 +68,12 @@ def test_startup_seconds_run_from_the_command_start_to_the_first_step(process_gr
 
     cfg = one_worker("train.max_steps=3")
     before = time.time()
-    state, _ = run(cfg, tmp_path, started=before - 100.0)
+    state, _ = run(cfg, tmp_path, started=before - 100.0, startup_marks={"engine": before - 50.0})
     after = time.time()
     assert 100.0 < state.startup_seconds <= 100.0 + (after - before)
+    assert list(state.startup_phases) == ["engine", "untrained_eval", "first_step"]
+    assert state.startup_phases["engine"] == pytest.approx(50.0, abs=0.01)
+    assert state.startup_phases["first_step"] == pytest.approx(state.startup_seconds, abs=0.01)
     assert run(cfg, tmp_path)[0].startup_seconds is None
 
 

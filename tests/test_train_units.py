@@ -344,3 +344,21 @@ def test_deprecated_collective_warnings_are_silenced():
             except (RuntimeError, ValueError):
                 pass
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_autocast_auto_follows_the_hardware(monkeypatch):
+    """train.autocast_bf16 "auto": on a CPU with AMX tiles (this machine's kind), off on one without; on a
+    CUDA GPU with bf16; True and False as set. Anything else is refused, naming the field."""
+    from llm_ray.config import ConfigError
+    from llm_ray.train.loop import bf16_autocast
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bf16_autocast("auto", cpu) and bf16_autocast(True, cpu) and not bf16_autocast(False, cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not bf16_autocast("auto", cpu) and bf16_autocast(True, cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert bf16_autocast("auto", torch.device("cuda"))
+    assert load_config("demo").train.autocast_bf16 == "auto"
+    with pytest.raises(ConfigError, match="train.autocast_bf16"):
+        load_config("debug", ["train.autocast_bf16=sometimes"])

@@ -31,3 +31,7 @@ class TrainState:
     # Seconds from the command's start to this run's first optimizer step (Ray, DeepSpeed, data, the
     # untrained model's evaluation): what a short run pays before it trains.
     startup_seconds: float | None = None
+    # Where those seconds went: each start-up milestone's seconds after the command's start, in order
+    # ("ray" up, "trainer" handed to Ray Train, "worker" entered, "engine" built, "data" opened,
+    # "untrained_eval" done, "first_step" done).
+    startup_phases: dict[str, float] = field(default_factory=dict)

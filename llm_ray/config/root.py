@@ -66,7 +66,7 @@ class Config(Section):
         if t.precision == "fp16" and not t.use_gpu:
             problems.append("train.precision fp16 needs train.use_gpu=true (loss scaling is a GPU feature); "
                             "use fp32 with train.autocast_bf16 on CPU")
-        if t.autocast_bf16 and t.precision != "fp32":
+        if t.autocast_bf16 is True and t.precision != "fp32":
             problems.append(f"train.autocast_bf16 works with train.precision fp32 (got {t.precision})")
         if t.offload_optimizer and t.zero_stage == 0:
             problems.append("train.offload_optimizer needs train.zero_stage 1, 2 or 3")

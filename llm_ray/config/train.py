@@ -34,9 +34,10 @@ class TrainConfig(Section):
         "fp32", description="Weights and gradients: fp32; bf16 (DeepSpeed bf16, fp32 master copies); or fp16 "
         "with dynamic loss scaling (GPU only)."
     )
-    autocast_bf16: StrictBool = Field(
+    autocast_bf16: StrictBool | Literal["auto"] = Field(
         False, description="Run matmuls in bf16 under torch.autocast while weights stay fp32 (precision fp32); "
-        "a large speed-up on CPUs with AMX or AVX512-BF16, and on GPUs."
+        "a large speed-up on CPUs with AMX and on GPUs. 'auto': on where each worker finds bf16 matmuls fast "
+        "(a CPU with AMX, a CUDA GPU with bf16), off elsewhere."
     )
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward/backward pass.")
     total_batch_tokens: int = Field(

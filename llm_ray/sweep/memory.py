@@ -123,8 +123,9 @@ def activation_bytes(cfg: Config) -> int:
     t, d = cfg.train, cfg.model.n_embd
     tokens = t.micro_batch_size * cfg.data.block_size
     wide, narrow = layer_elements(cfg)
-    element = 2 if t.precision in ("bf16", "fp16") or t.autocast_bf16 else 4
-    wide_element = 4 if t.autocast_bf16 else element  # autocast keeps norms in fp32
+    autocast = t.autocast_bf16 is True or (t.autocast_bf16 == "auto" and t.use_gpu)  # "auto" is on on GPUs
+    element = 2 if t.precision in ("bf16", "fp16") or autocast else 4
+    wide_element = 4 if autocast else element  # autocast keeps norms in fp32
     per_layer = wide * wide_element + narrow * element
     if t.activation_checkpointing:  # each block's input is kept; one block at a time is recomputed
         layers = cfg.model.n_layer * d * element + 3 * per_layer

@@ -31,6 +31,17 @@ def reduce_over_workers(value: torch.Tensor, op: str) -> float:
     return float(value.item())
 
 
+def bf16_autocast(setting: bool | str, device) -> bool:
+    """train.autocast_bf16 on this worker: True/False as set; "auto" where bf16 matmuls are fast
+    here (a CPU with AMX tiles, several times fp32's speed; a CUDA GPU with bf16), and with precision fp32."""
+    if setting != "auto":
+        return bool(setting)
+    device_type = getattr(device, "type", str(device))
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and torch.cpu._is_amx_tile_supported()
+
+
 def split_block(block: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T + 1) packed tokens -> inputs (B, T) and next-token targets (B, T)."""
     block = block.to(device, dtype=torch.long, non_blocking=True)
@@ -151,7 +162,8 @@ class StepTimes:
 
 
 def train_step(cfg: Config, engine, train_batches: MicroBatches, state: TrainState, guard: LossGuard,
-               device, l1_params: list, log, rank: int, loss_hook=None) -> tuple[torch.Tensor, float]:
+               device, l1_params: list, log, rank: int, loss_hook=None, autocast: bool = False
+               ) -> tuple[torch.Tensor, float]:
     """One optimizer step of accum micro-batches, drawing new ones for as long as the guard discards
     the step. Returns (mean loss on device, LR used). No host read per micro-batch (see LossGuard)."""
     t = cfg.train
@@ -166,7 +178,7 @@ def train_step(cfg: Config, engine, train_batches: MicroBatches, state: TrainSta
             state.samples = train_batches.position
             state.epoch = train_batches.order.epoch_at(state.samples)  # epochs completed
             # bf16 autocast: matmuls in bf16, weights and the optimizer in fp32.
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                 _, loss = engine(*split_block(block, device))
             if loss_hook is not None:  # a testing seam (e.g. a NaN on one worker)
                 loss = loss_hook(state, loss)
@@ -240,6 +252,7 @@ def run_training(
     clock: Callable[[], float] = time.perf_counter,
     loss_hook=None,
     started: float | None = None,
+    startup_marks: dict[str, float] | None = None,
 ) -> TrainState:
     """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
 
@@ -250,7 +263,8 @@ def run_training(
     tracker (rank 0) receives loss, the LR each step used, gradient norm, throughput (training
     time only), MFU, memory, and the seconds spent evaluating and checkpointing.
     started: when the command started (time.time()); the state records the seconds from then to this
-    run's first optimizer step as startup_seconds.
+    run's first optimizer step as startup_seconds; startup_marks (milestone -> time.time()) are recorded
+    with "untrained_eval" and "first_step" as startup_phases, in seconds after it.
     """
     t = cfg.train
     device_type = getattr(device, "type", str(device))
@@ -260,28 +274,37 @@ def run_training(
     guard = LossGuard(t.spike_factor, t.max_skipped_batches, device)
     guard.skipped = state.skipped_batches  # the budget spans restarts
     l1_params = l1_matrices(engine.module) if t.l1 else []
+    autocast = bf16_autocast(t.autocast_bf16, device) and t.precision == "fp32"
+    if rank == 0 and t.autocast_bf16 == "auto":
+        log(f"train.autocast_bf16 auto: {'on' if autocast else 'off'} ({device_type}"
+            f"{', AMX' if autocast and device_type == 'cpu' else ''})")
 
     def validate() -> float:
         began = clock()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=t.autocast_bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             loss = evaluate(engine, val_batches, device)
         times.eval += clock() - began
         return loss
 
+    marks = dict(startup_marks or {})
     if state.step == 0:  # the untrained model's loss: the reference every later evaluation improves on
         record_validation({"step": 0, "epoch": 0, "tokens": 0}, validate(), state, rank, log, None, " (untrained)")
+        marks["untrained_eval"] = time.time()
 
     while state.step < t.max_steps:
         began = clock()
         step_loss, lr_used = train_step(cfg, engine, train_batches, state, guard, device, l1_params, log, rank,
-                                        loss_hook)
+                                        loss_hook, autocast)
         loss_sum += step_loss
         times.train += clock() - began
         state.step += 1
         if started is not None and state.step == start_step + 1:
-            state.startup_seconds = time.time() - started  # wall clock, whatever `clock` measures
+            marks["first_step"] = time.time()  # wall clock, whatever `clock` measures
+            state.startup_seconds = marks["first_step"] - started
+            state.startup_phases = {name: round(at - started, 2) for name, at in sorted(marks.items(), key=lambda m: m[1])}
             if rank == 0:
-                log(f"step {state.step:>6} | first step {state.startup_seconds:.1f} s after the command started")
+                phases = ", ".join(f"{name} {at:.1f}" for name, at in state.startup_phases.items())
+                log(f"step {state.step:>6} | first step {state.startup_seconds:.1f} s after the command started ({phases})")
         state.tokens += t.total_batch_tokens
         steps_since_log += 1
         last = state.step == t.max_steps

@@ -85,12 +85,14 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     tokenizer_json = (path / manifest["tokenizer"]).read_text()
     data_key = manifest.get("stage_keys", {}).get("pack")  # a resume must be on the same data
     point = choose_checkpoint(cfg, storage, filesystem, data_key, tokenizer_json, log)
+    llm_ray.mark("trainer")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "tokenizer_json": tokenizer_json,
             "command_started": llm_ray.STARTED,  # for startup_seconds: the command's start to the first step
+            "startup_marks": dict(llm_ray.MARKS),  # the driver's milestones (see TrainState.startup_phases)
             # absolute: workers run in their own folders; None: the worker's own node cache (a run on S3)
             "tracking_dir": None if cfg.run_location.remote else str(tracking_dir(cfg)),
             "train_shards": shards["train"],

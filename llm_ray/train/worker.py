@@ -10,6 +10,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -276,6 +277,7 @@ def train_loop_per_worker(payload: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    marks = {**payload.get("startup_marks", {}), "worker": time.time()}
     quiet_deprecated_collectives()
     cfg = Config.model_validate(payload["config"])
     tokenizer_json: str = payload["tokenizer_json"]
@@ -309,6 +311,7 @@ def train_loop_per_worker(payload: dict) -> None:
                    f"the model's {state.parameters:,} parameters")
     if cfg.train.compile:
         engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
+    marks["engine"] = time.time()
 
     micro = cfg.train.micro_batch_size
     val_batches = [(torch.from_numpy(b), w) for b, w in validation_batches(
@@ -319,6 +322,8 @@ def train_loop_per_worker(payload: dict) -> None:
     train_batches = MicroBatches(blocks, BlockOrder(len(blocks), cfg.seed, cfg.train.shuffle), state.samples, rank,
                                  world, cfg.train.micro_batch_size, prefetch=cfg.train.prefetch_batches,
                                  prepare=lambda b: torch.from_numpy(b).pin_memory() if pinned else torch.from_numpy(b))
+
+    marks["data"] = time.time()
 
     def save(state: TrainState, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -331,7 +336,7 @@ def train_loop_per_worker(payload: dict) -> None:
     try:
         run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
                      worker_log, tracker, model_flops, loss_hook=nan_loss_hook(payload.get("test_nan_loss"), rank),
-                     started=payload.get("command_started"))
+                     started=payload.get("command_started"), startup_marks=marks)
     finally:
         train_batches.close()
         tracker.finish()
