@@ -1,13 +1,16 @@
 """Training throughput, MFU and memory of llm-ray against a plain PyTorch loop, in one run.
 
-    python benchmarks/train_throughput.py [--steps 30] [--skip-compile]
+    python benchmarks/train_throughput.py [--steps 60] [--repeats 3] [--skip-compile] [--overhead-only]
 
 Prints, on this machine's cores:
   1. the matmul peak (2048^2, fp32 and bf16), the denominator of MFU;
-  2. the `demo` model: a plain single-process PyTorch loop (same model, llm-ray's optimizer,
-     same micro-batch and threads) vs llm-ray (Ray Train + DeepSpeed, 1 worker): tokens/s and
-     their ratio; fp32 at ZeRO-0 (one worker has nothing to partition) and ZeRO-2, bf16
-     autocast, and torch.compile;
+  2. the overhead of Ray Train + DeepSpeed, on the `demo` model: a plain single-process PyTorch
+     loop (same model, llm-ray's optimizer, same micro-batch and threads) vs llm-ray (1 worker):
+     fp32 at ZeRO-0 (one worker has nothing to partition) and ZeRO-2, bf16 autocast, and
+     torch.compile; then 2 workers at ZeRO-2 (the default) vs a plain 2-process DDP loop over gloo
+     (benchmarks/_plain_ddp.py), one thread per process. The two sides alternate --repeats times
+     (this machine is shared: a slow minute hits one pair, not one side) and the ratio printed is
+     the median of the pairs' ratios, with their range;
   3. nanoGPT's CPU "baby GPT" shape (4 layers, 4 heads, width 128, block 64, batch 12,
      vocab 65, fp32): tokens/s of the plain loop with llm-ray's model and optimizer and of
      llm-ray itself, beside nanoGPT's 15,000 tokens/s measured on this machine type (a fixed
@@ -139,9 +142,64 @@ def memory_rows(data: Path, workdir: Path) -> None:
               f"{speed / base_speed:.2f}x ZeRO-0's (3 steps: rough)")
 
 
+def paired(plain, ours, repeats: int) -> tuple[float, float, list[float]]:
+    """Alternate plain() and ours() repeats times: (median plain, median ours, each pair's ratio)."""
+    plains, ourss = [], []
+    for _ in range(repeats):
+        plains.append(plain())
+        ourss.append(ours())
+    return float(np.median(plains)), float(np.median(ourss)), [o / p for p, o in zip(plains, ourss)]
+
+
+def overhead_rows(spec: GPTSpec, flops: int, batch: int, peak: dict, data: Path, workdir: Path, cores: int,
+                  args) -> None:
+    """Section 2: llm-ray against plain loops of the same model, one worker, then two."""
+    import _plain_ddp  # benchmarks/ is on sys.path when this file runs (and in spawned children)
+
+    steps = args.steps
+    print(f"\noverhead: demo model ({GPT(spec).num_params() / 1e6:.1f}M parameters, {flops / 1e6:.0f} MFLOP/token), "
+          f"micro-batch {batch} x {spec.context_length}, {steps} steps, {args.repeats} alternating pairs")
+    variants = [("fp32, ZeRO-0", False, False, 0), ("fp32, ZeRO-2", False, False, 2),
+                ("bf16 autocast", True, False, 0)]
+    if not args.skip_compile:
+        variants.append(("fp32 + compile", False, True, 0))
+    for label, autocast, compile, stage in variants:
+        def ours():
+            return steady_tokens_per_sec(llm_ray_run(one_worker(
+                "bench-" + slug(label), steps, cores, "train.total_batch_tokens=2048", f"train.zero_stage={stage}",
+                f"train.autocast_bf16={str(autocast).lower()}", f"train.compile={str(compile).lower()}"),
+                data, workdir).history)
+
+        plain, mine, ratios = paired(lambda: plain_loop_tokens_per_sec(spec, batch, steps, autocast, compile), ours,
+                                     args.repeats)
+        p = peak["bf16" if autocast else "fp32"]
+        print(f"  1 worker, {label:<15} plain {plain:8,.0f} tok/s | llm-ray {mine:8,.0f} tok/s | ratio "
+              f"{np.median(ratios):.2f} (pairs {min(ratios):.2f}-{max(ratios):.2f}) | MFU plain "
+              f"{flops * plain / (p * 1e12):.1%}, llm-ray {flops * mine / (p * 1e12):.1%}")
+
+    world, threads = 2, max(1, cores // 2)
+    store = iter(range(10**6))
+
+    def plain_ddp():
+        return _plain_ddp.tokens_per_sec(spec, batch, steps, world, threads, str(workdir / f"store-{next(store)}"))
+
+    def ours_two():
+        return steady_tokens_per_sec(llm_ray_run([
+            "name=bench-2-workers", f"train.num_workers={world}", f"train.cpus_per_worker={cores / world:g}",
+            f"train.torch_threads={threads}", f"train.total_batch_tokens={world * batch * spec.context_length}",
+            "train.zero_stage=2", f"train.max_steps={steps}", "train.log_every=5", f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}", "train.eval_batches=1"], data, workdir).history)
+
+    plain, mine, ratios = paired(plain_ddp, ours_two, args.repeats)
+    print(f"  {world} workers, ZeRO-2 vs DDP   plain {plain:8,.0f} tok/s | llm-ray {mine:8,.0f} tok/s | ratio "
+          f"{np.median(ratios):.2f} (pairs {min(ratios):.2f}-{max(ratios):.2f}), {threads} thread(s) per process")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per measurement")
+    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating plain/llm-ray pairs per overhead row")
+    parser.add_argument("--overhead-only", action="store_true", help="only the overhead rows (section 2)")
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--memory-only", action="store_true", help="only the memory rows (section 4)")
     args = parser.parse_args()
@@ -163,22 +221,9 @@ def main():
     if args.memory_only:
         memory_rows(data, workdir)
         return
-    print(f"\ndemo model ({GPT(spec).num_params() / 1e6:.1f}M parameters, {flops / 1e6:.0f} MFLOP/token), "
-          f"micro-batch {batch} x {demo.data.block_size}, {args.steps} steps")
-    variants = [("fp32, ZeRO-0", False, False, 0), ("fp32, ZeRO-2", False, False, 2),
-                ("bf16 autocast", True, False, 0)]
-    if not args.skip_compile:
-        variants.append(("fp32 + compile", False, True, 0))
-    for label, autocast, compile, stage in variants:
-        plain = plain_loop_tokens_per_sec(spec, batch, args.steps, autocast, compile)
-        history = llm_ray_run(one_worker(
-            "bench-" + slug(label), args.steps, cores, "train.total_batch_tokens=2048",
-            f"train.zero_stage={stage}", f"train.autocast_bf16={str(autocast).lower()}",
-            f"train.compile={str(compile).lower()}"), data, workdir).history
-        ours = steady_tokens_per_sec(history)
-        p = peak["bf16" if autocast else "fp32"]
-        print(f"  {label:<15} plain loop {plain:8,.0f} tok/s | llm-ray {ours:8,.0f} tok/s | ratio "
-              f"{ours / plain:.2f} | MFU plain {flops * plain / (p * 1e12):.1%}, llm-ray {flops * ours / (p * 1e12):.1%}")
+    overhead_rows(spec, flops, batch, peak, data, workdir, cores, args)
+    if args.overhead_only:
+        return
 
     baby = GPTSpec(vocab_size=65, context_length=64, n_layer=4, n_head=4, n_embd=128)
     baby_data = synthetic_data(workdir / "baby-data", 65, 64, blocks=4096)
