@@ -1,4 +1,4 @@
-"""MFU of llm-ray pretraining `gpt2-124m` in bf16 on the GPUs of this machine (target: >= 40%
+"""MFU of llm-ray pretraining `gpt2-124m` in bf16 on the GPUs of this machine (target: >= 45%
 on H100/H200-class GPUs).
 
     python benchmarks/gpu_mfu.py [--steps 60] [--workers N] [--micro-batch 16] [--compile]
@@ -52,31 +52,22 @@ def measured_peak_tflops(n: int = 8192, repeats: int = 50) -> float:
     return tflops
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    parser.add_argument("--workers", type=int, default=None, help="GPUs to use (default: all)")
-    parser.add_argument("--micro-batch", type=int, default=16, help="sequences of 1024 tokens per micro-batch")
-    parser.add_argument("--compile", action="store_true", help="train with train.compile=true")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA GPU visible to torch: this benchmark needs one (and a CUDA build of torch)")
-        return 2
-    workers = args.workers or torch.cuda.device_count()
+def measure(steps: int, workers: int, micro_batch: int = 16, compile: bool = False, log=print) -> dict:
+    """Train gpt2-124m on random tokens (bf16, ZeRO-1, one worker per GPU, 4 accumulation steps) and
+    return its figures: tokens/s, MFU against each peak, the config and the run's TrainResult."""
     name = torch.cuda.get_device_name(0)
     peaks = {"measured 8192^2 bf16 matmul": measured_peak_tflops()}
     if (sheet := datasheet_peak(name)) is not None:
         peaks["datasheet dense bf16"] = sheet
-    print(f"{workers} x {name}; peaks: " + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in peaks.items()))
-
+    log(f"{workers} x {name}; peaks: " + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in peaks.items()))
     accum = 4
     overrides = [
         f"train.num_workers={workers}", "train.use_gpu=true", "train.cpus_per_worker=1",
-        f"train.micro_batch_size={args.micro_batch}",
-        f"train.total_batch_tokens={args.micro_batch * 1024 * workers * accum}",
-        f"train.max_steps={args.steps}", "train.warmup_steps=10", "train.log_every=5",
-        f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}", "train.eval_batches=1",
-        f"train.compile={str(args.compile).lower()}",
+        f"train.micro_batch_size={micro_batch}",
+        f"train.total_batch_tokens={micro_batch * 1024 * workers * accum}",
+        f"train.max_steps={steps}", "train.warmup_steps=10", "train.log_every=5",
+        f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.eval_batches=1",
+        f"train.compile={str(compile).lower()}",
     ]
     workdir = Path(tempfile.mkdtemp(prefix="llmray-gpu-bench-"))
     cfg = load_config("gpt2-124m", [f"output_dir={workdir}", "name=gpu-mfu", *overrides])
@@ -88,15 +79,32 @@ def main() -> int:
     from llm_ray.train.trainer import train
 
     init_ray()
-    history = train(cfg, data, log=print).history
-    tokens_per_sec = steady_tokens_per_sec(history)
+    result = train(cfg, data, log=log)
+    tokens_per_sec = steady_tokens_per_sec(result.history)
     per_gpu = tokens_per_sec / workers
+    return {"cfg": cfg, "result": result, "accum": accum, "flops": flops, "tokens_per_sec": tokens_per_sec,
+            "per_gpu": per_gpu, "mfu": {label: flops * per_gpu / (peak * 1e12) for label, peak in peaks.items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    parser.add_argument("--workers", type=int, default=None, help="GPUs to use (default: all)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="sequences of 1024 tokens per micro-batch")
+    parser.add_argument("--compile", action="store_true", help="train with train.compile=true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU visible to torch: this benchmark needs one (and a CUDA build of torch)")
+        return 2
+    workers = args.workers or torch.cuda.device_count()
+    m = measure(args.steps, workers, args.micro_batch, args.compile)
+    cfg = m["cfg"]
     print(f"\ngpt2-124m, bf16, ZeRO-{cfg.train.zero_stage}, micro-batch {args.micro_batch} x 1024, "
-          f"{accum} accumulation steps, {'compiled' if args.compile else 'eager'}:")
-    print(f"  {tokens_per_sec:,.0f} tokens/s in all, {per_gpu:,.0f} per GPU; {flops / 1e9:.2f} GFLOP/token")
-    for label, peak in peaks.items():
-        print(f"  MFU vs {label}: {flops * per_gpu / (peak * 1e12):.1%}")
-    losses = [h["train_loss"] for h in history if "train_loss" in h]
+          f"{m['accum']} accumulation steps, {'compiled' if args.compile else 'eager'}:")
+    print(f"  {m['tokens_per_sec']:,.0f} tokens/s in all, {m['per_gpu']:,.0f} per GPU; {m['flops'] / 1e9:.2f} GFLOP/token")
+    for label, mfu in m["mfu"].items():
+        print(f"  MFU vs {label}: {mfu:.1%}")
+    losses = [h["train_loss"] for h in m["result"].history if "train_loss" in h]
     print(f"  loss {losses[0]:.3f} -> {losses[-1]:.3f} (random tokens: ln({cfg.vocab_size}) = "
           f"{np.log(cfg.vocab_size):.3f} is the floor)")
     return 0

@@ -66,7 +66,7 @@ def test_deepspeed_config_is_derived(stage):
 
 
 def test_offload_and_precision_in_the_deepspeed_config():
-    ds = deepspeed_config(load_config("demo", ["train.zero_stage=3", "train.offload_optimizer=true",
+    ds = deepspeed_config(load_config("demo", ["train.zero_stage=3", "train.optimizer=adamw", "train.offload_optimizer=true",
                                                 "train.offload_params=true"]))
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -13,7 +13,7 @@ from llm_ray.config.base import ConfigError
 from llm_ray.config.root import Config
 from llm_ray.storage import as_location
 
-PRESETS = ("debug", "demo", "gpt2-124m")
+PRESETS = ("debug", "demo", "speedrun", "gpt2-124m")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
