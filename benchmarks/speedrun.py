@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -133,6 +134,7 @@ def main() -> int:
             print(f"\nspeedrun did not reach {args.target}")
     plot(curves, args.target, args.out)
     print(f"curves: {args.out}")
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -91,11 +91,16 @@ def synthetic_data(folder: Path, vocab: int, block: int, blocks: int) -> Path:
     return folder
 
 
+# What the plain loops do (TrainConfig's AdamW, gradients clipped at 1, fp32 unless a row says bf16):
+# the demo preset's Muon and bf16 "auto" would make the two sides train differently.
+AS_PLAIN = ["train.optimizer=adamw", "train.grad_clip=1.0", "train.autocast_bf16=false"]
+
+
 def llm_ray_run(overrides: list[str], data: Path, workdir: Path):
-    """The TrainResult of a run of the demo preset with overrides."""
+    """The TrainResult of a run of the demo preset's model with overrides, trained as the plain loops train."""
     from llm_ray.train.trainer import train
 
-    cfg = load_config("demo", [f"output_dir={workdir}", *overrides])
+    cfg = load_config("demo", [f"output_dir={workdir}", *AS_PLAIN, *overrides])
     return train(cfg, data, log=lambda *_: None)
 
 

@@ -38,3 +38,25 @@ def test_gpu_check_memory_row_compares_without_the_runtime_allowance():
     assert f"{expected:.2f} GB estimated" in memory_row(cfg, [{"memory_gb": expected}])[1]
     assert memory_row(cfg, [{"memory_gb": expected * 1.5}])[3] == "MISS"
     assert memory_row(cfg, [])[3] == "MISS"
+
+
+def test_speedrun_curve_and_time_to_target_by_hand():
+    """The speedrun benchmark's time axis is the sum of the progress rows' training seconds before each
+    evaluation, its bits per byte val_loss / ln 2 / bytes per token, and the target's time is linear
+    between the evaluations around the crossing."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speedrun import curve, time_to
+
+    ln2 = math.log(2)
+    history = [{"step": 0, "val_loss": 4 * ln2},
+               {"step": 10, "train_loss": 9.0, "train_seconds": 5.0, "eval_seconds": 99.0},
+               {"step": 10, "val_loss": 3 * ln2},
+               {"step": 20, "train_loss": 8.0, "train_seconds": 7.0},
+               {"step": 20, "val_loss": 2 * ln2}]
+    points = curve(history, bytes_per_token=2.0)  # bits per byte: 2, 1.5, 1
+    assert points == [(0.0, 2.0), (5.0, 1.5), (12.0, 1.0)]
+    assert time_to(1.25, points) == 5.0 + 7.0 * 0.5
+    assert time_to(1.5, points) == 5.0
+    assert time_to(0.9, points) is None

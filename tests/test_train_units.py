@@ -54,9 +54,12 @@ def test_deepspeed_config_is_derived(stage):
     ds = deepspeed_config(cfg)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
-    # Buckets sized to the model (width 192 here), not DeepSpeed's 5e8-element defaults.
+    # Buckets of n_embd^2 elements (Hugging Face's "auto"), at least 5e6 (the demo's 192^2 would cut a step's
+    # reduction into 71 collectives), not DeepSpeed's 5e8-element defaults.
     # ZeRO-2 and -3 only (stages 0 and 1 have no gradient buckets): the key is there exactly then.
-    assert zero.get("reduce_bucket_size") == (192 * 192 if stage >= 2 else None)
+    assert zero.get("reduce_bucket_size") == (5 * 10**6 if stage >= 2 else None)
+    wide = deepspeed_config(load_config("demo", [f"train.zero_stage={stage}", "model.n_embd=4096", "model.n_head=32"]))
+    assert wide["zero_optimization"].get("reduce_bucket_size") == (4096 * 4096 if stage >= 2 else None)
     assert ("stage3_prefetch_bucket_size" in zero) == (stage == 3)
     assert ds["checkpoint"] == {"load_universal": False}
     # 16384 tokens / (16 sequences x 128 tokens x 2 workers) = 4 accumulation steps

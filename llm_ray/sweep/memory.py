@@ -11,7 +11,8 @@ Per worker, with N workers, P parameters and ZeRO stage s (DeepSpeed's partition
                  4 per param of the hidden matrices (8 at stage 1-2, which stage a copy of it each
                  step), and Adam's 8 for the rest; bf16 adds fp32 master weights and fp32 gradients
                  (8 more); divided by N at stage >= 1
-    buckets      ZeRO-2/3 gradient reduction buffers: 2 x reduce_bucket_size elements
+    buckets      ZeRO-2/3 gradient reduction buffers: 2 x reduce_bucket_size elements (on a CPU
+                 worker, only the pages written count: at most one element per parameter)
     transients   the gradients flattened once more for the all-reduce and clipping, and fp32
                  temporaries of the optimizer step (1 x gradients + 4 bytes/param, partitioned
                  like them)
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass
 from llm_ray.config import Config, model_spec
 from llm_ray.memory import gpu_total_bytes
 from llm_ray.model import GPT
-from llm_ray.train.engine import is_hidden_matrix
+from llm_ray.train.engine import is_hidden_matrix, reduce_bucket_elements
 
 GIB = 1024**3
 # The CPU figure: a Ray Train worker training the debug model (whose own parts are ~14 MB) peaked at
@@ -154,7 +155,10 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
     if half:
         state += params * 8  # fp32 master weights and fp32 gradients
     optimizer = state // (n if stage >= 1 else 1)
-    buckets = 2 * cfg.model.n_embd**2 * (2 if half else 4) if stage >= 2 else 0
+    # A bucket is allocated whole (what a GPU's allocator counts), but a CPU process's memory holds
+    # only the pages written, at most one gradient per parameter.
+    bucket = reduce_bucket_elements(cfg) if t.use_gpu else min(reduce_bucket_elements(cfg), params)
+    buckets = 2 * bucket * (2 if half else 4) if stage >= 2 else 0
     transients = gradients + params * 4 // (n if stage >= 1 else 1)
     offloaded = 0
     if t.use_gpu and t.offload_optimizer:
