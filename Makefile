@@ -7,17 +7,19 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test test-sweeps test-fast install browser clean
 
-# Everything the tests use (the test extras too).
-$(BIN)/llm-ray: pyproject.toml
+# Stamps of the two installs: the runtime alone (the demo), and the runtime with the test extras.
+RUNTIME := $(VENV)/.runtime-installed
+TESTING := $(VENV)/.test-installed
+
+$(TESTING): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(BIN)/llm-ray $(RUNTIME)
+	touch $(TESTING) $(RUNTIME)
 
-install: $(BIN)/llm-ray
+install: $(TESTING)
 
 # What the demo runs and nothing more (no test extras); the time it took is printed on its own line.
-RUNTIME := $(VENV)/.runtime-installed
 $(RUNTIME): pyproject.toml
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
