@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check runs for real (minutes)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU: this tests the stop without one (with a GPU the check runs for real, for minutes)")
 def test_gpu_check_without_a_gpu_stops_with_a_message():
     """benchmarks/gpu_check.sh on a CPU-only machine: exit 2 and one line saying why, no traceback,
     before any Ray or training starts (seconds)."""
