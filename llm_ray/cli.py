@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"llm-ray: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Terminated:  # SIGTERM, once Ray is up (ray_utils.unwind_on_sigterm)
-        print("llm-ray: terminated", file=sys.stderr)
+    except Terminated as e:  # SIGTERM, once Ray is up (ray_utils.unwind_on_sigterm; train.stop while training)
+        print(f"llm-ray: terminated: {e}" if str(e) else "llm-ray: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("llm-ray: interrupted", file=sys.stderr)
@@ -164,6 +164,7 @@ def _run(args) -> int:
     from llm_ray.data.corpus import CorpusError
     from llm_ray.data.prepare import PrepareError
     from llm_ray.checkpoint.manifest import ResumeError
+    from llm_ray.train.stop import TrainingStopped
 
     if args.command == "generate":
         return _generate(args)
@@ -223,6 +224,9 @@ def _run(args) -> int:
     except (CorpusError, PrepareError, ResumeError, StorageError) as e:
         print(f"llm-ray {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except TrainingStopped as e:  # SIGTERM while training: a checkpoint of the step reached (train.stop)
+        print(f"llm-ray {args.command}: {e}", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     return 0
 
 

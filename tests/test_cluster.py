@@ -154,8 +154,10 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(head: Head, entry: list[str], token: bool = True, wait: bool = True, timeout: int = 600):
-    cmd = [RAY, "job", "submit", "--address", head.address, "--working-dir", str(ROOT),
+def submit(head: Head, entry: list[str], token: bool = True, wait: bool = True, timeout: int = 600,
+           env_vars: dict | None = None):
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    cmd = [RAY, "job", "submit", "--address", head.address, "--working-dir", str(ROOT), *runtime_env,
            *([] if wait else ["--no-wait"]), "--", "python", *entry]
     env = clean_env(**(token_env(head.token) if token else {}))
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -263,6 +265,34 @@ def test_ray_job_submit_path_end_to_end_with_a_killed_driver_resubmitted_and_ser
     while app_answers(port) or port_taken(port):  # Serve goes too (no other app): the port is free for the next
         assert time.time() < deadline, "the Serve app outlived its job"
         time.sleep(1)
+
+
+def test_ray_job_stop_checkpoints_the_step_reached(ray_head, tmp_path):
+    """`ray job stop` sends the job's driver SIGTERM: the workers checkpoint the step they reached and the
+    job's log says which and how to resume. The job's runtime_env gives Ray's stop more than its default 3 s
+    before SIGKILL (RAY_JOB_STOP_WAIT_TIME_S), as docs/clusters.md says."""
+    out = tmp_path / "runs"
+    entry = ["jobs/pipeline.py", *DEBUG, "--set", f"output_dir={out}", "--set", "data.sources=[tests/data/corpus]",
+             "--set", "train.max_steps=100000", "--set", "train.checkpoint_every=100000"]
+    started = submit(ray_head, entry, wait=False, timeout=120, env_vars={"RAY_JOB_STOP_WAIT_TIME_S": "60"})
+    assert started.returncode == 0, started.stdout + started.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", started.stdout).group(0)
+    deadline = time.time() + 400
+    while not re.search(r"step +\d\d+/100000", job_logs(ray_head, job_id)):
+        assert time.time() < deadline, job_status(ray_head, job_id)
+        time.sleep(2)
+    stopped = subprocess.run([RAY, "job", "stop", "--address", ray_head.address, job_id], capture_output=True,
+                             text=True, env=clean_env(**token_env(ray_head.token)), timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    deadline = time.time() + 120
+    while not re.search(r"stopped by SIGTERM after step \d+", logs := job_logs(ray_head, job_id)):
+        assert time.time() < deadline, logs
+        time.sleep(2)
+    step = int(re.search(r"stopped by SIGTERM after step (\d+); its checkpoint is complete", logs)[1])
+    checkpoints = out / "debug" / "checkpoints" / "debug"
+    assert newest_step(checkpoints) == step  # complete: every worker's manifest is there
+    state = json.loads(next(checkpoints.glob("checkpoint_*/model/train_state.json")).read_text())
+    assert state["step"] == step and state["stopped_at"] == [step]
 
 
 # ------------------------------------------------------------------ a simulated two-node cluster

@@ -25,7 +25,7 @@ def one_worker(*overrides):
 
 
 def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, started=None, loss_hook=None,
-        startup_marks=None):
+        startup_marks=None, stop_requested=None):
     """run_training on random tokens: (final state, engine)."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -42,7 +42,7 @@ def run(cfg, tmp_path, clock=None, save=None, log=None, flops_per_token=0, start
     state = run_training(cfg, engine, batches, val, TrainState(world_size=1), save or (lambda s, m: None),
                          lambda m: None, 0, torch.device("cpu"), log=log or (lambda line: None),
                          flops_per_token=flops_per_token, started=started, loss_hook=loss_hook,
-                         startup_marks=startup_marks,
+                         startup_marks=startup_marks, stop_requested=stop_requested,
                          **kwargs)
     return state, engine
 
@@ -75,6 +75,25 @@ def test_startup_seconds_run_from_the_command_start_to_the_first_step(process_gr
     assert state.startup_phases["engine"] == pytest.approx(50.0, abs=0.01)
     assert state.startup_phases["first_step"] == pytest.approx(state.startup_seconds, abs=0.01)
     assert run(cfg, tmp_path)[0].startup_seconds is None
+
+
+def test_a_stop_request_checkpoints_the_step_reached_and_ends_the_run(process_group, tmp_path):
+    """Asked to stop after step 7 (of 40; checkpoints every 100, logs every 5): step 7 is logged and
+    checkpointed, without an evaluation, and nothing more is trained. Never asked: the run goes to the end."""
+    cfg = one_worker("train.max_steps=40", "train.checkpoint_every=100", "train.log_every=5", "train.eval_every=5")
+    saved, asked = [], []
+
+    def stop_requested():
+        asked.append(len(asked) + 1)
+        return len(asked) == 7
+
+    state, _ = run(cfg, tmp_path, save=lambda s, m: saved.append((s.step, dict(m))), stop_requested=stop_requested)
+    assert state.step == 7 and state.stopped_at == [7] and asked == list(range(1, 8))
+    assert saved == [(7, {"step": 7, "epoch": state.epoch, "tokens": 7 * 512})]  # no val_loss
+    assert [h["step"] for h in state.history if "train_loss" in h] == [5, 7]
+    assert [h["step"] for h in state.history if "val_loss" in h] == [0, 5]
+    full, _ = run(cfg, tmp_path, save=lambda s, m: None, stop_requested=lambda: False)
+    assert full.step == 40 and full.stopped_at == []
 
 
 def test_progress_rows_log_the_lr_each_step_used(process_group, tmp_path):

@@ -217,6 +217,73 @@ def test_a_driver_killed_mid_training_leaves_no_process(pipeline_run, tmp_path):
         cmd.close()
 
 
+def train_args(run_dir: Path, output_dir: Path, name: str, *overrides: str) -> list[str]:
+    """`llm-ray train` of the debug preset on the pipeline run's prepared data."""
+    args = ["train", "--config", "debug", "--set", "data.max_files=null", "--set", f"output_dir={output_dir}",
+            "--set", f"data.sources=[{CORPUS}]", "--set", f"name={name}", "--data", str(run_dir / "data")]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def losses(state: dict) -> dict[int, float]:
+    return {h["step"]: h["train_loss"] for h in state["history"] if "train_loss" in h}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_reached_and_the_rerun_goes_on_exactly(pipeline_run, tmp_path):
+    """SIGTERM to `llm-ray train` after step 100, with no periodic checkpoint before the end: the workers
+    finish the step in flight, checkpoint it and stop; the command says which step and how to resume,
+    exits 143 and leaves no process. The rerun resumes from that step, and its losses are those of a run
+    never interrupted (2 workers, ZeRO-2: the debug preset's defaults)."""
+    from llm_ray.checkpoint import read_train_state
+
+    _, run_dir, code, _ = pipeline_run
+    assert code == 0
+    steps = ("train.max_steps=400", "train.checkpoint_every=1000", "train.eval_every=1000", "train.log_every=1")
+    straight = Command(train_args(run_dir, tmp_path, "straight", *steps), tmp_path / "straight.log").start()
+    try:
+        assert straight.run_out(300) == 0, straight.output()[-3000:]
+    finally:
+        straight.close()
+    expected = losses(read_train_state(tmp_path / "straight" / "model"))
+
+    cmd = Command(train_args(run_dir, tmp_path, "stopped", *steps), tmp_path / "stopped.log").start()
+    try:
+        cmd.wait_for(lambda: re.search(r"step +100/400", cmd.output()), 300, "step 100")
+        cmd.proc.send_signal(signal.SIGTERM)
+        left, after_s = cmd.left_after_exit()
+        print(report("train, SIGTERM", cmd, left, after_s))
+        printed = cmd.output()
+        assert cmd.proc.returncode == 143, printed[-3000:]
+        assert not left
+    finally:
+        cmd.close()
+    stopped = re.search(r"llm-ray train: stopped by SIGTERM after step (\d+); its checkpoint is complete: (\S+); "
+                        r"run the same command again to resume from that step", printed)
+    assert stopped, printed[-3000:]
+    step, checkpoint = int(stopped[1]), Path(stopped[2])
+    assert 100 <= step < 400
+    state = read_train_state(checkpoint)
+    assert state["step"] == state["stopped_at"][-1] == step
+    # Nothing trained is lost: the last step the workers logged is the step checkpointed.
+    trained = [int(s) for s in re.findall(r"step +(\d+)/400 \|", printed)]
+    assert max(trained) == step and sorted(losses(state)) == list(range(1, step + 1))
+
+    rerun = Command(train_args(run_dir, tmp_path, "stopped", *steps), tmp_path / "rerun.log").start()
+    try:
+        assert rerun.run_out(300) == 0, rerun.output()[-3000:]
+    finally:
+        rerun.close()
+    resumed = read_train_state(tmp_path / "stopped" / "model")
+    assert resumed["step"] == 400 and resumed["resumed_from"] == [step] and resumed["stopped_at"] == [step]
+    got = losses(resumed)
+    assert sorted(got) == list(range(1, 401))
+    for s in range(step + 1, 401):
+        assert got[s] == pytest.approx(expected[s], abs=2e-4), (s, got[s], expected[s])
+
+
 def test_the_known_harmless_pattern_is_that_line_exactly(monkeypatch):
     from llm_ray.ray_utils import known_harmless_pattern
 

@@ -103,6 +103,12 @@ class TrainConfig(Section):
         0, ge=-1, description="Worker-group restarts Ray Train attempts after a failure, resuming from the "
         "latest checkpoint; -1 retries forever."
     )
+    preemption_grace_s: float = Field(
+        30, gt=0, description="On SIGTERM to the command (a spot instance's notice, `ray job stop`, a pod's "
+        "deletion) the workers finish the step in flight and write a checkpoint; the command waits this many "
+        "seconds for it, then exits keeping the last complete checkpoint. A second SIGTERM exits at once. Under "
+        "`ray job stop`, set RAY_JOB_STOP_WAIT_TIME_S in the job's runtime_env above this (Ray's default is 3 s)."
+    )
     collective_timeout_s: float = Field(
         1800, gt=0, description="Seconds a collective may wait before failing: a hung worker ends in a restart."
     )

@@ -253,6 +253,7 @@ def run_training(
     loss_hook=None,
     started: float | None = None,
     startup_marks: dict[str, float] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainState:
     """Train until cfg.train.max_steps optimizer steps; evaluate, log and checkpoint on the way.
 
@@ -265,6 +266,9 @@ def run_training(
     started: when the command started (time.time()); the state records the seconds from then to this
     run's first optimizer step as startup_seconds; startup_marks (milestone -> time.time()) are recorded
     with "untrained_eval" and "first_step" as startup_phases, in seconds after it.
+    stop_requested() is asked after every step (on every worker alike, see train.stop): when it is True
+    the run logs and checkpoints that step, skipping the evaluation, records it in state.stopped_at and
+    returns before max_steps.
     """
     t = cfg.train
     device_type = getattr(device, "type", str(device))
@@ -308,8 +312,9 @@ def run_training(
         state.tokens += t.total_batch_tokens
         steps_since_log += 1
         last = state.step == t.max_steps
+        stopping = not last and stop_requested is not None and stop_requested()
 
-        if state.step % t.log_every == 0 or last:
+        if state.step % t.log_every == 0 or last or stopping:
             train_loss = reduce_over_workers(loss_sum / steps_since_log, "mean")
             row = log_row(cfg, engine, state, train_loss, lr_used, steps_since_log, times, device, flops_per_token)
             state.history.append(row)
@@ -321,8 +326,10 @@ def run_training(
             loss_sum.zero_()
             steps_since_log, times = 0, StepTimes()
 
-        is_eval = state.step % t.eval_every == 0 or last
-        is_ckpt = state.step % t.checkpoint_every == 0 or last
+        is_eval = (state.step % t.eval_every == 0 or last) and not stopping  # the grace period is for the checkpoint
+        is_ckpt = state.step % t.checkpoint_every == 0 or last or stopping
+        if stopping:
+            state.stopped_at.append(state.step)
         if is_eval or is_ckpt:
             metrics = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens}
             if is_eval:
@@ -333,4 +340,8 @@ def run_training(
                 times.checkpoint += clock() - began
             else:
                 report(metrics)
+        if stopping:
+            if rank == 0:
+                log(f"step {state.step:>6} | stopped on request: checkpoint written")
+            break
     return state

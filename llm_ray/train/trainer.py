@@ -24,6 +24,7 @@ from llm_ray.storage import (Location, StorageError, as_location, check_shared, 
 from llm_ray.tracking import tracking_dir
 from llm_ray.train.process_group import LoopbackTorchConfig
 from llm_ray.train.resume import check_resumable
+from llm_ray.train.stop import GracefulStop, TrainingStopped
 from llm_ray.train.worker import train_loop_per_worker
 
 
@@ -69,10 +70,9 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
           callbacks: tuple = ()) -> TrainResult:
     """Train on the prepared data at data_path (default: the run's own). callbacks are Ray Train
     callbacks (a sweep's trial passes one that reports to Ray Tune). test_hooks is a testing
-    seam passed to the workers (see worker.nan_loss_hook); users never set it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    seam passed to the workers (see worker.nan_loss_hook); users never set it.
+    A SIGTERM while it trains (main thread only) makes the workers checkpoint the step they are on and
+    stop, then raises TrainingStopped (see train.stop)."""
     path = as_location(data_path, cfg.data.s3) if data_path else data_dir(cfg)
     check_cluster_storage(cfg, path)
     manifest = prepared_manifest(cfg, path)
@@ -86,13 +86,9 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     data_key = manifest.get("stage_keys", {}).get("pack")  # a resume must be on the same data
     point = choose_checkpoint(cfg, storage, filesystem, data_key, tokenizer_json, log)
     llm_ray.mark("trainer")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
+    with GracefulStop(t.preemption_grace_s, log) as stop:
+        result = fit_restoring_sigint(make_trainer(cfg, payload={
             "tokenizer_json": tokenizer_json,
-            "command_started": llm_ray.STARTED,  # for startup_seconds: the command's start to the first step
-            "startup_marks": dict(llm_ray.MARKS),  # the driver's milestones (see TrainState.startup_phases)
             # absolute: workers run in their own folders; None: the worker's own node cache (a run on S3)
             "tracking_dir": None if cfg.run_location.remote else str(tracking_dir(cfg)),
             "train_shards": shards["train"],
@@ -101,7 +97,33 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
             "data_path": path.uri,
             "resume_from": point.path,  # the newest complete checkpoint, if Ray's latest is damaged
             "damaged_checkpoints": [p for p, _ in point.skipped],
+            "stop_flag": stop.flag,
             **(test_hooks or {}),
+        }, storage=storage, filesystem=filesystem, callbacks=callbacks, log=log))
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {checkpoint_location(cfg)[0]})")
+    if stop.requested:
+        from pyarrow import fs
+
+        saved, _, _ = read_checkpoint_files(filesystem or fs.LocalFileSystem(), result.checkpoint.path)
+        where = ("s3://" if filesystem is not None else "") + result.checkpoint.path
+        raise TrainingStopped(saved.step, where, saved.step >= t.max_steps)
+    return finished_run(cfg, result.checkpoint.path, filesystem is not None, log)
+
+
+def make_trainer(cfg: Config, payload: dict, storage: str, filesystem, callbacks, log):
+    """The TorchTrainer of this run: its workers get the config and payload (see worker.train_loop_per_worker)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "command_started": llm_ray.STARTED,  # for startup_seconds: the command's start to the first step
+            "startup_marks": dict(llm_ray.MARKS),  # the driver's milestones (see TrainState.startup_phases)
+            **payload,
         },
         torch_config=LoopbackTorchConfig(timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(
@@ -119,10 +141,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
     )
     log(f"train: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, "
         f"{cfg.grad_accum_steps} accumulation step(s), {t.max_steps} steps")
-    result = fit_restoring_sigint(trainer)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {checkpoint_location(cfg)[0]})")
-    return finished_run(cfg, result.checkpoint.path, filesystem is not None, log)
+    return trainer
 
 
 def fit_restoring_sigint(trainer):

@@ -30,6 +30,7 @@ from llm_ray.train.data import BlockOrder, MicroBatches, PackedBlocks, validatio
 from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, build_model, parameter_share, to_universal
 from llm_ray.train.loop import run_training
 from llm_ray.train.resume import check_resumable, regroups
+from llm_ray.train.stop import StopWatch
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -333,10 +334,12 @@ def train_loop_per_worker(payload: dict) -> None:
     folder = Path(payload["tracking_dir"]) if payload.get("tracking_dir") else tracking_dir(cfg)
     tracker = make_tracker(cfg, rank, folder, state.tracker_run_id)
     state.tracker_run_id = tracker.run_id
+    stop = StopWatch(payload.get("stop_flag"), rank)  # the driver's SIGTERM (see train.stop)
     try:
         run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
                      worker_log, tracker, model_flops, loss_hook=nan_loss_hook(payload.get("test_nan_loss"), rank),
-                     started=payload.get("command_started"), startup_marks=marks)
+                     started=payload.get("command_started"), startup_marks=marks, stop_requested=stop.requested)
     finally:
+        stop.close()
         train_batches.close()
         tracker.finish()
