@@ -11,6 +11,7 @@ import pytest
 from llm_ray.config import DataConfig, S3Config
 from llm_ray.data.corpus import CorpusError
 from llm_ray.data.sources import FileRef, ReadError, check_uri, iter_documents, list_sources
+from tests._s3_proxy import S3Proxy
 from tests.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
 
@@ -156,66 +157,8 @@ def test_missing_credentials_fail_fast_naming_the_uri(bucket, monkeypatch, tmp_p
     assert len(list_sources(["s3://corpus/raw/"], data)) == 2
 
 
-class FlakyProxy:
-    """An HTTP proxy on 127.0.0.1 in front of the S3 server that answers the first `failures`
-    requests for each object with 503 SlowDown, as S3 does under load."""
-
-    def __init__(self, upstream: str, failures: int):
-        import http.client
-        import threading
-        from collections import Counter
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
-        self.seen, self.throttled = Counter(), 0
-        proxy, target = self, urlsplit(upstream).netloc
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                key = self.path.split("?")[0]
-                proxy.seen[key] += 1
-                if proxy.seen[key] <= failures:
-                    proxy.throttled += 1
-                    reply = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                             b"<Message>Please reduce your request rate.</Message></Error>")
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(reply)))
-                    self.end_headers()
-                    self.wfile.write(reply)
-                    return
-                conn = http.client.HTTPConnection(target, timeout=10)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-                response = conn.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for name, value in response.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(name, value)
-                # A HEAD reply has no body but announces the object's length.
-                self.send_header("Content-Length", response.getheader("Content-Length") or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_HEAD = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_s3_503_replies_are_retried_with_backoff(bucket):
-    proxy = FlakyProxy(bucket, failures=2)
+    proxy = S3Proxy(bucket, failures=2)
     try:
         data = DataConfig(s3=S3Config(endpoint_url=proxy.endpoint, max_attempts=4, request_timeout_s=10))
         refs = list_sources(["s3://corpus/raw/"], data)
@@ -236,7 +179,7 @@ def test_s3_503_replies_are_retried_with_backoff(bucket):
 def test_a_failing_read_makes_at_most_max_attempts_requests(bucket):
     """One retry layer: the AWS SDK's, bounded by data.s3.max_attempts (a retry loop of our own around
     it made max_attempts^2 requests). What is transient comes from the reply's error code."""
-    proxy = FlakyProxy(bucket, failures=1000)  # every request to an object answers 503 SlowDown
+    proxy = S3Proxy(bucket, failures=1000)  # every request to an object answers 503 SlowDown
     try:
         for attempts in (1, 3):
             proxy.seen.clear()

@@ -53,19 +53,28 @@ def write_manifest(directory: str | Path, rank: int, world_size: int) -> Path:
     return out
 
 
-def verify(filesystem, path: str) -> str | None:
-    """Why the checkpoint at path (on a pyarrow filesystem) is not complete and intact, or None."""
+def read_manifests(filesystem, path: str) -> tuple[list[dict], str | None]:
+    """(the manifests of the checkpoint at path, why they do not make a whole checkpoint or None): every
+    worker's manifest is there. Cheap (a listing and the small manifest files); verify also checks the files."""
     try:
         listing = filesystem.get_file_info(fs.FileSelector(f"{path}/{MANIFEST_DIR}", allow_not_found=True))
         manifests = [json.loads(_read(filesystem, i.path)) for i in listing if i.path.endswith(".json")]
     except (OSError, ValueError) as e:
-        return f"its manifest cannot be read ({type(e).__name__})"
+        return [], f"its manifest cannot be read ({type(e).__name__})"
     if not manifests:
-        return "no manifest: the save did not finish"
+        return [], "no manifest: the save did not finish"
     world = manifests[0]["world_size"]
     missing = sorted(set(range(world)) - {m["rank"] for m in manifests})
     if missing:
-        return f"the manifests of workers {missing} of {world} are missing: the save did not finish"
+        return manifests, f"the manifests of workers {missing} of {world} are missing: the save did not finish"
+    return manifests, None
+
+
+def verify(filesystem, path: str) -> str | None:
+    """Why the checkpoint at path (on a pyarrow filesystem) is not complete and intact, or None."""
+    manifests, why = read_manifests(filesystem, path)
+    if why:
+        return why
     for manifest in manifests:
         for name, expected in sorted(manifest["files"].items()):
             info = filesystem.get_file_info(f"{path}/{name}")

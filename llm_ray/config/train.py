@@ -83,6 +83,12 @@ class TrainConfig(Section):
         "final checkpoint's inference files are also published to <output_dir>/<name>/model (replaced whole at the end "
         "of each run)."
     )
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="Checkpoints on remote storage (S3): async writes each to the worker's disk and "
+        "uploads it in a background thread while training goes on (its manifest last; one upload at a time, "
+        "the next checkpoint waits for it; a failed file is retried, then reported, and training goes on); sync "
+        "uploads before the next step. Local storage is copied before the next step either way."
+    )
     num_checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest ones).")
     log_every: int = Field(10, ge=1, description="Print a progress line every N steps.")
     spike_factor: float = Field(

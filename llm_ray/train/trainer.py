@@ -14,7 +14,8 @@ from pathlib import Path
 import llm_ray
 from llm_ray.checkpoint import MODEL_DIR, read_train_state
 from llm_ray.checkpoint.location import checkpoint_location
-from llm_ray.checkpoint.manifest import ResumePoint, find_resume_point, read_checkpoint_files
+from llm_ray.checkpoint.manifest import (ResumeError, ResumePoint, find_resume_point, read_checkpoint_files,
+                                         read_manifests)
 from llm_ray.config import Config, ConfigError
 from llm_ray.data.pack import load_manifest
 from llm_ray.data.prepare import PrepareError, cluster_paths, data_dir
@@ -98,10 +99,12 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
             "resume_from": point.path,  # the newest complete checkpoint, if Ray's latest is damaged
             "damaged_checkpoints": [p for p, _ in point.skipped],
             "stop_flag": stop.flag,
+            "report_evaluations": bool(callbacks),  # a sweep's trial reads every evaluation
             **(test_hooks or {}),
         }, storage=storage, filesystem=filesystem, callbacks=callbacks, log=log))
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (see {checkpoint_location(cfg)[0]})")
+    check_uploaded(result.checkpoint, filesystem)
     if stop.requested:
         from pyarrow import fs
 
@@ -109,6 +112,18 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
         where = ("s3://" if filesystem is not None else "") + result.checkpoint.path
         raise TrainingStopped(saved.step, where, saved.step >= t.max_steps)
     return finished_run(cfg, result.checkpoint.path, filesystem is not None, log)
+
+
+def check_uploaded(checkpoint, filesystem) -> None:
+    """Raise ResumeError when the run's last checkpoint is not whole on the storage: its background upload
+    failed (see train.upload; the workers said why). A rerun resumes from the newest complete one."""
+    if filesystem is None:  # local storage: Ray copied it before the run went on
+        return
+    _, why = read_manifests(filesystem, checkpoint.path)
+    if why:
+        raise ResumeError(f"the run's last checkpoint s3://{checkpoint.path} did not reach the storage whole ({why}; "
+                          "the workers' lines above say why): run the same command again to resume from the "
+                          "newest complete checkpoint")
 
 
 def make_trainer(cfg: Config, payload: dict, storage: str, filesystem, callbacks, log):

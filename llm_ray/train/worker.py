@@ -21,7 +21,7 @@ import torch.distributed as dist
 from llm_ray.checkpoint import (HISTORY_DIR, MODEL_DIR, WEIGHTS, TrainState, discard_history_after,
                                 read_train_state, save_inference, tied_names, write_history, write_safetensors)
 from llm_ray.checkpoint.location import checkpoint_location
-from llm_ray.checkpoint.manifest import read_saved_config, write_manifest
+from llm_ray.checkpoint.manifest import find_resume_point, read_manifests, read_saved_config, write_manifest
 from llm_ray.config import Config, S3Config, model_spec
 from llm_ray.model import GPT
 from llm_ray.storage import Location, local_copy, node_cache
@@ -31,6 +31,7 @@ from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, build_model, para
 from llm_ray.train.loop import run_training
 from llm_ray.train.resume import check_resumable, regroups
 from llm_ray.train.stop import StopWatch
+from llm_ray.train.upload import CheckpointUploads
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -168,13 +169,17 @@ def checkpoint_to_resume(payload: dict, cfg: Config):
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    location = checkpoint_location(cfg)[0]  # train.storage_path, else under output_dir (S3 too)
+    filesystem = location.filesystem if location.remote else None
     damaged = {p.rstrip("/") for p in payload.get("damaged_checkpoints", [])}
     if checkpoint is not None and checkpoint.path.rstrip("/") in damaged:
         checkpoint = None
     newest = payload.get("resume_from")
+    if checkpoint is not None and filesystem is not None and read_manifests(filesystem, checkpoint.path)[1]:
+        # a restart within the run after a failed background upload (see train.upload): the newest whole one
+        newest = find_resume_point(filesystem, (location / cfg.name).path).path
+        checkpoint = None
     if newest and (checkpoint is None or Path(newest.rstrip("/")).name > Path(checkpoint.path.rstrip("/")).name):
-        location = checkpoint_location(cfg)[0]  # train.storage_path, else under output_dir (S3 too)
-        filesystem = location.filesystem if location.remote else None
         checkpoint = ray.train.Checkpoint(newest, filesystem=filesystem)
     return checkpoint
 
@@ -261,6 +266,35 @@ def save_checkpoint(directory: str, engine, cfg: Config, state: TrainState, toke
     write_manifest(directory, rank, world)  # last: its presence means this worker's part is complete
 
 
+def remote_uploads(cfg: Config, rank: int) -> CheckpointUploads | None:
+    """This worker's checkpoint uploads for checkpoints on remote storage (S3), else None (Ray copies them)."""
+    location = checkpoint_location(cfg)[0]
+    if not location.remote:
+        return None
+    return CheckpointUploads(location / cfg.name, rank, worker_log, background=cfg.train.checkpoint_upload == "async")
+
+
+def report_uploaded(uploads: CheckpointUploads, metrics: dict, write) -> None:
+    """write(folder) this worker's part of a checkpoint to its disk, once the previous upload is done, and
+    report it to Ray Train, which uploads it (see train.upload), in the background or before it returns,
+    and deletes the folder."""
+    import shutil
+
+    import ray.train
+
+    folder = uploads.local_folder()
+    mode = ray.train.CheckpointUploadMode.ASYNC if uploads.background else ray.train.CheckpointUploadMode.SYNC
+    try:
+        write(folder)
+        uploads.started()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=uploads.upload)
+    except BaseException:
+        uploads.upload_abandoned()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def local_shards(uris: list[str], cfg: Config, data_key: str | None) -> list[Path]:
     """Local paths of the packed shards: the files themselves, or for prepared data on S3 copies in this
     node's cache (made once per node, keyed by the pack stage's key: same files, same order, same blocks)."""
@@ -326,17 +360,29 @@ def train_loop_per_worker(payload: dict) -> None:
 
     marks["data"] = time.time()
 
+    uploads = remote_uploads(cfg, rank)
+
     def save(state: TrainState, metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank, world)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if uploads is None:  # local storage: Ray copies it there before training goes on
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank, world)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            return
+        report_uploaded(uploads, metrics, lambda tmp: save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank,
+                                                                      world))
+
+    def report(metrics: dict) -> None:
+        # Ray Train hands reports on in order: a metrics-only report waits for the upload before it. Only a
+        # sweep's trial needs them (its searcher and scheduler read each evaluation); every worker decides alike.
+        if uploads is None or not uploads.background or payload.get("report_evaluations"):
+            ray.train.report(metrics)
 
     folder = Path(payload["tracking_dir"]) if payload.get("tracking_dir") else tracking_dir(cfg)
     tracker = make_tracker(cfg, rank, folder, state.tracker_run_id)
     state.tracker_run_id = tracker.run_id
     stop = StopWatch(payload.get("stop_flag"), rank)  # the driver's SIGTERM (see train.stop)
     try:
-        run_training(cfg, engine, train_batches, val_batches, state, save, ray.train.report, rank, device,
+        run_training(cfg, engine, train_batches, val_batches, state, save, report, rank, device,
                      worker_log, tracker, model_flops, loss_hook=nan_loss_hook(payload.get("test_nan_loss"), rank),
                      started=payload.get("command_started"), startup_marks=marks, stop_requested=stop.requested)
     finally:
