@@ -18,12 +18,14 @@ INTERNAL = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</
 
 class S3Proxy:
     """failures: the first n reads (GET, HEAD) of each object answer 503 SlowDown.
-    write_delay_s: each write (PUT, POST) waits this long before it is passed on, as over a slow link.
+    write_delay_s: each write (PUT, POST) waits this long before it is passed on, as over a slow link;
+    write_mb_per_s: and as long as its body takes at that bandwidth (None: no limit).
     fail_write(key) -> bool: writes of the keys it picks answer 500 InternalError.
     on_write(key): called before each write is passed on (e.g. to kill a worker mid-upload).
     writes: (time, key) of each write that succeeded, in the order they completed."""
 
-    def __init__(self, upstream: str, failures: int = 0, write_delay_s: float = 0.0, fail_write=None, on_write=None):
+    def __init__(self, upstream: str, failures: int = 0, write_delay_s: float = 0.0, fail_write=None, on_write=None,
+                 write_mb_per_s: float | None = None):
         self.seen, self.throttled = Counter(), 0
         self.writes: list[tuple[float, str]] = []
         self.failed_writes = 0
@@ -67,7 +69,7 @@ class S3Proxy:
                 if write:
                     if on_write is not None:
                         on_write(key)
-                    time.sleep(write_delay_s)
+                    time.sleep(write_delay_s + (len(body) / (write_mb_per_s * 1e6) if write_mb_per_s else 0.0))
                     if fail_write is not None and fail_write(key):
                         with lock:
                             proxy.failed_writes += 1
