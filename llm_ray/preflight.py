@@ -178,7 +178,7 @@ def check_workers(cfg: Config, cluster: Cluster) -> Check:
     train.placement_strategy."""
     t = cfg.train
     unit = lambda x: round(x * 10_000)  # noqa: E731 - Ray counts resources in units of 1e-4
-    per_node = [min(unit(n.cpus) // unit(t.cpus_per_worker), int(n.gpus) if t.use_gpu else t.num_workers)
+    per_node = [min(unit(n.cpus) // unit(t.cpus_per_worker), int(n.gpus) if t.use_gpu else t.max_workers)
                 for n in cluster.nodes]
     if t.placement_strategy == "STRICT_PACK":  # all on one node
         fits = max(per_node, default=0)
@@ -191,7 +191,7 @@ def check_workers(cfg: Config, cluster: Cluster) -> Check:
     have = f"{len(cluster.nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
     want = (f"train.num_workers {t.num_workers} x (train.cpus_per_worker {t.cpus_per_worker:g} CPUs"
             + (" + 1 GPU" if t.use_gpu else "") + ")")
-    if fits < t.num_workers:
+    if fits < t.min_workers:  # an elastic run starts with as many as fit, from min
         detail = (f"{want} do not fit: {have} hold {fits} such worker(s) "
                   f"(train.placement_strategy {t.placement_strategy})")
         if cluster.joined:  # Ray Train waits for the resources: an autoscaler may add nodes (never, without one)

@@ -202,3 +202,26 @@ def names_section(message: str, key: str) -> bool:
     """Whether an error names the first section of the override key as a word of its own (the section
     "a" is not named by the "a" of "allowed")."""
     return re.search(rf"(?<![\w.]){re.escape(key.split('.')[0])}(?!\w)", message) is not None
+
+
+def test_an_elastic_worker_range_keeps_the_global_batch_and_refuses_what_it_cannot_run():
+    cfg = load_config("debug", ["train.num_workers=[1, 2]", "train.max_failures=2"])
+    t = cfg.train
+    assert t.elastic and (t.min_workers, t.max_workers) == (1, 2) and list(t.worker_counts) == [1, 2]
+    # the same tokens per optimizer step with either count: accumulation makes up for the missing worker
+    for workers in (1, 2):
+        assert cfg.accum_steps(workers) * workers * t.micro_batch_size * cfg.data.block_size == t.total_batch_tokens
+    assert cfg.accum_steps(1) == 2 * cfg.accum_steps(2)
+    assert load_config("debug", ["train.num_workers=[2, 2]"]).train.num_workers == 2  # no range at all
+    for overrides, message in (
+        (["train.num_workers=[1, 2]"], "needs train.max_failures other than 0"),
+        (["train.num_workers=[1, 2]", "train.max_failures=1", "train.zero_stage=3"], "needs train.zero_stage 0, 1 or 2"),
+        (["train.num_workers=[1, 2]", "train.max_failures=1", "train.placement_strategy=STRICT_SPREAD"],
+         "needs train.placement_strategy PACK or SPREAD"),
+        (["train.num_workers=[1, 3]", "train.max_failures=1"], r"8 × 64 × 3 = 1536"),  # 3 workers cannot split 1024
+        (["train.num_workers=[2, 1]"], r"\[min, max\] with 1 <= min <= max"),
+        (["train.num_workers=[1, 2, 3]"], r"\[min, max\]"),
+        (["train.num_workers=0"], "at least 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config("debug", overrides)

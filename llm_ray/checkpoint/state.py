@@ -24,6 +24,8 @@ class TrainState:
     history_through: int = 0  # the step up to which history_dir holds the history
     tracker_run_id: str | None = None  # the W&B run a resumed run continues
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
+    # [step, workers] at the start and at each change of the worker count (an elastic run's history)
+    world_sizes: list[list[int]] = field(default_factory=list)
     stopped_at: list[int] = field(default_factory=list)  # steps at which a stop request (SIGTERM) ended a run
     skipped_batches: int = 0  # micro-batches the loss guard rejected
     parameters: int = 0  # elements of the whole model (tied weights once)

@@ -10,7 +10,7 @@ from llm_ray.config.base import Section
 from llm_ray.config.data import CleaningConfig, DataConfig, DedupConfig, TokenizerConfig
 from llm_ray.config.eval import EvalConfig
 from llm_ray.config.model import ModelConfig
-from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig, muon_problems
+from llm_ray.config.train import SampleConfig, TrackingConfig, TrainConfig, elastic_problems, muon_problems
 from llm_ray.storage import Location, StorageError
 
 
@@ -52,13 +52,15 @@ class Config(Section):
             problems.append(
                 f"data.block_size ({self.data.block_size}) exceeds model.context_length ({self.model.context_length})"
             )
-        per_micro_step = self.train.micro_batch_size * self.data.block_size * self.train.num_workers
-        if self.train.total_batch_tokens % per_micro_step:
-            problems.append(
-                f"train.total_batch_tokens ({self.train.total_batch_tokens}) must be a multiple of "
-                f"micro_batch_size × block_size × num_workers = {self.train.micro_batch_size} × "
-                f"{self.data.block_size} × {self.train.num_workers} = {per_micro_step}"
-            )
+        for workers in self.train.worker_counts:  # an elastic run may have any of them
+            per_micro_step = self.train.micro_batch_size * self.data.block_size * workers
+            if self.train.total_batch_tokens % per_micro_step:
+                problems.append(
+                    f"train.total_batch_tokens ({self.train.total_batch_tokens}) must be a multiple of "
+                    f"micro_batch_size × block_size × num_workers = {self.train.micro_batch_size} × "
+                    f"{self.data.block_size} × {workers} = {per_micro_step}"
+                )
+                break
         if self.data.val_fraction + self.data.test_fraction >= 0.9:
             problems.append(f"data.val_fraction + data.test_fraction ({self.data.val_fraction} + "
                             f"{self.data.test_fraction}) leaves too little for training")
@@ -76,7 +78,7 @@ class Config(Section):
             problems.append("train.offload_optimizer supports train.optimizer adam and adamw, not sgd")
         if t.offload_params and t.zero_stage != 3:
             problems.append(f"train.offload_params needs train.zero_stage 3 (got {t.zero_stage})")
-        problems += muon_problems(t)
+        problems += muon_problems(t) + elastic_problems(t)
         if self.train.min_lr > self.train.lr:
             problems.append(f"train.min_lr ({self.train.min_lr}) exceeds train.lr ({self.train.lr})")
         if problems:
@@ -89,9 +91,14 @@ class Config(Section):
 
     @property
     def grad_accum_steps(self) -> int:
-        """Micro-steps per optimizer step, derived from total_batch_tokens (checked divisible above)."""
+        """Micro-steps per optimizer step with train.max_workers workers (see accum_steps)."""
+        return self.accum_steps(self.train.max_workers)
+
+    def accum_steps(self, workers: int) -> int:
+        """Micro-steps per optimizer step with this many workers, derived from total_batch_tokens (checked
+        divisible above for every worker count the run may have): the global batch stays the same."""
         t = self.train
-        return t.total_batch_tokens // (t.micro_batch_size * self.data.block_size * t.num_workers)
+        return t.total_batch_tokens // (t.micro_batch_size * self.data.block_size * workers)
 
     @property
     def run_location(self):

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, field_validator
 
 from llm_ray.config.base import Section
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes); one per GPU on a GPU cluster.")
+    num_workers: int | list[int] = Field(
+        2, description="Ray Train workers (processes); one per GPU on a GPU cluster. [min, max]: elastic "
+        "(ZeRO 0-2): a run starts with as many as fit, goes on with fewer (at least min) from the newest "
+        "checkpoint when a node is lost, and grows back to max when capacity returns; the global batch and "
+        "the data order stay the same. Needs train.max_failures other than 0 (a lost node is a failure)."
+    )
     use_gpu: StrictBool = Field(False, description="One GPU per worker, NCCL backend; otherwise CPU and gloo.")
     cpus_per_worker: float = Field(
         1.0,
@@ -105,6 +110,10 @@ class TrainConfig(Section):
         None, gt=0, description="Peak matmul TFLOP/s of one worker's device, for MFU; null leaves MFU out "
         "(benchmarks/train_throughput.py measures it)."
     )
+    elastic_resize_interval_s: float = Field(
+        60, gt=0, description="With an elastic num_workers [min, max]: how often Ray Train checks whether more "
+        "workers fit while training runs; growing restarts the workers from the newest checkpoint."
+    )
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts Ray Train attempts after a failure, resuming from the "
         "latest checkpoint; -1 retries forever."
@@ -127,11 +136,57 @@ class TrainConfig(Section):
         "The order is global, so a resumed run continues with the next unseen block, also after a change "
         "of train.num_workers."
     )
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        if isinstance(value, list):
+            if len(value) != 2 or not 1 <= value[0] <= value[1]:
+                raise ValueError("an elastic num_workers is [min, max] with 1 <= min <= max")
+            return value[0] if value[0] == value[1] else value
+        if value < 1:
+            raise ValueError(f"num_workers must be at least 1 (got {value})")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may have."""
+        return range(self.min_workers, self.max_workers + 1)
+
     prefetch_batches: int = Field(
         2, ge=0, description="Micro-batches each worker's background thread reads ahead of training (into "
         "pinned memory on GPU, so that the copy to the device overlaps); 0 reads each when it is needed. "
         "The batches are the same either way."
     )
+
+
+def elastic_problems(t: TrainConfig) -> list[str]:
+    """What an elastic num_workers [min, max] cannot run with."""
+    if not t.elastic:
+        return []
+    problems = []
+    if t.max_failures == 0:
+        problems.append(f"train.num_workers {t.num_workers} (elastic) needs train.max_failures other than 0 (-1: "
+                        "no limit): a lost node fails the workers, and Ray Train restarts them with fewer")
+    if t.zero_stage == 3:
+        problems.append(f"train.num_workers {t.num_workers} (elastic) needs train.zero_stage 0, 1 or 2: a ZeRO-3 "
+                        "checkpoint resumes only under the worker count that wrote it")
+    if t.placement_strategy.startswith("STRICT_"):
+        problems.append(f"train.num_workers {t.num_workers} (elastic) needs train.placement_strategy PACK or SPREAD "
+                        f"(got {t.placement_strategy}): Ray Train counts the workers that fit over every node's "
+                        "CPUs, which a strict placement may not honour")
+    return problems
 
 
 def muon_problems(t: TrainConfig) -> list[str]:

@@ -141,7 +141,7 @@ def activation_bytes(cfg: Config) -> int:
 def estimate_memory(cfg: Config) -> MemoryEstimate:
     t = cfg.train
     params = count_parameters(cfg)
-    n, stage = t.num_workers, t.zero_stage
+    n, stage = t.min_workers, t.zero_stage  # the fewest workers hold the largest shares
     half = t.precision in ("bf16", "fp16")
     weights = params * (2 if half else 4) // (n if stage == 3 else 1)
     gradients = params * (2 if half else 4) // (n if stage >= 2 else 1)
@@ -203,5 +203,5 @@ def worker_budget(memory: dict, cfg: Config, concurrent_runs: int = 1) -> int | 
     if not memory.get("node"):
         return None
     fit_by_cpus = max(1, math.floor(memory["node_cpus"] / t.cpus_per_worker))
-    sharing = max(1, min(t.num_workers * concurrent_runs, fit_by_cpus))
+    sharing = max(1, min(t.max_workers * concurrent_runs, fit_by_cpus))
     return memory["node"] // sharing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from llm_ray.config import Config, ConfigError, TrainConfig, model_spec
 from llm_ray.config.train import muon_problems
@@ -105,10 +106,11 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    workers = dist.get_world_size() if dist.is_available() and dist.is_initialized() else t.max_workers
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * cfg.grad_accum_steps * t.num_workers,
+        "gradient_accumulation_steps": cfg.accum_steps(workers),
+        "train_batch_size": t.micro_batch_size * cfg.accum_steps(workers) * workers,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # SGD is a plain torch optimizer; ZeRO shards it fine

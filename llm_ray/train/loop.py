@@ -167,7 +167,7 @@ def train_step(cfg: Config, engine, train_batches: MicroBatches, state: TrainSta
     """One optimizer step of accum micro-batches, drawing new ones for as long as the guard discards
     the step. Returns (mean loss on device, LR used). No host read per micro-batch (see LossGuard)."""
     t = cfg.train
-    accum = cfg.grad_accum_steps
+    accum = cfg.accum_steps(state.world_size or cfg.train.max_workers)
     device_type = getattr(device, "type", str(device))
     lr_used = engine.get_lr()[0]  # the scheduler steps after the optimizer: read it before
     while True:
@@ -215,7 +215,8 @@ def log_row(cfg: Config, engine, state: TrainState, train_loss: float, lr: float
     if grad_norm is not None:
         row["grad_norm"] = float(grad_norm)
     if t.peak_tflops_per_worker and flops_per_token:
-        row["mfu"] = flops_per_token * tokens_per_sec / (t.peak_tflops_per_worker * 1e12 * t.num_workers)
+        workers = state.world_size or t.max_workers
+        row["mfu"] = flops_per_token * tokens_per_sec / (t.peak_tflops_per_worker * 1e12 * workers)
     return row
 
 

@@ -62,7 +62,8 @@ def choose_checkpoint(cfg: Config, storage: str, filesystem, data_key: str | Non
         log(f"train: skipping the damaged checkpoint {skipped}: {why}")
     if point.path is not None:
         saved, saved_config, saved_tokenizer = read_checkpoint_files(filesystem, point.path)
-        check_resumable(saved, saved_config, cfg, data_key, cfg.train.num_workers, tokenizer_json, saved_tokenizer)
+        # (an elastic run is ZeRO 0-2, where any worker count resumes: the count checked is ZeRO-3's)
+        check_resumable(saved, saved_config, cfg, data_key, cfg.train.max_workers, tokenizer_json, saved_tokenizer)
         log(f"train: resuming from step {saved.step} ({point.path})")
     return point
 
@@ -142,8 +143,9 @@ def make_trainer(cfg: Config, payload: dict, storage: str, filesystem, callbacks
         },
         torch_config=LoopbackTorchConfig(timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
-            placement_strategy=t.placement_strategy,
+            num_workers=tuple(t.num_workers) if t.elastic else t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker}, placement_strategy=t.placement_strategy,
+            elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.name,
@@ -154,8 +156,10 @@ def make_trainer(cfg: Config, payload: dict, storage: str, filesystem, callbacks
             callbacks=list(callbacks),
         ),
     )
-    log(f"train: {t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}, "
-        f"{cfg.grad_accum_steps} accumulation step(s), {t.max_steps} steps")
+    workers = (f"{t.min_workers} to {t.max_workers} workers (elastic; {cfg.accum_steps(t.min_workers)} to "
+               f"{cfg.accum_steps(t.max_workers)} accumulation steps)" if t.elastic
+               else f"{t.num_workers} workers, {cfg.grad_accum_steps} accumulation step(s)")
+    log(f"train: {workers}, ZeRO-{t.zero_stage}, {t.precision}, {t.max_steps} steps")
     return trainer
 
 

@@ -337,6 +337,10 @@ def train_loop_per_worker(payload: dict) -> None:
         engine = build_engine(model, cfg)
         state = TrainState(world_size=world, data_key=payload["data_key"], data_path=payload.get("data_path"))
     open_history(state, cfg, rank)
+    if not state.world_sizes or state.world_sizes[-1][1] != world:
+        state.world_sizes.append([state.step, world])
+        if rank == 0 and len(state.world_sizes) > 1:
+            worker_log(f"training goes on with {world} workers from step {state.step} (was {state.world_sizes[-2][1]})")
     state.parameters_held = [held for held, _ in shares]
     state.parameters = shares[0][1]
     state.worker_nodes = [None] * world
