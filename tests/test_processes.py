@@ -266,9 +266,11 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_goes_on_exactly(pipe
     step, checkpoint = int(stopped[1]), Path(stopped[2])
     assert 100 <= step < 400
     state = read_train_state(checkpoint)
+    trained = [int(s) for s in re.findall(r"step +(\d+)/400 \|", printed)]
+    print(f"SIGTERM after step 100 was logged: the workers stopped after step {step}; the last step trained was "
+          f"{max(trained)}, so {max(trained) - step} step(s) lost")
     assert state["step"] == state["stopped_at"][-1] == step
     # Nothing trained is lost: the last step the workers logged is the step checkpointed.
-    trained = [int(s) for s in re.findall(r"step +(\d+)/400 \|", printed)]
     assert max(trained) == step and sorted(losses(state)) == list(range(1, step + 1))
 
     rerun = Command(train_args(run_dir, tmp_path, "stopped", *steps), tmp_path / "rerun.log").start()

@@ -70,3 +70,24 @@ def test_the_newest_checkpoint_that_verifies_is_chosen(tmp_path):
 
 def test_a_run_without_checkpoints_starts_fresh(tmp_path):
     assert find_resume_point(fs.LocalFileSystem(), str(tmp_path / "no-such-run")).path is None
+
+
+def test_a_restart_finds_complete_checkpoints_newer_than_rays_latest(tmp_path):
+    """Ray registers a checkpoint only once its controller has every worker's report: when workers fail,
+    newer complete ones may exist. A restart takes the newest: by manifests alone where each worker uploads
+    its manifest last (S3), with checksums where Ray copied the folder in any order (local storage)."""
+    from pyarrow import fs
+
+    from llm_ray.checkpoint.manifest import newest_complete
+
+    local = fs.LocalFileSystem()
+    run = tmp_path / "run"
+    for name, step in (("checkpoint_01", 10), ("checkpoint_02", 20), ("checkpoint_03", 30), ("checkpoint_04", 40)):
+        fake_checkpoint(run / name, step)
+    (run / "checkpoint_04" / "_manifest" / "rank-00001.json").unlink()  # a worker lost mid-save
+    shard = next((run / "checkpoint_03").glob("deepspeed/state/*rank_1*"))
+    shard.write_bytes(shard.read_bytes()[:10])  # its manifest was copied, its shard cut short
+    assert newest_complete(local, str(run), "checkpoint_01") == str(run / "checkpoint_02")
+    assert newest_complete(local, str(run), "checkpoint_01", checksums=False) == str(run / "checkpoint_03")
+    assert newest_complete(local, str(run), "checkpoint_02") is None  # nothing newer is whole
+    assert newest_complete(local, str(tmp_path / "none"), "") is None

@@ -65,6 +65,9 @@ def test_deepspeed_config_is_derived(stage):
     # 16384 tokens / (16 sequences x 128 tokens x 2 workers) = 4 accumulation steps
     assert ds["gradient_accumulation_steps"] == 4 == cfg.grad_accum_steps
     assert ds["train_batch_size"] == 16 * 4 * 2
+    # one worker of an elastic run: twice the accumulation, the same global batch
+    alone = deepspeed_config(cfg, workers=1)
+    assert alone["gradient_accumulation_steps"] == 8 and alone["train_batch_size"] == 16 * 4 * 2
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
 
 

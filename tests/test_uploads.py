@@ -51,14 +51,14 @@ def checkpoint_stall(state: dict) -> float:
 def test_training_goes_on_while_a_checkpoint_uploads_and_the_manifest_goes_last(prepared, bucket):
     """Every write request to S3 takes 0.05 s longer (a slow link): a synchronous checkpoint waits for its
     uploads (about 35 requests), a background one only for its local write, as long as the upload is done
-    before the next checkpoint. Same run otherwise (4 checkpoints, 2 workers, ZeRO-2)."""
+    before the next checkpoint. Same run otherwise (3 checkpoints, 2 workers, ZeRO-2)."""
     endpoint, client, name = bucket
     proxy = S3Proxy(endpoint, write_delay_s=0.05)
     try:
         stalls = {}
         for mode in ("sync", "async"):
-            run = on_s3(prepared, proxy, name, mode, ("checkpoint_upload", mode), ("max_steps", 800),
-                        ("checkpoint_every", 200), ("log_every", 40), ("eval_every", 800), ("num_checkpoints_to_keep", 4))
+            run = on_s3(prepared, proxy, name, mode, ("checkpoint_upload", mode), ("max_steps", 360),
+                        ("checkpoint_every", 120), ("log_every", 40), ("eval_every", 360), ("num_checkpoints_to_keep", 4))
             first = len(proxy.writes)
             result = train(run, data_dir(prepared), log=lambda *_: None)
             stalls[mode] = checkpoint_stall(read_train_state(result.checkpoint))
@@ -70,9 +70,9 @@ def test_training_goes_on_while_a_checkpoint_uploads_and_the_manifest_goes_last(
                 manifest = client.get_object(Bucket=name, Key=key.split(f"/{name}/", 1)[1])["Body"].read()
                 listed = {f"{folder}/{f}" for f in __import__("json").loads(manifest)["files"]}
                 assert listed and listed <= set(writes[:writes.index(key)]), (mode, rank, listed - set(writes))
-            # 4 checkpoints x 2 workers (pyarrow uploads each file in a multipart upload: 3 writes of its key)
-            assert len({k for k in writes if "/_manifest/rank-" in k}) == 4 * 2
-        print(f"checkpoint stall over 4 checkpoints: sync {stalls['sync']:.2f} s, async {stalls['async']:.2f} s")
+            # 3 checkpoints x 2 workers (pyarrow uploads each file in a multipart upload: 3 writes of its key)
+            assert len({k for k in writes if "/_manifest/rank-" in k}) == 3 * 2
+        print(f"checkpoint stall over the 2 checkpoints before the last: sync {stalls['sync']:.2f} s, async {stalls['async']:.2f} s")
         assert stalls["async"] < stalls["sync"] / 3, stalls
     finally:
         proxy.close()

@@ -126,6 +126,22 @@ def find_resume_point(filesystem, run_path: str) -> ResumePoint:
     return point
 
 
+def newest_complete(filesystem, run_path: str, newer_than: str = "", checksums: bool = True) -> str | None:
+    """The newest checkpoint of the run whose folder name sorts after newer_than and that verifies, or None.
+    checksums False: every worker's manifest is there (read_manifests: cheap), enough where each worker
+    uploads its manifest last (train.upload), not where Ray copies the folder in any order. For a restart
+    within a run: Ray Train registers a checkpoint only once its controller has collected every worker's
+    report, so the workers may have written newer complete ones when they fail."""
+    try:
+        entries = filesystem.get_file_info(fs.FileSelector(run_path, allow_not_found=True))
+    except OSError:
+        return None
+    folders = sorted((e.path for e in entries if e.type == fs.FileType.Directory
+                      and e.base_name.startswith(CHECKPOINT_PREFIX) and e.base_name > newer_than), reverse=True)
+    check = verify if checksums else (lambda f, path: read_manifests(f, path)[1])
+    return next((path for path in folders if check(filesystem, path) is None), None)
+
+
 def read_checkpoint_files(filesystem, path: str) -> tuple[TrainState, dict, str]:
     """(training state, resolved config as a dict, tokenizer JSON) a checkpoint was written with."""
     model = f"{path}/{MODEL_DIR}"

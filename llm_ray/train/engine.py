@@ -84,10 +84,12 @@ def reduce_bucket_elements(cfg: Config) -> int:
     return max(cfg.model.n_embd**2, 5 * 10**6)
 
 
-def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: Config, load_universal: bool = False, workers: int | None = None) -> dict:
     """The DeepSpeed JSON for cfg: generated, never written by hand.
 
     load_universal: the checkpoint to load is in DeepSpeed's universal format (see to_universal).
+    workers: the workers training (default train.max_workers; an elastic run's count varies): the
+    accumulation steps follow it, so that the global batch stays train.total_batch_tokens.
     """
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
@@ -106,7 +108,7 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
-    workers = dist.get_world_size() if dist.is_available() and dist.is_initialized() else t.max_workers
+    workers = workers or t.max_workers  # an elastic run's workers pass their count
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.accum_steps(workers),
@@ -140,7 +142,7 @@ def build_model(cfg: Config) -> GPT:
 
     # DeepSpeed's communication layer over the process group Ray Train (or a test) started.
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg), mem_efficient_linear=False):
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, workers=world_size()), mem_efficient_linear=False):
         model = GPT(spec)  # its constructor's draws land on empty partitions: drawn again below
     for param, init in model.initializers():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
@@ -181,6 +183,11 @@ def build_optimizer(groups: list[dict], t: TrainConfig) -> torch.optim.Optimizer
     return cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
 
 
+def world_size() -> int | None:
+    """The workers of this process group (None outside one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, load_universal: bool = False):
     """DeepSpeed engine around model, with the configured optimizer and LR schedule (stepped per optimizer step)."""
     import deepspeed
@@ -194,7 +201,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, load_universal: bool = Fal
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(cfg, load_universal),
+        config=deepspeed_config(cfg, load_universal, world_size()),
         dist_init_required=False,  # Ray Train already set up the process group
     )
     return engine

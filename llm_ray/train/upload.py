@@ -21,7 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+from llm_ray.checkpoint.location import checkpoint_location
 from llm_ray.checkpoint.manifest import MANIFEST_DIR
+from llm_ray.config import Config
 from llm_ray.storage import Location, node_cache
 
 ATTEMPTS = 3
@@ -88,3 +90,30 @@ class CheckpointUploads:
                 if attempt == self.attempts:
                     raise UploadFailed(f"{target.uri}: {e}") from None
                 time.sleep(self.backoff_s * attempt)
+
+
+def remote_uploads(cfg: Config, rank: int, log) -> CheckpointUploads | None:
+    """This worker's checkpoint uploads for checkpoints on remote storage (S3), else None (Ray copies them)."""
+    location = checkpoint_location(cfg)[0]
+    if not location.remote:
+        return None
+    return CheckpointUploads(location / cfg.name, rank, log, background=cfg.train.checkpoint_upload == "async")
+
+
+def report_uploaded(uploads: CheckpointUploads, metrics: dict, write) -> None:
+    """write(folder) this worker's part of a checkpoint to its disk, once the previous upload is done, and
+    report it to Ray Train, which uploads it (see train.upload), in the background or before it returns,
+    and deletes the folder."""
+    import ray.train
+
+    folder = uploads.local_folder()
+    mode = ray.train.CheckpointUploadMode.ASYNC if uploads.background else ray.train.CheckpointUploadMode.SYNC
+    try:
+        write(folder)
+        uploads.started()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=uploads.upload)
+    except BaseException:
+        uploads.upload_abandoned()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

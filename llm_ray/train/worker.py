@@ -21,7 +21,8 @@ import torch.distributed as dist
 from llm_ray.checkpoint import (HISTORY_DIR, MODEL_DIR, WEIGHTS, TrainState, discard_history_after,
                                 read_train_state, save_inference, tied_names, write_history, write_safetensors)
 from llm_ray.checkpoint.location import checkpoint_location
-from llm_ray.checkpoint.manifest import find_resume_point, read_manifests, read_saved_config, write_manifest
+from llm_ray.checkpoint.manifest import (find_resume_point, newest_complete, read_manifests, read_saved_config,
+                                         write_manifest)
 from llm_ray.config import Config, S3Config, model_spec
 from llm_ray.model import GPT
 from llm_ray.storage import Location, local_copy, node_cache
@@ -31,7 +32,7 @@ from llm_ray.train.engine import UNIVERSAL_INFO, build_engine, build_model, para
 from llm_ray.train.loop import run_training
 from llm_ray.train.resume import check_resumable, regroups
 from llm_ray.train.stop import StopWatch
-from llm_ray.train.upload import CheckpointUploads
+from llm_ray.train.upload import remote_uploads, report_uploaded
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -165,8 +166,13 @@ def checkpoint_to_resume(payload: dict, cfg: Config):
     """The checkpoint to resume from: Ray's latest of the run, or the newest complete one the driver found
     (see checkpoint.manifest) when that is newer or Ray's is damaged. A driver killed mid-training leaves
     Ray's record at the last checkpoint it registered, while its workers may finish one more; a restart
-    within this run (train.max_failures) makes Ray's the newer. Checkpoint folder names sort by time."""
+    within this run (train.max_failures, an elastic resize) makes Ray's the newer, unless the workers wrote
+    complete ones Ray had not registered yet when they failed, or its upload failed (see train.upload).
+    Checkpoint folder names sort by time."""
+    import posixpath
+
     import ray.train
+    from pyarrow import fs
 
     checkpoint = ray.train.get_checkpoint()
     location = checkpoint_location(cfg)[0]  # train.storage_path, else under output_dir (S3 too)
@@ -175,10 +181,16 @@ def checkpoint_to_resume(payload: dict, cfg: Config):
     if checkpoint is not None and checkpoint.path.rstrip("/") in damaged:
         checkpoint = None
     newest = payload.get("resume_from")
-    if checkpoint is not None and filesystem is not None and read_manifests(filesystem, checkpoint.path)[1]:
-        # a restart within the run after a failed background upload (see train.upload): the newest whole one
-        newest = find_resume_point(filesystem, (location / cfg.name).path).path
-        checkpoint = None
+    if checkpoint is not None:  # a restart within the run (train.max_failures, an elastic resize)
+        # the run's folder on the storage, as Ray names it (a relative output_dir means another folder here)
+        run_path, listing = posixpath.dirname(checkpoint.path.rstrip("/")), filesystem or fs.LocalFileSystem()
+        if filesystem is not None and read_manifests(filesystem, checkpoint.path)[1]:
+            # its background upload failed (see train.upload): the newest whole one
+            newest = find_resume_point(filesystem, run_path).path
+            checkpoint = None
+        else:  # complete ones the workers wrote after Ray's latest, before they failed
+            newest = newest_complete(listing, run_path, Path(checkpoint.path.rstrip("/")).name,
+                                     checksums=filesystem is None) or newest
     if newest and (checkpoint is None or Path(newest.rstrip("/")).name > Path(checkpoint.path.rstrip("/")).name):
         checkpoint = ray.train.Checkpoint(newest, filesystem=filesystem)
     return checkpoint
@@ -266,33 +278,37 @@ def save_checkpoint(directory: str, engine, cfg: Config, state: TrainState, toke
     write_manifest(directory, rank, world)  # last: its presence means this worker's part is complete
 
 
-def remote_uploads(cfg: Config, rank: int) -> CheckpointUploads | None:
-    """This worker's checkpoint uploads for checkpoints on remote storage (S3), else None (Ray copies them)."""
-    location = checkpoint_location(cfg)[0]
-    if not location.remote:
-        return None
-    return CheckpointUploads(location / cfg.name, rank, worker_log, background=cfg.train.checkpoint_upload == "async")
+def record_world_size(state: TrainState, world: int, rank: int) -> None:
+    """Note the worker count in state.world_sizes when it starts or changes (an elastic run's restarts)."""
+    if not state.world_sizes or state.world_sizes[-1][1] != world:
+        state.world_sizes.append([state.step, world])
+        if rank == 0 and len(state.world_sizes) > 1:
+            worker_log(f"training goes on with {world} workers from step {state.step} (was {state.world_sizes[-2][1]})")
 
 
-def report_uploaded(uploads: CheckpointUploads, metrics: dict, write) -> None:
-    """write(folder) this worker's part of a checkpoint to its disk, once the previous upload is done, and
-    report it to Ray Train, which uploads it (see train.upload), in the background or before it returns,
-    and deletes the folder."""
-    import shutil
-
+def checkpointing(cfg: Config, engine, tokenizer_json: str, rank: int, world: int, payload: dict):
+    """(save, report) for run_training: save(state, metrics) writes a checkpoint and reports it to Ray Train
+    (uploaded by train.upload for remote storage); report(metrics) reports an evaluation alone."""
     import ray.train
 
-    folder = uploads.local_folder()
-    mode = ray.train.CheckpointUploadMode.ASYNC if uploads.background else ray.train.CheckpointUploadMode.SYNC
-    try:
-        write(folder)
-        uploads.started()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_upload_mode=mode,
-                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=uploads.upload)
-    except BaseException:
-        uploads.upload_abandoned()
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    uploads = remote_uploads(cfg, rank, worker_log)
+
+    def save(state: TrainState, metrics: dict) -> None:
+        if uploads is None:  # local storage: Ray copies it there before training goes on
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank, world)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            return
+        report_uploaded(uploads, metrics, lambda tmp: save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank,
+                                                                      world))
+
+    def report(metrics: dict) -> None:
+        # Ray Train hands reports on in order: a metrics-only report waits for the upload before it. Only a
+        # sweep's trial needs them (its searcher and scheduler read each evaluation); every worker decides alike.
+        if uploads is None or not uploads.background or payload.get("report_evaluations"):
+            ray.train.report(metrics)
+
+    return save, report
 
 
 def local_shards(uris: list[str], cfg: Config, data_key: str | None) -> list[Path]:
@@ -337,10 +353,7 @@ def train_loop_per_worker(payload: dict) -> None:
         engine = build_engine(model, cfg)
         state = TrainState(world_size=world, data_key=payload["data_key"], data_path=payload.get("data_path"))
     open_history(state, cfg, rank)
-    if not state.world_sizes or state.world_sizes[-1][1] != world:
-        state.world_sizes.append([state.step, world])
-        if rank == 0 and len(state.world_sizes) > 1:
-            worker_log(f"training goes on with {world} workers from step {state.step} (was {state.world_sizes[-2][1]})")
+    record_world_size(state, world, rank)
     state.parameters_held = [held for held, _ in shares]
     state.parameters = shares[0][1]
     state.worker_nodes = [None] * world
@@ -364,22 +377,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
     marks["data"] = time.time()
 
-    uploads = remote_uploads(cfg, rank)
-
-    def save(state: TrainState, metrics: dict) -> None:
-        if uploads is None:  # local storage: Ray copies it there before training goes on
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank, world)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            return
-        report_uploaded(uploads, metrics, lambda tmp: save_checkpoint(tmp, engine, cfg, state, tokenizer_json, rank,
-                                                                      world))
-
-    def report(metrics: dict) -> None:
-        # Ray Train hands reports on in order: a metrics-only report waits for the upload before it. Only a
-        # sweep's trial needs them (its searcher and scheduler read each evaluation); every worker decides alike.
-        if uploads is None or not uploads.background or payload.get("report_evaluations"):
-            ray.train.report(metrics)
+    save, report = checkpointing(cfg, engine, tokenizer_json, rank, world, payload)
 
     folder = Path(payload["tracking_dir"]) if payload.get("tracking_dir") else tracking_dir(cfg)
     tracker = make_tracker(cfg, rank, folder, state.tracker_run_id)
