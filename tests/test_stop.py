@@ -10,7 +10,7 @@ import time
 import pytest
 
 from llm_ray.ray_utils import Terminated
-from llm_ray.train.stop import GracefulStop
+from llm_ray.train.stop import NAMESPACE, GracefulStop
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +27,11 @@ def test_the_first_sigterm_sets_the_flag_and_a_second_raises(ray_session):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated, match="a second SIGTERM"):
         with GracefulStop(30, lines.append) as stop:
-            assert not ray.get(stop.flag.is_set.remote()) and not stop.requested
+            with pytest.raises(ValueError):  # no flag (and no process for it) until asked
+                ray.get_actor(stop.name, namespace=NAMESPACE)
+            assert not stop.requested
             sigterm_self()  # returns: the command goes on waiting for the workers
-            assert stop.requested and ray.get(stop.flag.is_set.remote())
+            assert stop.requested and ray.get(ray.get_actor(stop.name, namespace=NAMESPACE).ready.remote())
             assert "finish the step in flight and write a checkpoint (up to 30 s" in lines[0]
             sigterm_self()
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
@@ -53,9 +55,9 @@ def test_outside_the_main_thread_it_stays_out_of_the_way(ray_session):
 
     def trial():
         with GracefulStop(30, print) as stop:
-            seen["flag"] = stop.flag
+            seen["name"] = stop.name
 
     thread = threading.Thread(target=trial)
     thread.start()
     thread.join()
-    assert seen == {"flag": None}
+    assert seen == {"name": None}

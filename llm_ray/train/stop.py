@@ -1,9 +1,9 @@
 """Stopping a run on request at a step boundary, with a checkpoint: what a spot instance's notice,
 `ray job stop` or a pod's deletion asks of a training job, by sending SIGTERM to its driver.
 
-The driver (``GracefulStop``, around ``trainer.fit()``) turns the first SIGTERM into a flag held by a
-small actor, and gives the workers ``train.preemption_grace_s`` to act on it. A thread in rank 0 polls
-the flag (``StopWatch``); at every step boundary the workers agree on it with one all-reduce of a
+The driver (``GracefulStop``, around ``trainer.fit()``) turns the first SIGTERM into a flag: a small
+named actor, created only then (no process for it before), and gives the workers
+``train.preemption_grace_s`` to act on it. A thread in rank 0 looks the name up (``StopWatch``); at every step boundary the workers agree on it with one all-reduce of a
 single integer, so all of them stop after the same step, write a checkpoint and return. A second
 SIGTERM, or the grace running out, raises ``Terminated`` in the driver at once: the last complete
 checkpoint is kept (checkpoint.manifest skips a half-written one).
@@ -15,26 +15,22 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
 
 from llm_ray.ray_utils import Terminated
 
-POLL_INTERVAL_S = 0.5  # how often rank 0 asks the driver's flag; a stop waits at most this plus a step
+POLL_INTERVAL_S = 0.5  # how often rank 0 looks for the driver's flag; a stop waits at most this plus a step
+NAMESPACE = "llm-ray"
 
 
 class StopFlag:
-    """The driver's request, held where the workers can read it (a Ray actor with no CPU)."""
+    """The driver's request: that this named actor (no CPU) exists means stop."""
 
-    def __init__(self):
-        self.requested = False
-
-    def set(self) -> None:
-        self.requested = True
-
-    def is_set(self) -> bool:
-        return self.requested
+    def ready(self) -> bool:
+        return True
 
 
 class TrainingStopped(Exception):
@@ -50,10 +46,11 @@ class TrainingStopped(Exception):
 class GracefulStop:
     """Around trainer.fit() in the main thread: the first SIGTERM sets the workers' flag and starts
     the grace period; a second SIGTERM, or the end of the grace period, raises Terminated. Elsewhere
-    (a Tune trial's thread, where signal handlers cannot be set) it does nothing and `flag` is None."""
+    (a Tune trial's thread, where signal handlers cannot be set) it does nothing and `name` is None."""
 
     def __init__(self, grace_s: float, log):
         self.grace_s, self.log = grace_s, log
+        self.name: str | None = None  # the flag's actor name, for the workers
         self.flag = None
         self.requested_at: float | None = None
         self.expired = False
@@ -63,9 +60,7 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is not threading.main_thread():
             return self
-        import ray
-
-        self.flag = ray.remote(num_cpus=0)(StopFlag).remote()
+        self.name = f"llm-ray-stop-{uuid.uuid4().hex}"
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
@@ -76,8 +71,10 @@ class GracefulStop:
                                  f"({self.grace_s:g} s); the last complete checkpoint is kept")
             raise Terminated("a second SIGTERM: stopped without waiting for a checkpoint; the last complete "
                              "checkpoint is kept")
+        import ray
+
         self.requested_at = time.monotonic()
-        self.flag.set.remote()
+        self.flag = ray.remote(num_cpus=0)(StopFlag).options(name=self.name, namespace=NAMESPACE).remote()
         self.log(f"train: SIGTERM: the workers finish the step in flight and write a checkpoint (up to "
                  f"{self.grace_s:g} s, train.preemption_grace_s); a second SIGTERM stops at once")
         self._timer = threading.Timer(self.grace_s, self._expire)
@@ -109,11 +106,11 @@ class GracefulStop:
 class StopWatch:
     """In each worker: whether the driver asked to stop, the same answer on every worker at a step.
 
-    Rank 0 polls the flag in a thread; ``requested()`` is a collective (every worker calls it at every
+    Rank 0 looks for the flag (by its name) in a thread; ``requested()`` is a collective (every worker calls it at every
     step boundary): a MAX all-reduce of one integer over a gloo group, on the host, so that a GPU
     run adds no device synchronization."""
 
-    def __init__(self, flag, rank: int, poll_s: float = POLL_INTERVAL_S):
+    def __init__(self, flag: str | None, rank: int, poll_s: float = POLL_INTERVAL_S):
         self._seen = threading.Event()
         self._closed = threading.Event()
         self._group = None
@@ -127,16 +124,18 @@ class StopWatch:
         if rank == 0 and flag is not None:
             threading.Thread(target=self._poll, args=(flag, poll_s), daemon=True, name="llm-ray-stop-watch").start()
 
-    def _poll(self, flag, poll_s: float) -> None:
+    def _poll(self, name: str, poll_s: float) -> None:
         import ray
 
         while not self._closed.wait(poll_s):
             try:
-                if ray.get(flag.is_set.remote(), timeout=10):
-                    self._seen.set()
-                    return
-            except Exception:  # noqa: BLE001 - the driver (and its flag) is gone: Ray ends the workers itself
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:  # not created: no stop asked
+                continue
+            except Exception:  # noqa: BLE001 - the cluster is going away: Ray ends the workers itself
                 return
+            self._seen.set()
+            return
 
     def requested(self) -> bool:
         if not self._collective:

@@ -99,7 +99,7 @@ def train(cfg: Config, data_path: Path | None = None, log=print, test_hooks: dic
             "data_path": path.uri,
             "resume_from": point.path,  # the newest complete checkpoint, if Ray's latest is damaged
             "damaged_checkpoints": [p for p, _ in point.skipped],
-            "stop_flag": stop.flag,
+            "stop_flag": stop.name,
             "report_evaluations": bool(callbacks),  # a sweep's trial reads every evaluation
             **(test_hooks or {}),
         }, storage=storage, filesystem=filesystem, callbacks=callbacks, log=log))
