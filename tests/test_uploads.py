@@ -3,6 +3,7 @@ server behind a proxy that makes uploads slow or fail: training no longer waits 
 worker's manifest is the last object it uploads, a failed upload is reported and training goes on, and a
 run killed mid-upload resumes from the checkpoint before."""
 
+import json
 import os
 import re
 import signal
@@ -68,7 +69,7 @@ def test_training_goes_on_while_a_checkpoint_uploads_and_the_manifest_goes_last(
             for key in {k for k in writes if "/_manifest/rank-" in k}:
                 folder, rank = key.split("/_manifest/")[0], int(re.search(r"rank-(\d+)", key)[1])
                 manifest = client.get_object(Bucket=name, Key=key.split(f"/{name}/", 1)[1])["Body"].read()
-                listed = {f"{folder}/{f}" for f in __import__("json").loads(manifest)["files"]}
+                listed = {f"{folder}/{f}" for f in json.loads(manifest)["files"]}
                 assert listed and listed <= set(writes[:writes.index(key)]), (mode, rank, listed - set(writes))
             # 3 checkpoints x 2 workers (pyarrow uploads each file in a multipart upload: 3 writes of its key)
             assert len({k for k in writes if "/_manifest/rank-" in k}) == 3 * 2

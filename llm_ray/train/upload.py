@@ -41,7 +41,6 @@ class CheckpointUploads:
                  backoff_s: float = BACKOFF_S):
         self.run, self.rank, self.log, self.background = run, rank, log, background
         self.attempts, self.backoff_s = attempts, backoff_s
-        self.failed: list[str] = []  # checkpoint folders this worker could not upload
         self._idle = threading.Event()
         self._idle.set()
         # This worker's local copies wait here for their upload; what a crashed worker left is cleared.
@@ -73,7 +72,6 @@ class CheckpointUploads:
             for file in files:
                 self._put(file, target / file.relative_to(root).as_posix())
         except UploadFailed as e:
-            self.failed.append(target.uri)
             self.log(f"checkpoint upload failed on worker {self.rank} after {self.attempts} attempts: {e}; training "
                      f"goes on, and resuming skips {target.uri} (no manifest of this worker) for the newest "
                      f"complete checkpoint")
