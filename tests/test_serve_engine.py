@@ -59,8 +59,8 @@ def test_requests_join_and_leave_at_every_step(model, tokenizer):
     e = engine(model, tokenizer, batch=2, eos=-1)
     for name, n in (("long", 12), ("short", 2), ("late", 3)):
         e.submit(ids(tokenizer, "to be"), Sampling(max_tokens=n, temperature=0),
-                 lambda i, text, finish, name=name: events.append((name, finish)))
-    while e.running or e.waiting or not e.inbox.empty():
+                 lambda i, text, finish, lps, name=name: events.append((name, finish)))
+    while e.busy:
         e.step()
     order = [name for name, finish in events if finish]
     assert order == ["short", "late", "long"]
@@ -144,12 +144,90 @@ def test_a_choice_that_ends_at_once_does_not_end_its_request(model, tokenizer):
     assert out.finish_reasons[1] in ("stop", "length") and out.texts[1]
 
 
-def test_a_failing_request_fails_alone(model, tokenizer):
-    """A prompt the model cannot embed (an id past the vocabulary) ends that request with "error";
-    the request decoding beside it is untouched."""
+def test_a_failing_request_fails_alone(model, tokenizer, monkeypatch):
+    """A prefill that fails (as one running out of memory would) ends that request with "error";
+    the request decoding beside it is untouched. A prompt id past the vocabulary is refused."""
     e = engine(model, tokenizer)
     good = Sampling(max_tokens=12, temperature=0)
     alone = e.generate([ids(tokenizer, "to be")], good)[0]
-    both = e.generate([ids(tokenizer, "to be"), [10**6]], [good, Sampling(max_tokens=5)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        e.submit([10**6], good, lambda *a: None)
+    poison = ids(tokenizer, "glitters")
+    forward = type(model).forward
+
+    def failing(self, idx, *args, **kwargs):
+        if idx.shape[1] == len(poison) and idx[0].tolist() == poison:
+            raise RuntimeError("out of memory (simulated)")
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", failing)
+    both = e.generate([ids(tokenizer, "to be"), poison], [good, Sampling(max_tokens=5)])
     assert both[0].texts == alone.texts and both[1].finish_reasons == ["error"]
     assert sorted(e.free) == [0, 1, 2, 3]
+
+
+def direct_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """log p(token t | tokens before it) for t = 1..T-1, from one plain forward pass (no cache)."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tokens]))
+    return logits[0, :-1].float().log_softmax(-1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def test_logprobs_of_generated_and_echoed_tokens_match_a_plain_forward_pass(model, tokenizer):
+    prompt = ids(tokenizer, "to be, or not to be")
+    out = engine(model, tokenizer, eos=-1).generate([prompt], Sampling(max_tokens=8, temperature=0, logprobs=3,
+                                                                       echo=True))[0]
+    generated = [lp.token for lp in out.logprobs[0]]
+    assert tokenizer.decode(generated) == out.texts[0] and len(generated) == 8
+    expected = direct_logprobs(model, prompt + generated)
+    got = [lp.logprob for lp in out.prompt_logprobs[1:]] + [lp.logprob for lp in out.logprobs[0]]
+    assert out.prompt_logprobs[0] is None and len(got) == len(expected)
+    assert torch.allclose(torch.tensor(got), expected, atol=1e-5)
+    for lp in out.logprobs[0]:  # greedy: the chosen token is the most likely, and the top 3 are sorted
+        assert len(lp.top) == 3 and lp.top[0] == (lp.token, pytest.approx(lp.logprob))
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+    plain = engine(model, tokenizer, eos=-1).generate([prompt], Sampling(max_tokens=8, temperature=0))[0]
+    assert plain.texts == out.texts and plain.logprobs == [] and plain.prompt_logprobs is None
+
+
+def test_max_tokens_zero_scores_the_prompt_alone(model, tokenizer):
+    prompts = [ids(tokenizer, "all that glitters is not gold"), ids(tokenizer, "the lazy dog")]
+    e = engine(model, tokenizer)
+    out = e.generate(prompts, Sampling(max_tokens=0, logprobs=0, echo=True))
+    for prompt, c in zip(prompts, out):
+        assert c.texts == [""] and c.finish_reasons == ["length"] and c.completion_tokens == 0
+        got = torch.tensor([lp.logprob for lp in c.prompt_logprobs[1:]])
+        assert torch.allclose(got, direct_logprobs(model, prompt), atol=1e-5)
+        assert all(lp.top == () for lp in c.prompt_logprobs[1:])
+    assert sorted(e.free) == [0, 1, 2, 3] and not e.busy
+
+
+def test_chunked_prefill_gives_the_same_output_and_lets_running_streams_go_on(model, tokenizer):
+    """A 50-token prompt in chunks of 8 takes 7 steps, during which a running request gets a token
+    per step; its output and its prompt's log-probabilities equal an unchunked prefill's."""
+    long_prompt = (ids(tokenizer, TEXT[2]) * 4)[:50]
+    settings = Sampling(max_tokens=10, temperature=0, logprobs=2, echo=True)
+    whole = engine(model, tokenizer, eos=-1).generate([long_prompt], settings)[0]
+    for chunk, steps_expected in ((8, 7), (None, 1)):
+        e = Engine(model, tokenizer, eos_id=-1, max_batch_size=4, prefill_chunk=chunk)
+        tokens_of_running = []
+        e.submit(ids(tokenizer, "to be"), Sampling(max_tokens=40, temperature=0),
+                 lambda i, text, finish, lps: tokens_of_running.append(text))
+        e.step()  # the running request is prefilled and has its first token
+        texts = []
+        request = e.submit(long_prompt, settings, lambda i, text, finish, lps: texts.append((text, lps)))
+        steps, before = 0, e.tokens_generated
+        while not texts:
+            e.step()
+            steps += 1
+        assert steps == steps_expected
+        assert e.tokens_generated - before == steps + 1  # the running row decoded at every step, then the new one
+        while e.busy:
+            e.step()
+        request_logprobs = [lp for _, lps in texts for lp in lps]
+        assert "".join(t for t, _ in texts) == whole.texts[0]
+        assert [lp.token for lp in request_logprobs] == [lp.token for lp in whole.logprobs[0]]
+        chunked = torch.tensor([lp.logprob for lp in request.prompt_logprobs[1:]])
+        assert len(request.prompt_logprobs) == len(long_prompt)
+        assert torch.allclose(chunked, torch.tensor([lp.logprob for lp in whole.prompt_logprobs[1:]]), atol=1e-5)
+        assert sorted(e.free) == [0, 1, 2, 3]

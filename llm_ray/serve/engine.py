@@ -10,6 +10,14 @@ one token per row with that sequence's own settings and random generator. A sequ
 at end-of-text, at a stop string or at ``max_tokens``, and its row is free for the next
 request at the following step: requests join and leave the batch at every step.
 
+Chunked prefill: with ``prefill_chunk`` set, a step prefills at most that many prompt tokens
+(after decoding one token in every running row), so a long prompt is taken in pieces over
+several steps and the running streams keep getting a token per step meanwhile.
+
+Log-probabilities (``Sampling.logprobs``) are those of the model's own distribution, before
+temperature and top-k/top-p: the chosen token's and the k most likely. With ``echo`` they are
+also computed for the prompt's tokens (the first has none), from the prefill's logits.
+
 Sampling is per row, from per-sequence generators, so a request's output does not depend on
 what else is in the batch: batched output equals unbatched output for the same seeds.
 """
@@ -41,10 +49,34 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    echo: bool = False  # with logprobs: the prompt's tokens' log-probabilities too (Request.prompt_logprobs)
 
 
-# on_event(choice index, new text, finish reason or None): called from step(), in the thread that steps.
-OnEvent = Callable[[int, str, "str | None"], None]
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the most likely tokens at its position, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+# on_event(choice index, new text, finish reason or None, log-probabilities of the tokens since the
+# previous event or None when not asked for): called from step(), in the thread that steps.
+OnEvent = Callable[[int, str, "str | None", "list[TokenLogprob] | None"], None]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Log-probabilities of tokens (T,) under logits (T, V), with the k most likely at each position."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None].long())[:, 0].tolist()
+    if k:
+        values, ids = logp.topk(min(k, logp.size(-1)), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
 
 
 @dataclass
@@ -54,6 +86,7 @@ class Sequence:
     stream: TextStream
     last: int = 0  # the latest token, the next step's input
     generated: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet handed out in an event
 
 
 @dataclass
@@ -64,6 +97,8 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    # With echo and logprobs: one entry per prompt token (None for the first), set before any event.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def cancel(self) -> None:
         """Stop generating (a client gone, a timeout): the engine frees the rows at its next step."""
@@ -75,6 +110,15 @@ class Request:
 
 
 @dataclass
+class Prefill:
+    """A request whose prompt is going into the cache, chunk by chunk, in the first of its rows."""
+
+    request: Request
+    rows: list[int]
+    done: int = 0  # prompt tokens in the cache so far
+
+
+@dataclass
 class Completion:
     """What a request produced, for callers without streaming."""
 
@@ -82,19 +126,24 @@ class Completion:
     finish_reasons: list[str]
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer, eos_id: int | None, max_batch_size: int = 16):
+    def __init__(self, model: GPT, tokenizer, eos_id: int | None, max_batch_size: int = 16,
+                 prefill_chunk: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step; None: whole prompts
         param = next(model.parameters())
         self.device = param.device
         self.cache = KVCache(model.spec, max_batch_size, param.device, param.dtype)
         self.free = list(range(max_batch_size))
         self.running: dict[int, tuple[Request, Sequence]] = {}  # row -> its sequence
+        self.prefilling: deque[Prefill] = deque()  # admitted, prompt not all in the cache yet
         self.waiting: deque[Request] = deque()
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # submissions, from any thread
         self.tokens_generated = 0  # since the engine started, all requests
@@ -105,6 +154,8 @@ class Engine:
         """Queue a request (from any thread); on_event receives its text as it is generated."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
+        if min(prompt) < 0 or max(prompt) >= self.model.spec.vocab_size:
+            raise ValueError(f"the prompt has token ids outside the vocabulary (0 to {self.model.spec.vocab_size - 1})")
         if len(prompt) + sampling.max_tokens > self.model.spec.context_length:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
                              f"model's context ({self.model.spec.context_length})")
@@ -124,10 +175,12 @@ class Engine:
         settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         texts: list[list[list[str]]] = [[[] for _ in range(s.n)] for s in settings]
         reasons: list[list[str]] = [[""] * s.n for s in settings]
+        logprobs: list[list[list[TokenLogprob]]] = [[[] for _ in range(s.n)] for s in settings]
 
         def collect(i: int):
-            def on_event(choice: int, text: str, finish: str | None) -> None:
+            def on_event(choice: int, text: str, finish: str | None, lps: list[TokenLogprob] | None) -> None:
                 texts[i][choice].append(text)
+                logprobs[i][choice] += lps or []
                 if finish:
                     reasons[i][choice] = finish
             return on_event
@@ -135,7 +188,8 @@ class Engine:
         requests = [self.submit(p, s, collect(i)) for i, (p, s) in enumerate(zip(prompts, settings))]
         while not all(r.done.is_set() for r in requests):
             self.step()
-        return [Completion(["".join(t) for t in texts[i]], reasons[i], len(r.prompt), r.completion_tokens)
+        return [Completion(["".join(t) for t in texts[i]], reasons[i], len(r.prompt), r.completion_tokens,
+                           logprobs[i] if r.sampling.logprobs is not None else [], r.prompt_logprobs)
                 for i, r in enumerate(requests)]
 
     # ---------------------------------------------------------------- the loop
@@ -143,18 +197,20 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Whether a step has work: running rows, waiting requests or new submissions."""
-        return bool(self.running or self.waiting or not self.inbox.empty())
+        return bool(self.running or self.prefilling or self.waiting or not self.inbox.empty())
 
     def fail_all(self) -> None:
-        """End every running and waiting request with finish reason "error" (after a failed step)."""
-        requests = {id(r): r for r, _ in self.running.values()} | {id(r): r for r in self.waiting}
+        """End every running, prefilling and waiting request with finish reason "error" (after a failed step)."""
+        requests = ({id(r): r for r, _ in self.running.values()} | {id(p.request): p.request for p in self.prefilling}
+                    | {id(r): r for r in self.waiting})
         self.waiting.clear()
         for request in requests.values():
             self._fail(request)
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting requests into free rows, then decode one token in every running row."""
+        """Admit waiting requests into free rows, decode one token in every running row, then
+        prefill admitted prompts (at most prefill_chunk tokens of them)."""
         while True:
             try:
                 self.waiting.append(self.inbox.get_nowait())
@@ -163,14 +219,22 @@ class Engine:
         for row, (request, _) in list(self.running.items()):
             if request.cancelled:
                 self._release(row)
+        for prefill in [p for p in self.prefilling if p.request.cancelled]:
+            self._fail(prefill.request, notify=False)
         while self.waiting and (self.waiting[0].cancelled or len(self.free) >= self.waiting[0].sampling.n):
             request = self.waiting.popleft()
             if request.cancelled:
                 request.done.set()
             else:
                 self._admit(request)
-        if not self.running:
-            return
+        if self.running:
+            self._decode()
+        budget = self.prefill_chunk or self.model.spec.context_length
+        while self.prefilling and budget > 0:
+            budget -= self._prefill(self.prefilling[0], budget)
+
+    def _decode(self) -> None:
+        """One token in every running row, in one forward pass."""
         rows = sorted(self.running)
         inputs = torch.tensor([[self.running[r][1].last] for r in rows], device=self.device)
         every = len(rows) == self.max_batch_size  # all rows, in order: the cache is read without a gather
@@ -179,23 +243,47 @@ class Engine:
             self._accept(row, logits[i, -1])
 
     def _admit(self, request: Request) -> None:
-        """Prefill the prompt once, in the first row; the request's other choices copy that row.
-        Every choice is running before any samples, so one that ends at once does not end the request."""
+        """Reserve a row per choice; the prompt goes into the first row's cache in _prefill."""
         rows = [self.free.pop(0) for _ in request.sequences]
-        for row, sequence in zip(rows, request.sequences):
+        for row in rows:
             self.cache.lengths[row] = 0
-            self.running[row] = (request, sequence)
+        if request.sampling.echo and request.sampling.logprobs is not None:
+            request.prompt_logprobs = [None]  # the first prompt token has no context to be predicted from
+        self.prefilling.append(Prefill(request, rows))
+
+    def _prefill(self, prefill: Prefill, budget: int) -> int:
+        """The next chunk of a prompt (at most budget tokens) into its first row; once the whole
+        prompt is in, the request's other choices copy that row and every choice samples its first
+        token (all running before any samples, so one that ends at once does not end the request).
+        Returns the tokens prefilled."""
+        request, rows = prefill.request, prefill.rows
+        chunk = request.prompt[prefill.done:prefill.done + budget]
         try:
-            logits, _ = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache,
+            logits, _ = self.model(torch.tensor([chunk], device=self.device), cache=self.cache,
                                    rows=torch.tensor(rows[:1], device=self.device))
         except Exception:  # e.g. out of memory for a long prompt: this request fails, not the batch
             traceback.print_exc()
             self._fail(request)
-            return
+            return len(chunk)
+        prefill.done += len(chunk)
+        complete = prefill.done == len(request.prompt)
+        if request.prompt_logprobs is not None:  # positions predicting the prompt's next tokens
+            targets = request.prompt[prefill.done - len(chunk) + 1:prefill.done + 1]
+            request.prompt_logprobs += token_logprobs(logits[0, :len(targets)],
+                                                      torch.tensor(targets), request.sampling.logprobs)
+        if not complete:
+            return len(chunk)
+        self.prefilling.remove(prefill)
         for row in rows[1:]:
             self.cache.copy_row(rows[0], row)
+        for row, sequence in zip(rows, request.sequences):
+            self.running[row] = (request, sequence)
         for row in rows:
-            self._accept(row, logits[0, -1])
+            if request.sampling.max_tokens == 0:  # the prompt alone (scoring it with echo and logprobs)
+                self._finish(row, "", "length")
+            else:
+                self._accept(row, logits[0, -1])
+        return len(chunk)
 
     def _accept(self, row: int, logits: torch.Tensor) -> None:
         """Sample the row's next token from logits (V,) and hand out the text it completes."""
@@ -212,6 +300,8 @@ class Engine:
         sequence.generated += 1
         self.tokens_generated += 1
         sequence.last = token
+        if s.logprobs is not None:
+            sequence.logprobs += token_logprobs(logits[None], torch.tensor([token]), s.logprobs)
         finish = None
         if token == self.eos_id:
             text, finish = sequence.stream.flush(), "stop"
@@ -222,20 +312,32 @@ class Engine:
             elif sequence.generated >= s.max_tokens:
                 text, finish = text + sequence.stream.flush(), "length"
         if text or finish:
-            try:
-                request.on_event(sequence.index, text, finish)
-            except Exception:  # the caller is gone (its event loop closed): stop generating for it
-                request.cancel()
+            self._finish(row, text, finish)
+
+    def _finish(self, row: int, text: str, finish: str | None) -> None:
+        """Hand out a row's new text (and the log-probabilities gathered since the last event);
+        free the row when finish is set."""
+        request, sequence = self.running[row]
+        logprobs = None
+        if request.sampling.logprobs is not None:
+            logprobs, sequence.logprobs = sequence.logprobs, []
+        try:
+            request.on_event(sequence.index, text, finish, logprobs)
+        except Exception:  # the caller is gone (its event loop closed): stop generating for it
+            request.cancel()
         if finish:
             self._release(row)
 
-    def _fail(self, request: Request) -> None:
-        """End one request with finish reason "error" and free its rows."""
+    def _fail(self, request: Request, notify: bool = True) -> None:
+        """End one request with finish reason "error" (told to its caller unless cancelled) and free its rows."""
         for row in [r for r, (req, _) in self.running.items() if req is request]:
             self._release(row)
-        for sequence in request.sequences:
+        for prefill in [p for p in self.prefilling if p.request is request]:
+            self.prefilling.remove(prefill)
+            self.free += prefill.rows
+        for sequence in request.sequences if notify else ():
             try:
-                request.on_event(sequence.index, "", "error")
+                request.on_event(sequence.index, "", "error", None)
             except Exception:
                 pass
         request.done.set()
