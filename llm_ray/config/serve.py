@@ -34,6 +34,8 @@ class LimitsConfig(Section):
     max_prompts: int = Field(8, ge=1, description="Most prompts in one request (prompt as a list).")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request (OpenAI's 4).")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body; larger gets 413.")
+    max_logprobs: int = Field(20, ge=0, description="Most alternatives a request may ask for per token (logprobs, "
+                              "top_logprobs).")
 
 
 class VLLMConfig(Section):
@@ -75,6 +77,14 @@ class ServeConfig(Section):
                                       "clients stream. 0 sends every piece as it comes.")
     max_batch_size: int = Field(16, ge=1, description="Sequences the builtin engine decodes together per replica "
                                 "(its KV cache rows); more wait for a free row.")
+    prefill_chunk_tokens: int | None = Field(64, ge=1, description="Prompt tokens the builtin engine prefills per "
+                                             "step, after decoding a token for every running stream: a long prompt "
+                                             "goes in over several steps instead of stalling the streams. null "
+                                             "prefills each prompt whole.")
+    chat_template: str | None = Field(None, description="Jinja chat template for /v1/chat/completions, or a file "
+                                      "holding one (null: the checkpoint's own, from chat_template in "
+                                      "tokenizer_config.json beside tokenizer.json, else the plain template: a "
+                                      "`role: content` line per message, then `assistant:`).")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; the builtin engine runs on cuda when "
                                     "> 0.")

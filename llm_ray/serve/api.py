@@ -2,6 +2,9 @@
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and always
 name the field: the server answers 4xx with them, never 500.
+
+What lm-eval-harness's ``local-completions`` sends is served: token-id prompts (one list of
+ids, or a list of them), ``echo`` and ``logprobs`` in OpenAI's legacy layout, ``max_tokens: 0``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from llm_ray.config.serve import LimitsConfig
 from llm_ray.serve.engine import Sampling
@@ -33,13 +36,15 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Fields OpenAI has and llm-ray does not (logprobs, echo, best_of,
-    penalties, suffix, logit_bias) are refused by name rather than ignored."""
+    """POST /v1/completions. Fields OpenAI has and llm-ray does not (best_of, penalties, suffix,
+    logit_bias) are refused by name rather than ignored."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
@@ -49,6 +54,30 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a text's token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's): token ids' text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 async def read_body(chunks, limit: int) -> bytes:
@@ -62,8 +91,8 @@ async def read_body(chunks, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
-    """The request from its raw body (read_body caps its size); APIError (400 or 422) naming what is wrong."""
+def validate(model: type[BaseModel], body: bytes) -> BaseModel:
+    """A request model from a raw body (read_body caps its size); APIError (400 or 422) naming the field."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -71,29 +100,53 @@ def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
-        request = CompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None
         problem = "unknown or unsupported field" if first["type"] == "extra_forbidden" else first["msg"]
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise APIError(422, f"{field}: {problem}{more}" if field else f"{problem}{more}", field) from None
-    prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
+
+
+def parse_request(body: bytes, limits: LimitsConfig) -> CompletionRequest:
+    """The request from its raw body; APIError (400 or 422) naming what is wrong."""
+    request = validate(CompletionRequest, body)
+    prompts = request.prompts()
+    if not prompts or any(len(p) == 0 and not isinstance(p, str) for p in prompts):
+        raise APIError(400, "prompt: a list of prompts or of token ids must not be empty", "prompt")
+    check_limits(request, len(prompts), limits)
+    check_text("prompt", [p for p in prompts if isinstance(p, str)])
+    return request
+
+
+def check_limits(request, prompts: int, limits: LimitsConfig, logprobs: int | None = None) -> None:
+    """The limits every request type shares: max_tokens, n, prompts, stop strings, logprobs."""
+    logprobs = request.logprobs if logprobs is None else logprobs
     stops = stop_strings(request)
     for value, cap, field in ((request.max_tokens, limits.max_tokens, "max_tokens"), (request.n, limits.max_n, "n"),
-                              (len(prompts), limits.max_prompts, "prompt"), (len(stops), limits.max_stop, "stop")):
+                              (prompts, limits.max_prompts, "prompt"), (len(stops), limits.max_stop, "stop"),
+                              (logprobs, limits.max_logprobs, "logprobs")):
         if value is not None and value > cap:
             raise APIError(400, f"{field}: {value} is over this server's limit of {cap}", field)
     if any(not s for s in stops):
         raise APIError(400, "stop: an empty stop string would end every completion at once", "stop")
-    for field, texts in (("prompt", prompts), ("stop", stops)):
-        for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise APIError(400, f"{field}: not valid Unicode text ({e.reason} at character {e.start})",
-                               field) from None
-    return request
+    check_text("stop", stops)
+
+
+def check_text(field: str, texts: list[str]) -> None:
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{field}: not valid Unicode text ({e.reason} at character {e.start})",
+                           field) from None
+
+
+def check_token_ids(ids: list[int], vocab_size: int, field: str = "prompt") -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise APIError(400, f"{field}: token id {bad[0]} is outside the vocabulary (0 to {vocab_size - 1})", field)
 
 
 def stop_strings(request: CompletionRequest) -> list[str]:
@@ -101,9 +154,10 @@ def stop_strings(request: CompletionRequest) -> list[str]:
 
 
 def sampling(request: CompletionRequest, limits: LimitsConfig) -> Sampling:
-    return Sampling(max_tokens=request.max_tokens or limits.default_max_tokens, temperature=request.temperature,
-                    top_p=request.top_p, top_k=request.top_k, stop=tuple(stop_strings(request)), seed=request.seed,
-                    n=request.n)
+    max_tokens = limits.default_max_tokens if request.max_tokens is None else request.max_tokens
+    return Sampling(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                    stop=tuple(stop_strings(request)), seed=request.seed, n=request.n, logprobs=request.logprobs,
+                    echo=request.echo)
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
@@ -118,8 +172,8 @@ def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-def choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion(cid: str, model: str, choices: list[dict], usage: dict | None) -> dict:

@@ -1,7 +1,9 @@
 """The Ray Serve app: the built-in generator behind an OpenAI-compatible HTTP API.
 
-Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``), ``GET
-/v1/models`` (with the model's provenance), ``GET /health`` and the playground page at ``/``.
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON, or server-sent events
+with ``stream``), ``GET /v1/models`` (with the model's provenance), ``GET /health``, the
+playground page at ``/``, and vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``
+(lm-eval's ``local-completions`` tokenizes through them, so it needs no copy of the tokenizer).
 Overload is Serve's job: past ``max_ongoing_requests`` per replica requests queue, past
 ``max_queued_requests`` they get 503 at once. The replica's own deadline gives 408.
 The engine steps in a thread of its own; each step's events reach the handlers on the event loop.
@@ -30,10 +32,12 @@ from llm_ray.checkpoint.provenance import provenance
 from llm_ray.config import ConfigError, model_spec
 from llm_ray.config.loading import format_validation_error
 from llm_ray.config.serve import ServeConfig
-from llm_ray.data.tokenizer import eot_id
+from llm_ray.data.tokenizer import EOT, PAD, eot_id
 from llm_ray.model import GPT
-from llm_ray.serve import api
+from llm_ray.serve import api, chat
 from llm_ray.serve.engine import Engine
+from llm_ray.serve.logprobs import TokenTexts
+from llm_ray.serve.responses import Chat, Completions
 from llm_ray.serve.options import deployment_options
 from llm_ray.serve.vllm import build_vllm_app
 
@@ -61,7 +65,11 @@ class CompletionServer:
                      "owned_by": "llm-ray", "engine": "builtin",
                      "provenance": provenance(model_dir, train_cfg, read_state(model_dir),
                                               model.num_params(non_embedding=False))}
-        self.engine = Engine(model, self.tokenizer, self.eos, cfg.max_batch_size)
+        self.vocab_size = model.spec.vocab_size
+        self.texts = TokenTexts(self.tokenizer)
+        source, self.plain_template = chat.find_template(model_dir, cfg.chat_template)
+        self.template = chat.ChatTemplate(source, EOT)
+        self.engine = Engine(model, self.tokenizer, self.eos, cfg.max_batch_size, cfg.prefill_chunk_tokens)
         self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # events of the running step, for the handlers
         self.wake = threading.Event()  # set by each submission
         self.loop: asyncio.AbstractEventLoop | None = None  # the handlers' loop, known at the first request
@@ -113,54 +121,96 @@ class CompletionServer:
     async def completions(self, request: Request):
         started = time.monotonic()
         try:
-            req, prompts, sampling = self.parse(await api.read_body(request.stream(), self.cfg.limits.max_body_bytes))
+            req = api.parse_request(await self.read(request), self.cfg.limits)
+            self.check_model(req.model)
+            sampling = api.sampling(req, self.cfg.limits)
+            prompts = [self.token_ids(p, f"prompt[{i}]" if isinstance(req.prompt, list) and len(req.prompts()) > 1
+                                      else "prompt") for i, p in enumerate(req.prompts())]
+            self.check_context(prompts, sampling)
         except api.APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
         events, submitted = self.submit(prompts, sampling)
-        deadline = started + self.cfg.request_timeout_s
-        cid, total = api.completion_id(), len(prompts) * req.n
-        if req.stream:
-            return StreamingResponse(self.stream(cid, events, submitted, total, deadline, req),
-                                     media_type="text/event-stream")
-        texts, reasons = [[] for _ in range(total)], [None] * total
+        texts = [p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=True)
+                 for p in req.prompts()]
+        shape = Completions(api.completion_id(), self.model_id, self.texts, req, texts, prompts, submitted)
+        return await self.respond(shape, events, submitted, len(prompts) * req.n, started, req)
+
+    @http.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        started = time.monotonic()
         try:
-            async for index, text, finish in self.collect(events, total, deadline):
-                texts[index].append(text)
-                reasons[index] = finish or reasons[index]
-        except Deadline:
-            return JSONResponse(self.timeout().body(), status_code=408)
-        finally:
-            for r in submitted:
-                r.cancel()  # no-op for finished requests; frees the rows of abandoned ones
-        if "error" in reasons:  # the engine's step failed: a server error, logged by the replica
-            return JSONResponse(api.APIError(500, "generation failed on the replica (see its log)").body(),
-                                status_code=500)
-        choices = [api.choice(i, "".join(t), reasons[i]) for i, t in enumerate(texts)]
-        return api.completion(cid, self.model_id, choices, self.usage(submitted))
+            req = chat.parse_chat(await self.read(request), self.cfg.limits)
+            self.check_model(req.model)
+            sampling = chat.sampling(req, self.cfg.limits, self.plain_template)
+            prompts = [self.encode(self.template.render(req.messages))]
+            self.check_context(prompts, sampling)
+        except api.APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        events, submitted = self.submit(prompts, sampling)
+        shape = Chat(chat.chat_id(), self.model_id, self.texts, req)
+        return await self.respond(shape, events, submitted, req.n, started, req)
+
+    # vLLM's tokenizer routes: lm-eval's local-completions tokenizes through them when present.
+
+    @http.post("/tokenize")
+    async def tokenize(self, request: Request):
+        try:
+            req = api.validate(api.TokenizeRequest, await self.read(request))
+            self.check_model(req.model)
+            api.check_text("prompt", [req.prompt])
+        except api.APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+
+    @http.post("/detokenize")
+    async def detokenize(self, request: Request):
+        try:
+            req = api.validate(api.DetokenizeRequest, await self.read(request))
+            self.check_model(req.model)
+            api.check_token_ids(req.tokens, self.vocab_size, "tokens")
+        except api.APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @http.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict:
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": None,
+                "pad_token": PAD if self.tokenizer.token_to_id(PAD) is not None else None,
+                "chat_template": self.template.source, "model_max_length": self.context,
+                "vocab_size": self.vocab_size}
 
     # ------------------------------------------------------------------ helpers
 
-    def parse(self, body: bytes):
-        """(request, prompts' token ids, sampling settings), or APIError naming what is wrong."""
-        req = api.parse_request(body, self.cfg.limits)
-        if req.model not in (None, self.model_id):
-            raise api.APIError(404, f"model: {req.model!r} is not served here; this server has {self.model_id!r}",
+    async def read(self, request: Request) -> bytes:
+        return await api.read_body(request.stream(), self.cfg.limits.max_body_bytes)
+
+    def check_model(self, model: str | None) -> None:
+        if model not in (None, self.model_id):
+            raise api.APIError(404, f"model: {model!r} is not served here; this server has {self.model_id!r}",
                                "model")
-        sampling = api.sampling(req, self.cfg.limits)
-        prompts = [self.encode(p) for p in (req.prompt if isinstance(req.prompt, list) else [req.prompt])]
+
+    def check_context(self, prompts: list[list[int]], sampling) -> None:
         for ids in prompts:
             api.check_context(len(ids), sampling.max_tokens, self.context)
-        return req, prompts, sampling
+
+    def token_ids(self, prompt: str | list[int], field: str) -> list[int]:
+        """A prompt's token ids: given, checked against the vocabulary, or encoded from its text."""
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        api.check_token_ids(prompt, self.vocab_size, field)
+        return prompt
 
     def submit(self, prompts: list[list[int]], sampling) -> tuple[asyncio.Queue, list]:
-        """Queue every prompt in the engine; its events arrive in the returned queue as
-        (choice index, text, finish reason), the index being prompt index * n + choice (OpenAI's order)."""
+        """Queue every prompt in the engine; its events arrive in the returned queue as (choice
+        index, text, finish reason, log-probabilities), the index being prompt index * n + choice
+        (OpenAI's order)."""
         self.loop = self.loop or asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         submitted = []
         for p, ids in enumerate(prompts):
-            def on_event(i, text, finish, base=p * sampling.n):  # in the engine's thread, during a step
-                self.outbox.append((events, (base + i, text, finish)))
+            def on_event(i, text, finish, logprobs, base=p * sampling.n):  # in the engine's thread, during a step
+                self.outbox.append((events, (base + i, text, finish, logprobs)))
             submitted.append(self.engine.submit(ids, sampling, on_event))
         self.wake.set()
         return events, submitted
@@ -177,8 +227,29 @@ class CompletionServer:
         return api.APIError(408, f"the request took longer than this server's limit of "
                                  f"{self.cfg.request_timeout_s:g} s (request_timeout_s)")
 
+    async def respond(self, shape, events: asyncio.Queue, submitted: list, total: int, started: float, req):
+        """The whole response, or a stream of server-sent events when the request asks for one."""
+        deadline = started + self.cfg.request_timeout_s
+        if req.stream:
+            return StreamingResponse(self.stream(shape, events, submitted, total, deadline, req),
+                                     media_type="text/event-stream")
+        pieces: list[list[dict]] = [[] for _ in range(total)]
+        try:
+            async for index, text, finish, logprobs in self.collect(events, total, deadline):
+                pieces[index].append(shape.piece(index, text, finish, logprobs, first=not pieces[index]))
+        except Deadline:
+            return JSONResponse(self.timeout().body(), status_code=408)
+        finally:
+            for r in submitted:
+                r.cancel()  # no-op for finished requests; frees the rows of abandoned ones
+        if any(p[-1]["finish_reason"] == "error" for p in pieces):  # the engine's step failed: logged by the replica
+            return JSONResponse(api.APIError(500, "generation failed on the replica (see its log)").body(),
+                                status_code=500)
+        return shape.body([shape.merge(i, p) for i, p in enumerate(pieces)], self.usage(submitted))
+
     async def collect(self, events: asyncio.Queue, total: int, deadline: float):
-        """(choice index, text, finish reason) as the engine produces them, until every choice finished."""
+        """(choice index, text, finish reason, log-probabilities) as the engine produces them, until
+        every choice finished."""
         finished = 0
         while finished < total:
             try:
@@ -188,20 +259,22 @@ class CompletionServer:
             finished += event[2] is not None
             yield event
 
-    async def stream(self, cid: str, events: asyncio.Queue, submitted, total: int, deadline: float, req):
+    async def stream(self, shape, events: asyncio.Queue, submitted, total: int, deadline: float, req):
         """Server-sent events, one per piece of text. The first goes out at once; after it, what is
         ready goes out together at most every stream_interval_ms (fewer chunks through the proxy)."""
-        interval, flush_at, pending = self.cfg.stream_interval_ms / 1000, 0.0, []
+        interval, flush_at, pending, started = self.cfg.stream_interval_ms / 1000, 0.0, [], set()
         try:
-            async for index, text, finish in self.collect(events, total, deadline):
-                pending.append(api.sse(api.completion(cid, self.model_id, [api.choice(index, text, finish)], None)))
+            async for index, text, finish, logprobs in self.collect(events, total, deadline):
+                pending.append(api.sse(shape.chunk([shape.piece(index, text, finish, logprobs,
+                                                                first=index not in started)])))
+                started.add(index)
                 if finish == "error":  # the engine failed this request: say so, as for a timeout
                     pending.append(api.sse(api.APIError(500, "generation failed on the replica (see its log)").body()))
                 if events.empty() and time.monotonic() >= flush_at:
                     yield "".join(pending)
                     pending, flush_at = [], time.monotonic() + interval
             if req.stream_options and req.stream_options.include_usage:
-                pending.append(api.sse(api.completion(cid, self.model_id, [], self.usage(submitted))))
+                pending.append(api.sse(shape.chunk([], self.usage(submitted))))
         except Deadline:
             pending.append(api.sse(self.timeout().body()))
         finally:  # also when the client went away (the generator is closed)
@@ -232,7 +305,9 @@ def build_app(args: dict):
                 "serve a checkpoint's model/ folder or an export with safetensors") if pickles else ""
         raise ConfigError(f"checkpoint: {e}{note}") from None
     check_checkpoint(model_dir)
-    cfg = cfg.model_copy(update={"checkpoint": str(Path(model_dir).resolve())})
+    template, _ = chat.find_template(model_dir, cfg.chat_template)  # replicas get the template itself, not its file
+    cfg = cfg.model_copy(update={"checkpoint": str(Path(model_dir).resolve()),
+                                 "chat_template": template if cfg.chat_template is not None else None})
     return CompletionServer.options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
 
 

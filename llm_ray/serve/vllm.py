@@ -20,7 +20,8 @@ from llm_ray.config.serve import ServeConfig
 from llm_ray.serve.options import deployment_options
 
 # Settings of the builtin engine that Ray Serve LLM has no place for: refused when set, not ignored.
-BUILTIN_ONLY = ("limits", "request_timeout_s", "cpus_per_replica", "gpus_per_replica", "torch_threads")
+BUILTIN_ONLY = ("limits", "request_timeout_s", "cpus_per_replica", "gpus_per_replica", "torch_threads",
+                "prefill_chunk_tokens", "chat_template")
 
 
 def llm_config(cfg: ServeConfig) -> dict:
