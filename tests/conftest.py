@@ -10,6 +10,14 @@ SECRET_ACCESS_KEY = "SENTINEL-secret-key-do-not-log-9f3b"
 ACCESS_KEY_ID = "SENTINELKEYID0000000"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def debug_config(tmp: Path, corpus_dir: Path, *overrides: str):
     """The debug preset on the tests' corpus, writing under tmp."""
     from llm_ray.config import load_config
@@ -91,3 +99,23 @@ def process_group(tmp_path_factory):
 @pytest.fixture
 def corpus_dir() -> Path:
     return CORPUS
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, tmp_path_factory):
+    """The debug preset as users run it (2 workers, ZeRO-2), checkpointed and validated every 10
+    steps, its best checkpoint evaluated: (config, best choice). Served by test_serve and
+    test_serve_clients, each on a Serve of its own."""
+    from llm_ray.checkpoint.best import best_checkpoint
+    from llm_ray.data.prepare import data_dir, prepare
+    from llm_ray.eval.run import evaluate
+    from llm_ray.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = debug_config(tmp, CORPUS, "name=served", "train.max_steps=30", "train.eval_every=10",
+                       "train.checkpoint_every=10", "train.num_checkpoints_to_keep=3")
+    prepare(cfg, log=lambda *_: None)
+    train(cfg, data_dir(cfg), log=lambda *_: None)
+    choice = best_checkpoint(cfg.run_dir, "run served")
+    evaluate(choice.model_dir, split="val", log=lambda *_: None)
+    return cfg, choice

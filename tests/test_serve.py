@@ -4,7 +4,6 @@ checkpoint, the OpenAI client, streaming, every 4xx, fuzzed bodies, overload, ti
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,37 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_ray.checkpoint import load_model, read_train_state
-from llm_ray.checkpoint.best import best_checkpoint, model_dirs, val_loss_at_step
+from llm_ray.checkpoint.best import model_dirs, val_loss_at_step
 from llm_ray.config.serve import ServeConfig
-from llm_ray.data.prepare import data_dir, prepare
 from llm_ray.data.tokenizer import eot_id
-from llm_ray.eval.run import evaluate
 from llm_ray.serve.engine import Engine, Sampling
 from llm_ray.serve.launch import start
-from llm_ray.train.trainer import train
-from tests.conftest import CORPUS, debug_config
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    """The debug preset as users run it (2 workers, ZeRO-2), checkpointed and validated every 10
-    steps, its best checkpoint evaluated: (config, best choice)."""
-    tmp = tmp_path_factory.mktemp("serve")
-    cfg = debug_config(tmp, CORPUS, "name=served", "train.max_steps=30", "train.eval_every=10",
-                       "train.checkpoint_every=10", "train.num_checkpoints_to_keep=3")
-    prepare(cfg, log=lambda *_: None)
-    train(cfg, data_dir(cfg), log=lambda *_: None)
-    choice = best_checkpoint(cfg.run_dir, "run served")
-    evaluate(choice.model_dir, split="val", log=lambda *_: None)
-    return cfg, choice
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +143,13 @@ def test_stop_sequences_over_http(server):
     ({"prompt": "a", "stop": ["", "x"]}, 400, "empty stop string"),
     ({"prompt": "a", "temperature": -1}, 422, "temperature"),
     ({"prompt": "a", "max_tokenz": 3}, 422, "max_tokenz: unknown or unsupported field"),
-    ({"prompt": "a", "logprobs": 2}, 422, "logprobs"),
+    ({"prompt": "a", "logprobs": 21}, 400, "logprobs: 21 is over this server's limit of 20"),
+    ({"prompt": "a", "best_of": 2}, 422, "best_of: unknown or unsupported field"),
+    ({"prompt": [5, 99_999]}, 400, "prompt: token id 99999 is outside the vocabulary (0 to 511)"),
+    ({"prompt": [[5], [-1]]}, 400, "prompt[1]: token id -1 is outside the vocabulary"),
+    ({"prompt": [[5], []]}, 400, "must not be empty"),
     ({"max_tokens": 3}, 422, "prompt: Field required"),
-    ({"prompt": [], "max_tokens": 3}, 422, "prompt"),
+    ({"prompt": [], "max_tokens": 3}, 400, "prompt: a list of prompts or of token ids must not be empty"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "'gpt-4' is not served here"),
     ([1, 2], 400, "must be a JSON object"),
 ])
@@ -189,9 +169,10 @@ def test_invalid_json_and_oversized_bodies(server):
 
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 100_000), st.floats(allow_nan=False, allow_infinity=False),
-                   st.text(max_size=30), st.lists(st.text(max_size=5), max_size=6))
+                   st.text(max_size=30), st.lists(st.text(max_size=5), max_size=6),
+                   st.lists(st.integers(-5, 100_000), max_size=6))
 KEYS = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-                        "model", "user", "echo", "stream_options", "x"])
+                        "model", "user", "echo", "logprobs", "stream_options", "x"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
