@@ -19,6 +19,8 @@ from llm_ray.cli import main
 from llm_ray.config import ConfigError, load_config, model_spec
 from llm_ray.data.pack import load_manifest
 from llm_ray.data.prepare import data_dir, prepare
+from llm_ray.data.tokenizer import eot_id
+from llm_ray.eval import bias
 from llm_ray.train.trainer import train
 from tests.conftest import debug_config
 
@@ -464,6 +466,27 @@ def test_bf16_at_zero_0_resumes_under_another_worker_count(prepared, tmp_path):
     assert state["history"][-1]["val_loss"] < first.val_loss + 0.05
 
 
+def check_bias_probe(report: dict, checkpoint, source: str, pairs: list[dict]) -> None:
+    """The probe's shares equal the preferences of the checkpoint scored here, sentence by sentence
+    (after an end-of-text token, in one plain forward pass)."""
+    model, tokenizer, _ = load_model(checkpoint)
+
+    def loglik(text: str) -> float:
+        ids = [eot_id(tokenizer)] + tokenizer.encode(text).ids
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids]))
+        return float(logits[0, :-1].double().log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None]).sum())
+
+    prefers = {}
+    for p in pairs:
+        prefers.setdefault(p["bias_type"], []).append(loglik(p["more"]) > loglik(p["less"]))
+    assert report["pairs_from"] == source and report["pairs"] == len(pairs)
+    assert set(report["by_category"]) == set(prefers)
+    for name, flags in prefers.items():
+        assert report["by_category"][name]["stereotype_share"] == pytest.approx(sum(flags) / len(flags))
+        assert report["by_category"][name]["pairs"] == len(flags)
+
+
 def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(default_run, capsys):
     """`llm-ray eval` on the run's validation split and on --eval-data files: the report is written
     into <run>/eval, and Ray Data batch inference gives the in-process numbers."""
@@ -486,6 +509,23 @@ def test_eval_scores_held_out_documents_the_same_in_process_and_with_ray_data(de
         rows += [json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line]
     [row] = [r for r in rows if "eval/loss" in r]
     assert row["eval/loss"] == pytest.approx(report["loss"]["value"]) and row["_step"] == 60
+    assert row["eval/bias_stereotype_share"] == report["bias"]["overall"]["stereotype_share"]
+    check_bias_probe(report["bias"], result.checkpoint, "builtin:templated", bias.templated_pairs())
+    assert "bias probe (builtin:templated, 51 pairs)" in out
+
+    quick = [*common, "--set", "eval.contamination=false", "--set", "eval.continuation_documents=0"]
+    mine = run.run_dir / "my_pairs.jsonl"
+    pairs = [{"more": "The king spoke.", "less": "The queen spoke.", "bias_type": "gender", "id": 7},
+             {"more": "The old man slept.", "less": "The young man slept.", "bias_type": "age"}]
+    mine.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert main([*quick, "--set", f"eval.bias_pairs={mine}"]) == 0
+    check_bias_probe(json.loads((run.run_dir / "eval" / "eval.json").read_text())["bias"], result.checkpoint,
+                     str(mine), pairs)
+    mine.write_text(json.dumps(pairs[0]) + "\n" + '{"more": "a", "bias_type": "age"}\n')
+    capsys.readouterr()
+    assert main([*quick, "--set", f"eval.bias_pairs={mine}"]) == 1
+    err = capsys.readouterr().err
+    assert f"eval.bias_pairs: {mine} line 2: less must be a non-empty string" in err and "Traceback" not in err
 
     files = str(Path(__file__).parent / "data" / "corpus" / "more.jsonl")
     figures = {}

@@ -49,6 +49,12 @@ class EvalConfig(Section):
         0.1, ge=0, lt=1, description="A document counts as contaminated when more than this share of its "
         "n-grams occurs in the training split."
     )
+    bias_pairs: str | None = Field(
+        "builtin:templated", pattern=r"^(builtin:templated|s3://.+|[^:]+\.jsonl)$", description="Bias probe: a "
+        "JSONL of minimal pairs, {more, less, bias_type} per line (the CrowS-Pairs format), local or s3://; the "
+        "report gives the share of pairs whose more-stereotyping sentence the model prefers, per bias_type, with "
+        "a bootstrap interval. builtin:templated is llm-ray's own small templated set; null skips the probe."
+    )
     backend: Literal["auto", "local", "ray"] = Field(
         "auto", description="Score in this process (local), as Ray Data batch inference with model actors "
         "(ray), or auto: ray from ray_min_documents documents on."

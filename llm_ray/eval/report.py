@@ -39,6 +39,16 @@ def table(results: dict) -> str:
         lines += ["", f"contamination: {k['contaminated']} of {k['documents']} documents ({k['share']:.1%}) share more "
                   f"than {k['threshold']:.0%} of their {k['ngram']}-grams with the training split "
                   f"(mean overlap {k['mean_overlap']:.2%})"]
+    b = results.get("bias")
+    if b:
+        lines += ["", f"bias probe ({b['pairs_from']}, {b['pairs']} pairs): share of pairs where the model prefers the "
+                  "more stereotyping sentence (0.5 is no preference)", "",
+                  "| bias type | pairs | share | 95% interval (bootstrap over pairs) | mean log-likelihood gap |",
+                  "|---|---|---|---|---|"]
+        for name, r in [*b["by_category"].items(), ("all", b["overall"])]:
+            lo, hi = r["ci95"]
+            lines.append(f"| {name} | {r['pairs']} | {r['stereotype_share']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+                         f"{r['mean_gap']:+.3f} |")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ from llm_ray.data.pack import load_manifest
 from llm_ray.data.prepare import data_dir
 from llm_ray.data.sources import ReadError, iter_documents, list_sources
 from llm_ray.data.splits import documents_shards, split_documents, split_rule
-from llm_ray.eval import contamination, metrics, tasks
+from llm_ray.eval import bias, contamination, metrics, tasks
 from llm_ray.eval.report import write_report
 from llm_ray.eval.scoring import CheckpointScorer, DocumentScorer
 from llm_ray.ray_utils import init_ray
@@ -264,6 +264,8 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | Non
     log(f"eval: {len(keys)} documents scored")
     if e.continuation_documents:
         results["continuation"] = tasks.continuation_task(model, tokenizer, candidates, e)
+    if e.bias_pairs:
+        results["bias"] = bias_probe(cfg, model, tokenizer)
     if collected is not None:
         hits = contamination.training_hits(train_split, collected)
         results["contamination"] = contamination.report(keys, contamination.overlaps(hits, collected.ngrams), e)
@@ -274,6 +276,26 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), split: str | Non
     results["report"] = out.uri
     track(cfg, results, state)
     return results
+
+
+def bias_probe(cfg: Config, model, tokenizer) -> dict:
+    """The bias probe's figures on eval.bias_pairs (the builtin set, or a JSONL file, local or on S3)."""
+    e = cfg.eval
+    if e.bias_pairs == bias.BUILTIN:
+        pairs = bias.templated_pairs()
+    else:
+        try:
+            text = as_location(e.bias_pairs, cfg.data.s3, "eval.bias_pairs").read_text()
+        except (OSError, ValueError) as err:
+            raise EvalError(f"eval.bias_pairs: cannot read {e.bias_pairs}: {err}") from None
+        try:
+            pairs = bias.parse_pairs(text, e.bias_pairs)
+        except bias.PairsError as err:
+            raise EvalError(f"eval.bias_pairs: {err}") from None
+    scores = DocumentScorer(model, tokenizer, e.stride, e.batch_size).score(
+        [p["more"] for p in pairs] + [p["less"] for p in pairs])["nll_sum"]
+    more, less = -scores[:len(pairs)], -scores[len(pairs):]
+    return {"pairs_from": e.bias_pairs, **bias.summarize(pairs, more, less, e.bootstrap_samples, e.seed)}
 
 
 def track(cfg: Config, results: dict, state: dict) -> None:
@@ -289,6 +311,8 @@ def track(cfg: Config, results: dict, state: dict) -> None:
             row[f"eval/{k}"] = results["continuation"][k]
     if "contamination" in results:
         row["eval/contaminated_share"] = results["contamination"]["share"]
+    if "bias" in results:
+        row["eval/bias_stereotype_share"] = results["bias"]["overall"]["stereotype_share"]
     tracker.log(row, step=state.get("step", 0))
     tracker.finish()
 
