@@ -119,6 +119,9 @@ def test_kv_cache_matches_full_forward(kw):
     pieces += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(10, 20)]  # one at a time
     pieces += [model(idx[:, 20:], cache=cache)[0]]  # a chunk after the cache
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    last = model(idx, cache=KVCache(model.spec, 2, idx.device, torch.float32), last_only=True)[0]
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-5)
 
 
 def test_generation_is_seeded_and_greedy_is_argmax():

@@ -77,7 +77,7 @@ class ServeConfig(Section):
                                       "clients stream. 0 sends every piece as it comes.")
     max_batch_size: int = Field(16, ge=1, description="Sequences the builtin engine decodes together per replica "
                                 "(its KV cache rows); more wait for a free row.")
-    prefill_chunk_tokens: int | None = Field(64, ge=1, description="Prompt tokens the builtin engine prefills per "
+    prefill_chunk_tokens: int | None = Field(16, ge=1, description="Prompt tokens the builtin engine prefills per "
                                              "step, after decoding a token for every running stream: a long prompt "
                                              "goes in over several steps instead of stalling the streams. null "
                                              "prefills each prompt whole.")

@@ -300,11 +300,12 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * s.n_layer * s.n_head * (s.n_embd // s.n_head) * T
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                rows: torch.Tensor | None = None):
+                rows: torch.Tensor | None = None, last_only: bool = False):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), also the mean cross-entropy.
 
         With a cache, idx continues the cached rows (all, or the B row indices in rows), each from
-        its own length, and the cache grows by T positions in those rows.
+        its own length, and the cache grows by T positions in those rows. last_only computes the
+        logits of the last position alone, (B, 1, V): a prefill needs no others.
         """
         B, T = idx.shape
         if cache is None:
@@ -331,6 +332,8 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, layer, rows, positions)
         if cache is not None:
             cache.advance(rows, T)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
         if self.spec.logit_softcap is not None:  # Gemma 2: smoothly into (-cap, cap)
             logits = self.spec.logit_softcap * torch.tanh(logits / self.spec.logit_softcap)

@@ -260,7 +260,8 @@ class Engine:
         chunk = request.prompt[prefill.done:prefill.done + budget]
         try:
             logits, _ = self.model(torch.tensor([chunk], device=self.device), cache=self.cache,
-                                   rows=torch.tensor(rows[:1], device=self.device))
+                                   rows=torch.tensor(rows[:1], device=self.device),
+                                   last_only=request.prompt_logprobs is None)  # echo's logprobs need them all
         except Exception:  # e.g. out of memory for a long prompt: this request fails, not the batch
             traceback.print_exc()
             self._fail(request)
