@@ -8,7 +8,8 @@ Prints, each against a baseline measured in the same run:
   engine alone, in this process, to separate batching from Serve's overheads);
 - the KV cache: 256 new tokens with the engine (one forward pass per token over the cache)
   against recomputing the whole context for every token;
-- Serve's HTTP overhead: p50 latency of the same greedy request over HTTP minus in-process;
+- HTTP overhead: p50 latency of the same greedy request over HTTP minus in-process, through
+  Serve's proxy and with direct ingress (the replica answering on its own port), alternated;
 - an overload run at 4x the app's capacity (max_ongoing_requests + max_queued_requests) for
   --overload-seconds: responses by status, the replica's memory at the start, peak and end.
 Without --checkpoint, a `demo`-shaped model (context 512) with random weights is used: the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -118,11 +120,12 @@ def engine_batching_gain(checkpoint: str, max_tokens: int) -> tuple[float, float
     return rates[0], rates[1]
 
 
-def http_overhead(checkpoint: str, url: str, max_tokens: int, repeats: int) -> tuple[float, float]:
-    """(p50 of HTTP minus in-process latency, p50 in-process latency) for the same greedy request.
+def http_overhead(checkpoint: str, urls: list[str], max_tokens: int, repeats: int) -> tuple[list[float], float]:
+    """(p50 of HTTP minus in-process latency through each url, p50 in-process latency) for the same
+    greedy request.
 
-    The two are measured in alternation, so that both see the same load on a shared machine. In
-    process, the request runs through the same engine (one torch thread, as the replica)."""
+    In-process and each url are measured in alternation, so that all see the same load on a shared
+    machine. In process, the request runs through the same engine (one torch thread, as the replica)."""
     import httpx
 
     from llm_ray.checkpoint import load_model
@@ -134,20 +137,21 @@ def http_overhead(checkpoint: str, url: str, max_tokens: int, repeats: int) -> t
     engine = Engine(model, tokenizer, eos_id=-1, max_batch_size=16)
     prompt = tokenizer.encode(PROMPT).ids
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
-    direct, over = [], []
+    direct, over = [], [[] for _ in urls]
     with httpx.Client(timeout=60) as client:
         for i in range(repeats + 3):  # the first 3 warm up
             started = time.perf_counter()
             engine.generate([prompt], Sampling(max_tokens=max_tokens, temperature=0))
             d = time.perf_counter() - started
-            started = time.perf_counter()
-            client.post(f"{url}/v1/completions", json=body).raise_for_status()
-            h = time.perf_counter() - started
+            for url, times in zip(urls, over):
+                started = time.perf_counter()
+                client.post(f"{url}/v1/completions", json=body).raise_for_status()
+                if i >= 3:
+                    times.append(time.perf_counter() - started - d)
             if i >= 3:
                 direct.append(d)
-                over.append(h - d)
     torch.set_num_threads(threads)
-    return statistics.median(over), statistics.median(direct)
+    return [statistics.median(times) for times in over], statistics.median(direct)
 
 
 def health_latency(url: str, repeats: int) -> float:
@@ -211,15 +215,22 @@ def main() -> None:
 
     from eval_throughput import demo_checkpoint
     from llm_ray.config.serve import ServeConfig
-    from llm_ray.serve.launch import start
+    from llm_ray.serve.app import build_app
+    from llm_ray.serve.launch import direct_ingress_env
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(demo_checkpoint(Path(tmp), ("model.context_length=512",)))
         # Ray and Serve first: their background processes slow everything on 2 cores, so every
-        # in-process baseline is measured while they run, as the replica's figures are.
+        # in-process baseline is measured while they run, as the replica's figures are. Direct
+        # ingress on: the replica answers on 8000 itself, and Serve's proxy on 8100 routes to it.
+        os.environ.update(direct_ingress_env(8000), RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="8010")  # 2 apps
         ray.init(num_cpus=2, include_dashboard=False)
-        url = start(ServeConfig(checkpoint=checkpoint, port=8000, max_batch_size=16, max_ongoing_requests=32,
-                                max_queued_requests=64), name="load")
+        serve.start(http_options={"host": "127.0.0.1", "port": 8100})
+        cfg = ServeConfig(checkpoint=checkpoint, port=8000, max_batch_size=16, max_ongoing_requests=32,
+                          max_queued_requests=64)
+        serve.run(build_app(cfg.model_dump(mode="json")), name="load", route_prefix="/")
+        url, proxy = "http://127.0.0.1:8000", "http://127.0.0.1:8100"
+        assert httpx.get(f"{url}/health").json()["ingress"] == "direct"
         with_cache, recompute = kv_cache_speedup(checkpoint, args.kv_tokens)
         print(f"KV cache, {args.kv_tokens} new tokens: {with_cache:.2f} s with the cache, {recompute:.2f} s "
               f"recomputing the context: speedup {recompute / with_cache:.1f}x")
@@ -227,10 +238,12 @@ def main() -> None:
         print(f"engine alone, {args.max_tokens} tokens: {one:.0f} tokens/s for 1 request, {sixteen:.0f} for 16 "
               f"together: batching gain {sixteen / one:.1f}x")
         for tokens in (1, 16):
-            overhead, direct = http_overhead(checkpoint, url, tokens, 40)
-            print(f"HTTP overhead (p50, {tokens} greedy tokens): {1000 * overhead:.1f} ms per request over "
-                  f"{1000 * direct:.1f} ms in-process")
-        print(f"  for scale: GET /health through Serve (no body, no engine) p50 {1000 * health_latency(url, 40):.1f} ms")
+            (through_proxy, direct_ingress), in_process = http_overhead(checkpoint, [proxy, url], tokens, 40)
+            print(f"HTTP overhead (p50, {tokens} greedy tokens, over {1000 * in_process:.1f} ms in-process): "
+                  f"{1000 * through_proxy:.1f} ms through Serve's proxy, {1000 * direct_ingress:.1f} ms with direct "
+                  f"ingress ({direct_ingress / through_proxy:.2f} of the proxy's)")
+        print(f"  for scale: GET /health (no body, no engine) p50 {1000 * health_latency(proxy, 40):.1f} ms through "
+              f"the proxy, {1000 * health_latency(url, 40):.1f} ms direct")
         rows = [asyncio.run(load_level(url, c, max(c, args.requests), args.max_tokens)) for c in (1, 4, 16)]
         print(f"\n{'concurrency':>11} {'requests':>8} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
               f"{'total p50':>9} {'total p99':>9}")
@@ -240,8 +253,9 @@ def main() -> None:
         print(f"batching gain over HTTP (tokens/s at 16 over 1): {rows[2]['tokens_per_s'] / rows[0]['tokens_per_s']:.1f}x")
 
         serve.delete("load")
-        over = start(ServeConfig(checkpoint=checkpoint, port=8000, route_prefix="/over", max_batch_size=8,
-                                 max_ongoing_requests=8, max_queued_requests=8), name="over")
+        over_cfg = ServeConfig(checkpoint=checkpoint, max_batch_size=8, max_ongoing_requests=8, max_queued_requests=8)
+        serve.run(build_app(over_cfg.model_dump(mode="json")), name="over", route_prefix="/over")
+        over = f"{proxy}/over"  # through the proxy: the replica of a second app gets the next direct port
 
         capacity = 8 + 8
         pid = httpx.get(f"{over}/health").json()["pid"]

@@ -321,15 +321,30 @@ def test_cli_and_the_serve_config_file_serve_the_best_checkpoint(trained, tmp_pa
     port = free_port()
     log = (tmp_path / "cli.log").open("w")
     proc = subprocess.Popen([str(bin_dir / "llm-ray"), "serve", "--run", str(cfg.run_dir), "--set", f"port={port}",
-                             "--set", "cpus_per_replica=0.5"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "--set", "cpus_per_replica=0.5", "--set", "max_ongoing_requests=1", "--set",
+                             "max_queued_requests=1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        wait_for(f"{url}/health", proc)
         for _ in range(60):  # the URL is printed once Serve reports the app running
             if "Ctrl-C stops" in (tmp_path / "cli.log").read_text():
                 break
             time.sleep(1)
-        card = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
+        card = httpx.get(f"{url}/v1/models").json()["data"][0]
         assert card["provenance"]["checkpoint"] == str(choice.model_dir)
+        # ingress auto, one replica, a Ray of its own: the replica answers on the port itself, on loopback only
+        import psutil
+
+        health = httpx.get(f"{url}/health").json()
+        assert health["ingress"] == "direct"
+        listening = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port]
+        assert {c.laddr.ip for c in listening} == {"127.0.0.1"} and {c.pid for c in listening} == {health["pid"]}
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "To be", "max_tokens": 8, "stream": True},
+                          timeout=60) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert len(events) > 3 and events[-1] == "data: [DONE]"
+        statuses = burst(url)  # one running, one queued: the rest are refused at once
+        assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
     finally:
         assert stop(proc) == 130
     printed = (tmp_path / "cli.log").read_text()

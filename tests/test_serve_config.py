@@ -52,6 +52,10 @@ def test_defaults_bind_loopback_and_limits_are_checked(tmp_path):
         ServeConfig(limits={"max_tokens": 8, "default_max_tokens": 16})
     with pytest.raises(ValueError, match="min_replicas .* exceeds max_replicas"):
         ServeConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})
+    assert ServeConfig().ingress == "auto" and ServeConfig(num_replicas=3).single_replica is False
+    for several in ({"num_replicas": 2}, {"autoscaling": {"max_replicas": 2}}):
+        with pytest.raises(ValueError, match="ingress direct serves one replica"):
+            ServeConfig(ingress="direct", **several)
     path = tmp_path / "serve.yaml"
     path.write_text("max_batch_size: 4\nlimits: {max_n: 2, max_prompts: 3, max_stop: 1, max_body_bytes: 2048}\n")
     cfg = load_serve_config(path, ["port=9001", "model_id=2024"])

@@ -60,6 +60,12 @@ class ServeConfig(Section):
                       "`serve run` / `serve deploy`, the file's http_options apply instead.)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port (under `serve run` / `serve deploy`: the file's "
                       "http_options).")
+    ingress: Literal["auto", "direct", "proxy"] = Field(
+        "auto", description="direct: the replica answers HTTP on port itself (Ray Serve's direct ingress), one "
+        "hop less than through Serve's proxy (benchmarks/serve_load.py); one replica, on a Ray that `llm-ray serve` "
+        "starts. proxy: Serve's proxy on port routes to the replicas (several, autoscaling, a joined cluster). auto: "
+        "direct where it can be, else proxy. (Under `serve run` / `serve deploy`, the cluster's "
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS decides.)")
     route_prefix: str = Field("/", pattern=r"^/", description="URL prefix of the app (under `serve run` / `serve "
                               "deploy`: the application's route_prefix in the file).")
     num_replicas: int = Field(1, ge=1, description="Replicas, each with its own copy of the model (ignored with "
@@ -93,11 +99,18 @@ class ServeConfig(Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
+    @property
+    def single_replica(self) -> bool:
+        return self.num_replicas == 1 and self.autoscaling is None
+
     @model_validator(mode="after")
     def _fits(self):
         if self.limits.max_n > self.max_batch_size:
             raise ValueError(f"limits.max_n ({self.limits.max_n}) exceeds max_batch_size ({self.max_batch_size}): "
                              "a request's choices decode together")
+        if self.ingress == "direct" and not self.single_replica:
+            raise ValueError("ingress direct serves one replica on its port: with num_replicas above 1 or "
+                             "autoscaling, set ingress: proxy (Serve's proxy spreads requests over the replicas)")
         if self.limits.default_max_tokens > self.limits.max_tokens:
             raise ValueError(f"limits.default_max_tokens ({self.limits.default_max_tokens}) exceeds "
                              f"limits.max_tokens ({self.limits.max_tokens})")

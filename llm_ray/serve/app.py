@@ -107,7 +107,8 @@ class CompletionServer:
         return {"status": "ok", "model": self.model_id, "replica": serve.get_replica_context().replica_id.unique_id,
                 "pid": os.getpid(),
                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "torch_threads": self.engine_threads, "tokens_generated": self.engine.tokens_generated}
+                "torch_threads": self.engine_threads, "tokens_generated": self.engine.tokens_generated,
+                "ingress": "direct" if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1" else "proxy"}
 
     @http.get("/v1/models")
     async def models(self) -> dict:

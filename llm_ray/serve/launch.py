@@ -68,13 +68,44 @@ def check_port_free(host: str, port: int) -> None:
                               "another with --set port=N") from None
 
 
-def start(cfg: ServeConfig, name: str = "llm-ray", app=None) -> str:
-    """Deploy the app (built from cfg unless given) on Ray (joined or started here; HTTP on
-    cfg.host:cfg.port) and return its URL."""
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """The environment a Ray needs from its start for Serve's direct ingress with the replica on port:
+    the replica's HTTP port range is that one port, and a stopping replica does not wait for a load
+    balancer to forget it (there is none)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(cfg: ServeConfig, name: str = "llm-ray", app=None, log=print) -> str:
+    """Deploy the app (built from cfg unless given) on Ray (joined or started here) and return its URL,
+    cfg.host:cfg.port.
+
+    With direct ingress (cfg.ingress direct, or auto with one replica on a Ray started here) the
+    replica answers on that port itself, and Serve's proxy, unused, gets a free port of the same host."""
+    import os
+
+    import ray
     from ray import serve
 
     app = app or build_app(cfg.model_dump(mode="json"))  # config errors before Ray starts
+    starts_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if cfg.ingress == "direct" and not starts_ray:
+        raise ConfigError("ingress: direct needs a Ray that llm-ray serve starts (the setting reaches Ray's "
+                          "processes as they start); on a running Ray set ingress: proxy, or auto")
+    direct = cfg.ingress == "direct" or (cfg.ingress == "auto" and cfg.single_replica and starts_ray)
+    log(f"serve: {'direct ingress: the replica answers' if direct else 'Serve proxy'} on {cfg.host}:{cfg.port}")
+    if direct:
+        os.environ.update(direct_ingress_env(cfg.port))  # read by Ray's processes as they start
     init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": free_port(cfg.host) if direct else cfg.port})
     serve.run(app, name=name, route_prefix=cfg.route_prefix, blocking=False)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
