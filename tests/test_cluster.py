@@ -1,10 +1,9 @@
 """Clusters for real: a Ray head started with `ray start` on 127.0.0.1 and jobs sent with `ray job
-submit`; a simulated two-node cluster (ray.cluster_utils) with the run on S3; what a local Ray
-started by llm-ray listens on. Every Ray here is its own set of processes, not the tests' shared
+submit`; a simulated two-node cluster (ray.cluster_utils) with the run on S3. (What a local Ray
+started by llm-ray listens on: tests/test_processes.py.) Every Ray here is its own set of processes, not the tests' shared
 Ray: these tests stop only the processes they started (never `ray stop`, which stops every Ray
 on the machine)."""
 
-import ipaddress
 import json
 import os
 import re
@@ -41,60 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
 def clean_env(**extra) -> dict:
     """This environment without the tests' Ray settings, the venv's bin first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in (*RAY_SETTINGS, SINGLE_MACHINE_ENV)}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
-
-
-def listening_sockets(root: psutil.Process) -> dict[tuple[str, int], str]:
-    """(address, port) -> process name of every listening socket of root and its descendants."""
-    found = {}
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return found
-    for proc in processes:
-        try:
-            for c in proc.net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    found[(c.laddr.ip, c.laddr.port)] = proc.name()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
-def test_a_local_run_listens_on_loopback_only(tmp_path, corpus_dir):
-    """`llm-ray pipeline` on one machine: every socket of its Ray (GCS, raylet, workers, agents,
-    dashboard) and of training (torch's rendezvous store, gloo) listens on 127.0.0.1 only."""
-    cmd = [LLM_RAY, "pipeline", *DEBUG, "--set", f"output_dir={tmp_path}", "--set", f"data.sources=[{corpus_dir}]",
-           "--set", "train.max_steps=20"]
-    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115 - the child writes it
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
-    seen: dict[tuple[str, int], set[str]] = {}  # every process seen on a socket: Ray reuses worker ports
-    root = psutil.Process(proc.pid)
-    deadline = time.time() + 600
-    while proc.poll() is None:
-        for sock, name in listening_sockets(root).items():
-            seen.setdefault(sock, set()).add(name)
-        time.sleep(0.2)
-        if time.time() > deadline:
-            proc.kill()
-    log.close()
-    assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
-    names = set().union(*seen.values())
-    assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= names, names  # the sampling saw the whole run
-    assert len(seen) >= 15
-    exposed = {k: v for k, v in seen.items() if not is_loopback(k[0])}
-    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 # ------------------------------------------------------------------ a head started with `ray start`

@@ -1,9 +1,11 @@
 """No process outlives a command: the Ray that `llm-ray` starts (GCS, raylet, dashboard and its modules,
 agents, workers) and its watchdog are gone once the command ends normally, on SIGTERM, or after its driver
 is SIGKILLed mid-training. Each command gets a Ray temp folder of its own (RAY_TMPDIR), by which its
-processes are told from any other Ray on the machine. And Ray's known-harmless error line stays out of
-what a run prints, while other lines workers write still show."""
+processes are told from any other Ray on the machine. While it runs, every socket its processes listen on
+is on loopback. And Ray's known-harmless error line stays out of what a run prints, while other lines
+workers write still show."""
 
+import ipaddress
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ import httpx
 import psutil
 import pytest
 
+from llm_ray.ray_utils import SINGLE_MACHINE_ENV
 from tests.conftest import CORPUS
 
 BIN = Path(sys.executable).parent
@@ -39,6 +42,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def listening_sockets(root: psutil.Process) -> dict[tuple[str, int], str]:
+    """(address, port) -> process name of every listening socket of root and its descendants."""
+    found = {}
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for proc in processes:
+        try:
+            for c in proc.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    found[(c.laddr.ip, c.laddr.port)] = proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
 
 
 def processes_of(temp_dir: str, driver: int) -> dict[int, str]:
@@ -69,9 +95,12 @@ class Command:
     before: int = 0  # its processes before it started (a check that the temp folder is its own)
     seen: set[str] = field(default_factory=set)  # every title sampled while it ran
     most: int = 0  # the most processes sampled at once
+    # every listening socket of the command and its descendants -> the processes seen on it (Ray reuses ports)
+    sockets: dict[tuple[str, int], set[str]] = field(default_factory=dict)
 
     def start(self) -> "Command":
-        env = {k: v for k, v in os.environ.items() if k not in RAY_SETTINGS}
+        # the command sets Ray's single-machine mode itself: none inherited from the tests' own Ray
+        env = {k: v for k, v in os.environ.items() if k not in (*RAY_SETTINGS, SINGLE_MACHINE_ENV)}
         env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_TMPDIR=self.temp_dir)
         self.before = len(processes_of(self.temp_dir, -1))
         self.out = self.log.open("w")
@@ -84,6 +113,10 @@ class Command:
         self.most = max(self.most, len(found))
         return found
 
+    def sample_sockets(self) -> None:
+        for sock, name in listening_sockets(psutil.Process(self.proc.pid)).items():
+            self.sockets.setdefault(sock, set()).add(name)
+
     def wait_for(self, done, seconds: float, what: str) -> None:
         """Sample until done() or the command exits (then fail) or the time is up (fail)."""
         deadline = time.monotonic() + seconds
@@ -94,11 +127,19 @@ class Command:
             time.sleep(1)
 
     def run_out(self, seconds: float) -> int:
-        deadline = time.monotonic() + seconds
+        """Wait for the exit, sampling its processes every second and its listening sockets five times a
+        second (a short-lived one, e.g. torch's rendezvous store, is caught too)."""
+        deadline, rounds = time.monotonic() + seconds, 0
         while self.proc.poll() is None:
             assert time.monotonic() < deadline, f"still running after {seconds} s:\n{self.output()[-3000:]}"
-            self.sample()
-            time.sleep(1)
+            if rounds % 5 == 0:
+                self.sample()
+            try:
+                self.sample_sockets()
+            except psutil.NoSuchProcess:  # it just exited
+                pass
+            rounds += 1
+            time.sleep(0.2)
         return self.proc.returncode
 
     def left_after_exit(self, seconds: float = GONE_WITHIN_S) -> tuple[dict[int, str], float]:
@@ -157,6 +198,20 @@ def test_a_run_to_its_end_leaves_no_process(pipeline_run):
     # the sampling saw the whole Ray: its head, its agents and workers found by their logs
     assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::RayTrainWorker"} <= cmd.seen
     assert cmd.before == 0 and not left
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_local_run_listens_on_loopback_only(pipeline_run):
+    """Every socket of the pipeline's Ray (GCS, raylet, workers, agents, dashboard) and of training
+    (torch's rendezvous store, gloo) listens on 127.0.0.1 only."""
+    cmd, _, code, _ = pipeline_run
+    assert code == 0
+    names = set().union(*cmd.sockets.values())
+    assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= names, names  # the sampling saw the whole run
+    assert len(cmd.sockets) >= 15
+    exposed = {k: v for k, v in cmd.sockets.items() if not is_loopback(k[0])}
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 @pytest.mark.integration
@@ -241,7 +296,7 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_goes_on_exactly(pipe
 
     _, run_dir, code, _ = pipeline_run
     assert code == 0
-    steps = ("train.max_steps=400", "train.checkpoint_every=1000", "train.eval_every=1000", "train.log_every=1")
+    steps = ("train.max_steps=300", "train.checkpoint_every=1000", "train.eval_every=1000", "train.log_every=1")
     straight = Command(train_args(run_dir, tmp_path, "straight", *steps), tmp_path / "straight.log").start()
     try:
         assert straight.run_out(300) == 0, straight.output()[-3000:]
@@ -251,7 +306,7 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_goes_on_exactly(pipe
 
     cmd = Command(train_args(run_dir, tmp_path, "stopped", *steps), tmp_path / "stopped.log").start()
     try:
-        cmd.wait_for(lambda: re.search(r"step +100/400", cmd.output()), 300, "step 100")
+        cmd.wait_for(lambda: re.search(r"step +100/300", cmd.output()), 300, "step 100")
         cmd.proc.send_signal(signal.SIGTERM)
         left, after_s = cmd.left_after_exit()
         print(report("train, SIGTERM", cmd, left, after_s))
@@ -264,9 +319,9 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_goes_on_exactly(pipe
                         r"run the same command again to resume from that step", printed)
     assert stopped, printed[-3000:]
     step, checkpoint = int(stopped[1]), Path(stopped[2])
-    assert 100 <= step < 400
+    assert 100 <= step < 300
     state = read_train_state(checkpoint)
-    trained = [int(s) for s in re.findall(r"step +(\d+)/400 \|", printed)]
+    trained = [int(s) for s in re.findall(r"step +(\d+)/300 \|", printed)]
     print(f"SIGTERM after step 100 was logged: the workers stopped after step {step}; the last step trained was "
           f"{max(trained)}, so {max(trained) - step} step(s) lost")
     assert state["step"] == state["stopped_at"][-1] == step
@@ -279,10 +334,10 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_goes_on_exactly(pipe
     finally:
         rerun.close()
     resumed = read_train_state(tmp_path / "stopped" / "model")
-    assert resumed["step"] == 400 and resumed["resumed_from"] == [step] and resumed["stopped_at"] == [step]
+    assert resumed["step"] == 300 and resumed["resumed_from"] == [step] and resumed["stopped_at"] == [step]
     got = losses(resumed)
-    assert sorted(got) == list(range(1, 401))
-    for s in range(step + 1, 401):
+    assert sorted(got) == list(range(1, 301))
+    for s in range(step + 1, 301):
         assert got[s] == pytest.approx(expected[s], abs=2e-4), (s, got[s], expected[s])
 
 
