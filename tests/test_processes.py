@@ -226,17 +226,38 @@ def test_a_run_prints_no_known_harmless_ray_error(pipeline_run):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_serve_stopped_by_sigterm_leaves_no_process(pipeline_run, tmp_path):
-    """`llm-ray serve` once healthy, then SIGTERM (as `timeout`, `ray job stop` or a container stop send it):
-    it stops Serve and its Ray, and says so. Ray's C++ handler used to take SIGTERM: a stack trace, then
-    an abort 3 s later (exit 134), mid-clean-up."""
+    """`llm-ray serve --run DIR` as a user runs it, on a Ray of its own: it serves the run's best
+    checkpoint, the replica answering on the port itself (direct ingress: one replica, auto), on
+    loopback only, streaming, and refusing what exceeds its queue with 503. Then SIGTERM (as `timeout`,
+    `ray job stop` or a container stop send it): it stops Serve and its Ray, and says so. Ray's C++
+    handler used to take SIGTERM: a stack trace, then an abort 3 s later (exit 134), mid-clean-up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llm_ray.checkpoint.best import best_checkpoint
+
     _, run_dir, code, _ = pipeline_run
     assert code == 0
     port = free_port()
-    cmd = Command(["serve", "--run", str(run_dir), "--set", f"port={port}", "--set", "cpus_per_replica=0.5"],
-                  tmp_path / "serve.log").start()
+    url = f"http://127.0.0.1:{port}"
+    cmd = Command(["serve", "--run", str(run_dir), "--set", f"port={port}", "--set", "cpus_per_replica=0.5",
+                   "--set", "max_ongoing_requests=1", "--set", "max_queued_requests=1"], tmp_path / "serve.log").start()
     try:
         cmd.wait_for(lambda: "Ctrl-C stops" in cmd.output(), 300, "serving")
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["status"] == "ok"
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        assert health["status"] == "ok" and health["ingress"] == "direct"
+        best = best_checkpoint(run_dir, "run")
+        card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+        assert card["provenance"]["checkpoint"] == str(best.model_dir)
+        listening = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port]
+        assert {c.laddr.ip for c in listening} == {"127.0.0.1"} and {c.pid for c in listening} == {health["pid"]}
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "To be", "max_tokens": 8, "stream": True},
+                          timeout=60) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert len(events) > 3 and events[-1] == "data: [DONE]"
+        with ThreadPoolExecutor(8) as pool:  # one running, one queued: the rest are refused at once
+            statuses = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json={
+                "prompt": "To be", "max_tokens": 50}, timeout=60).status_code, range(8)))
+        assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
         cmd.sample()
         cmd.proc.send_signal(signal.SIGTERM)
         left, after_s = cmd.left_after_exit()
@@ -244,10 +265,12 @@ def test_serve_stopped_by_sigterm_leaves_no_process(pipeline_run, tmp_path):
         printed = cmd.output()
         assert cmd.proc.returncode == 143, printed[-3000:]
         assert "llm-ray: terminated" in printed and "SIGTERM received" not in printed
-        assert {"gcs_server", "raylet", "ray::ProxyActor", "ray::DashboardAgent"} <= cmd.seen
+        assert {"gcs_server", "raylet", "ray::DashboardAgent"} <= cmd.seen
         assert not left
     finally:
         cmd.close()
+    assert f"best checkpoint of run {run_dir} by validation loss: {best.model_dir}" in printed
+    assert f"at {url} (OpenAI base_url {url}/v1" in printed
 
 
 @pytest.mark.integration

@@ -312,53 +312,22 @@ def stop(proc) -> int:
             proc.kill()
 
 
-def test_cli_and_the_serve_config_file_serve_the_best_checkpoint(trained, tmp_path):
-    """`llm-ray serve --run DIR` and `serve run jobs/serve_config.yaml`, each on a Ray of its own
-    started by the command, as a user runs them."""
-    cfg, choice = trained
+def test_the_serve_config_file_serves_the_checkpoint(trained, tmp_path):
+    """`serve run jobs/serve_config.yaml` on a Ray of its own started by the command, as a user runs it.
+    (`llm-ray serve --run` as a user runs it: tests/test_processes.py.)"""
+    _, choice = trained
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    bin_dir = Path(sys.executable).parent
-    port = free_port()
-    log = (tmp_path / "cli.log").open("w")
-    proc = subprocess.Popen([str(bin_dir / "llm-ray"), "serve", "--run", str(cfg.run_dir), "--set", f"port={port}",
-                             "--set", "cpus_per_replica=0.5", "--set", "max_ongoing_requests=1", "--set",
-                             "max_queued_requests=1"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", proc)
-        for _ in range(60):  # the URL is printed once Serve reports the app running
-            if "Ctrl-C stops" in (tmp_path / "cli.log").read_text():
-                break
-            time.sleep(1)
-        card = httpx.get(f"{url}/v1/models").json()["data"][0]
-        assert card["provenance"]["checkpoint"] == str(choice.model_dir)
-        # ingress auto, one replica, a Ray of its own: the replica answers on the port itself, on loopback only
-        import psutil
-
-        health = httpx.get(f"{url}/health").json()
-        assert health["ingress"] == "direct"
-        listening = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port]
-        assert {c.laddr.ip for c in listening} == {"127.0.0.1"} and {c.pid for c in listening} == {health["pid"]}
-        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "To be", "max_tokens": 8, "stream": True},
-                          timeout=60) as r:
-            events = [line for line in r.iter_lines() if line]
-        assert len(events) > 3 and events[-1] == "data: [DONE]"
-        statuses = burst(url)  # one running, one queued: the rest are refused at once
-        assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
-    finally:
-        assert stop(proc) == 130
-    printed = (tmp_path / "cli.log").read_text()
-    assert f"best checkpoint of run {cfg.run_dir} by validation loss: {choice.model_dir}" in printed
-    assert f"at http://127.0.0.1:{port} (OpenAI base_url http://127.0.0.1:{port}/v1" in printed
-
+    log = (tmp_path / "serve.log").open("w")
     config = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port = free_port()
     config["applications"][0]["args"].update(checkpoint=str(choice.model_dir), cpus_per_replica=0.5)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([str(bin_dir / "serve"), "run", str(tmp_path / "serve.yaml")], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(tmp_path / "serve.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])
     try:
         wait_for(f"http://127.0.0.1:{port}/health", proc)
         assert post(f"http://127.0.0.1:{port}", {"prompt": "To be", "max_tokens": 3}).status_code == 200
+        card = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
+        assert card["provenance"]["checkpoint"] == str(choice.model_dir)
     finally:
         stop(proc)
