@@ -46,7 +46,7 @@ def main() -> None:
         serve.run(build_app(cfg.model_dump(mode="json")), name="haproxy", route_prefix="/")
         pid = httpx.get("http://127.0.0.1:8000/health", timeout=60).json()["pid"]
         [direct_port] = [c.laddr.port for c in psutil.Process(pid).net_connections("inet") if c.status == "LISTEN"
-                         and c.laddr.port >= 30000]
+                         and 30000 <= c.laddr.port < 31000]  # its direct ingress port
         haproxy, direct = "http://127.0.0.1:8000", f"http://127.0.0.1:{direct_port}"
         for tokens in (1, 16):
             (through_haproxy, direct_ingress), in_process = http_overhead(checkpoint, [haproxy, direct], tokens,

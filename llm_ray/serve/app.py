@@ -125,14 +125,13 @@ class CompletionServer:
             req = api.parse_request(await self.read(request), self.cfg.limits)
             self.check_model(req.model)
             sampling = api.sampling(req, self.cfg.limits)
-            prompts = [self.token_ids(p, f"prompt[{i}]" if isinstance(req.prompt, list) and len(req.prompts()) > 1
-                                      else "prompt") for i, p in enumerate(req.prompts())]
+            given = req.prompts()
+            prompts = [self.token_ids(p, "prompt" if len(given) == 1 else f"prompt[{i}]") for i, p in enumerate(given)]
             self.check_context(prompts, sampling)
         except api.APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
         events, submitted = self.submit(prompts, sampling)
-        texts = [p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=True)
-                 for p in req.prompts()]
+        texts = [p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=True) for p in given]
         shape = Completions(api.completion_id(), self.model_id, self.texts, req, texts, prompts, submitted)
         return await self.respond(shape, events, submitted, len(prompts) * req.n, started, req)
 
