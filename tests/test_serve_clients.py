@@ -223,3 +223,14 @@ def test_the_chat_template_comes_from_the_config_and_the_tokenizer_info(server, 
     tokens = post(server, "/tokenize", {"prompt": "Who is there?"}).json()
     assert tokens["tokens"] == tokenizer.encode("Who is there?").ids and tokens["max_model_len"] == 64
     assert post(server, "/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"] == "Who is there?"
+
+
+def test_ingress_on_a_running_ray_is_the_proxy_and_direct_is_refused(server, trained):
+    """On a Ray that was running before (the tests' own), ingress auto serves through Serve's proxy;
+    ingress direct is refused, naming the field (its setting reaches only a Ray started with it).
+    Direct ingress, on a Ray `llm-ray serve` starts: tests/test_processes.py."""
+    from llm_ray.config import ConfigError
+
+    assert httpx.get(f"{server}/health").json()["ingress"] == "proxy"
+    with pytest.raises(ConfigError, match="ingress: direct needs a Ray that llm-ray serve starts"):
+        start(ServeConfig(checkpoint=str(trained[1].model_dir), port=free_port(), ingress="direct"), name="direct")

@@ -53,6 +53,9 @@ class Deadline(Exception):
 class CompletionServer:
     def __init__(self, config: dict):
         self.cfg = cfg = ServeConfig.model_validate(config)
+        if cfg.ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+            raise ConfigError("ingress: direct, but this Ray's Serve has no direct ingress (a cluster needs "
+                              "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 from its start): set ingress to auto or proxy")
         self.threads = cfg.torch_threads or max(1, int(-(-cfg.cpus_per_replica // 1)))
         torch.set_num_threads(self.threads)
         model_dir = find_model_dir(cfg.checkpoint).resolve()
