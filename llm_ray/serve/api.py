@@ -35,16 +35,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. Fields OpenAI has and llm-ray does not (best_of, penalties, suffix,
-    logit_bias) are refused by name rather than ignored."""
+class GenerationRequest(BaseModel):
+    """The settings completions and chat share. Unknown fields are refused by name, not ignored."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = Field(None, ge=0)
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
@@ -54,6 +49,16 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions. Fields OpenAI has and llm-ray does not (best_of, penalties, suffix,
+    logit_bias) are refused by name rather than ignored."""
+
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a text, or token ids."""

@@ -46,25 +46,14 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(api.GenerationRequest):
     """POST /v1/chat/completions. Tools, response formats, penalties and logit_bias are refused by name."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**62)
-    stream: bool = False
-    stream_options: api.StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
-    user: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
