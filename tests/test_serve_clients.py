@@ -24,13 +24,14 @@ CUSTOM_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor
 @pytest.fixture(scope="module")
 def server(trained):
     """Two apps on one Serve: the main one (plain chat template, prefill in chunks of 16 tokens)
-    and one with a chat template from the config."""
+    and one with a chat template from the config and at most 2 alternatives per token."""
     from ray import serve
 
     _, choice = trained
     common = dict(checkpoint=str(choice.model_dir), port=free_port(), cpus_per_replica=0.1, torch_threads=1)
     url = start(ServeConfig(**common, max_batch_size=8, stream_interval_ms=0, prefill_chunk_tokens=16), name="main")
-    start(ServeConfig(**common, route_prefix="/templated", chat_template=CUSTOM_TEMPLATE), name="templated")
+    start(ServeConfig(**common, route_prefix="/templated", chat_template=CUSTOM_TEMPLATE, limits={"max_logprobs": 2}),
+          name="templated")
     yield url
     serve.shutdown()
 
@@ -234,3 +235,17 @@ def test_ingress_on_a_running_ray_is_the_proxy_and_direct_is_refused(server, tra
     assert httpx.get(f"{server}/health").json()["ingress"] == "proxy"
     with pytest.raises(ConfigError, match="ingress: direct needs a Ray that llm-ray serve starts"):
         start(ServeConfig(checkpoint=str(trained[1].model_dir), port=free_port(), ingress="direct"), name="direct")
+
+
+def test_max_logprobs_caps_the_alternatives_a_request_may_ask_for(server):
+    """limits.max_logprobs 2 on the templated app: 2 alternatives are served, 3 get 400 naming the field,
+    in both APIs; the main app's default (20) serves 3."""
+    messages = [{"role": "user", "content": "Who is there?"}]
+    ok = post(server, "/templated/v1/completions", {"prompt": "To be", "max_tokens": 2, "logprobs": 2}).json()
+    assert all(len(top) <= 3 for top in ok["choices"][0]["logprobs"]["top_logprobs"])  # 2 and the chosen one
+    for path, body in (("/v1/completions", {"prompt": "To be", "max_tokens": 2, "logprobs": 3}),
+                       ("/v1/chat/completions", {"messages": messages, "max_tokens": 2, "logprobs": True,
+                                                 "top_logprobs": 3})):
+        refused = post(server, f"/templated{path}", body)
+        assert refused.status_code == 400 and "logprobs: 3 is over this server's limit of 2" in refused.text
+        assert post(server, path, body).status_code == 200
