@@ -229,7 +229,7 @@ class Engine:
                 self._admit(request)
         if self.running:
             self._decode()
-        budget = self.prefill_chunk or self.model.spec.context_length
+        budget = self.prefill_chunk or sum(len(p.request.prompt) for p in self.prefilling)  # None: every prompt whole
         while self.prefilling and budget > 0:
             budget -= self._prefill(self.prefilling[0], budget)
 
