@@ -108,7 +108,7 @@ def find_template(model_dir: Path, configured: str | None) -> tuple[str, bool]:
 class ChatTemplate:
     """A compiled template; render() gives the prompt text, APIError (400) when the template refuses the messages."""
 
-    def __init__(self, source: str, eos_token: str, bos_token: str = ""):
+    def __init__(self, source: str, eos_token: str):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -119,7 +119,7 @@ class ChatTemplate:
         env.globals["raise_exception"] = raise_exception
         self.source = source
         self.template = env.from_string(source)
-        self.tokens = {"eos_token": eos_token, "bos_token": bos_token}
+        self.tokens = {"eos_token": eos_token, "bos_token": ""}  # llm-ray's tokenizers have no BOS token
 
     def render(self, messages: list[Message]) -> str:
         from jinja2 import TemplateError
@@ -140,9 +140,9 @@ def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | No
             "finish_reason": finish_reason}
 
 
-def chunk_choice(index: int, text: str | None, finish_reason: str | None, logprobs: dict | None = None,
+def chunk_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
                  first: bool = False) -> dict:
-    delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+    delta = ({"role": "assistant"} if first else {}) | {"content": text}
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
